@@ -1,0 +1,37 @@
+# Each target works on a fresh machine with only Python 3.11+, pip and gcc: the venv is created
+# and the package installed (editable) on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# Tests use 8 virtual CPU devices (tests/conftest.py); two workers match the 2-core CI machine.
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test test-all e2e bench aot clean
+
+$(VENV)/.installed-core: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-core
+	# torch is pinned to the CPU build that lies on the machines' disk (parity tests only).
+	$(PIP) install --quiet -e '.[test,parity]'
+	touch $@
+
+demo: $(VENV)/.installed-core
+	$(PY) -m apt2_jax.demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m "not slow and not e2e" -n $(PYTEST_WORKERS) tests
+
+test-all: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m "not e2e" -n $(PYTEST_WORKERS) tests
+
+e2e: $(VENV)/.installed-test
+	$(PIP) install --quiet -e '.[e2e]'
+	$(PY) -m pytest -q -m e2e tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
