@@ -20,3 +20,20 @@ import pytest  # noqa: E402
 def devices():
   assert len(jax.devices()) == 8, jax.devices()
   return jax.devices()
+
+
+import sys  # noqa: E402
+
+# `experiments/` (configs) is imported by tests as a package from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def tiny_dit():
+  """(model, params, config) of the tiny causal DiT with 2 control channels, float32."""
+  from experiments import common
+  from apt2_jax.models import CausalDiT, DiTConfig, init_params
+  config = DiTConfig.from_dict(common.model_config("tiny", control_channels=2, caption_vocab_size=0))
+  model = CausalDiT(config)
+  params = init_params(model, jax.random.key(0))
+  return model, params, config

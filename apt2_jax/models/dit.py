@@ -304,9 +304,15 @@ def init_params(model: CausalDiT, rng, batch=1, frames=2, latent_hw=(4, 4), text
   ctrl = jnp.zeros(shape[:-1] + (c.control_channels,)) if c.control_channels else None
   text = (jnp.ones((batch, text_len), jnp.int32) if c.caption_vocab_size
           else jnp.zeros((batch, text_len, c.text_dim)))
-  variables = model.init(rng, z, z, ctrl, jnp.zeros((batch,)), text)
+  variables = jax.jit(model.init)(rng, z, z, ctrl, jnp.zeros((batch,)), text)
   params = variables["params"]
-  return params if boxed else nn.meta.unbox(params)
+  return params if boxed else unbox(params)
+
+
+def unbox(tree):
+  """Strips `nn.Partitioned` boxes without applying sharding constraints (safe under any mesh)."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def count_params(config: DiTConfig) -> int:

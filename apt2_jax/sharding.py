@@ -1,0 +1,157 @@
+"""Device mesh and the logical-axis rules that map model axes onto it.
+
+Mesh axes (every config names all four; `-1` fills what the others leave):
+  data      pure data parallelism (replicated parameters)
+  fsdp      data parallelism with parameters and optimiser state sharded (ZeRO-3 style)
+  tensor    tensor (head / MLP) parallelism
+  sequence  context parallelism: tokens of a sample spread over devices (the paper's Ulysses)
+
+Parameters and activations carry logical axis names (`nn.with_logical_partitioning`,
+`nn.with_logical_constraint`); `LOGICAL_RULES` below is the one table that maps them to mesh axes.
+Configs copy it into `config.logical_rules` and may override entries there.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import flax.linen as nn
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+LOGICAL_RULES = (
+    # --- parameters -------------------------------------------------------------------------
+    ("layers", None),            # stacked blocks (nn.scan): never split
+    ("embed", "fsdp"),           # model width of weight matrices: ZeRO-3 over fsdp
+    ("embed_out", None),         # a second width axis of square matrices
+    ("heads", "tensor"),         # attention projections, per head
+    ("mlp", "tensor"),           # FFN hidden
+    ("mod", "tensor"),           # 6 x dim modulation projection
+    ("in_channels", None), ("out_channels", None), ("freq", None), ("text_embed", None),
+    ("vocab", None), ("caption", None), ("head_query", None),
+    # --- activations ------------------------------------------------------------------------
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", "sequence"),   # tokens of a frame: context parallelism
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    # --- KV cache ---------------------------------------------------------------------------
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_frames", None),
+    ("cache_length", "sequence"),
+    ("cache_heads", "tensor"),
+    ("cache_kv", None),
+)
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+  """Resolves a `{data, fsdp, tensor, sequence}` config (one entry may be -1) to a shape."""
+  sizes = [int(mesh_config[a]) for a in MESH_AXES]
+  if sum(s == -1 for s in sizes) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"but {num_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+  """A mesh over `devices` (default: all) with the four named axes, all of `AxisType.Auto`."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def rules_from_config(config) -> tuple:
+  rules = config.get("logical_rules", None) if hasattr(config, "get") else None
+  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in (rules or LOGICAL_RULES))
+
+
+def logical_to_sharding(logical_tree, mesh, rules=LOGICAL_RULES):
+  """Maps a pytree of logical PartitionSpecs (or tuples of names) to NamedShardings."""
+  def one(spec):
+    spec = P(*spec) if isinstance(spec, tuple) else spec
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(spec, rules))
+  return jax.tree.map(one, logical_tree, is_leaf=lambda x: isinstance(x, (P, tuple)))
+
+
+def param_shardings(boxed_params, mesh, rules=LOGICAL_RULES):
+  """NamedShardings for parameters initialised with `nn.with_logical_partitioning`.
+
+  `boxed_params` may be the abstract result of `jax.eval_shape(init)` (boxed leaves). Arrays whose
+  sharded dimension does not divide the mesh axis fall back to replication on that dimension.
+  """
+  specs = nn.get_partition_spec(boxed_params)
+  from apt2_jax.models.dit import unbox
+  shapes = unbox(boxed_params)
+
+  def one(spec, shape):
+    mesh_spec = nn.logical_to_mesh_axes(spec, rules)
+    return NamedSharding(mesh, _fit(mesh_spec, shape.shape, mesh))
+  return jax.tree.map(one, specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def _fit(spec: P, shape, mesh) -> P:
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else (axes or ())
+    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    out.append(axes if size > 1 and dim % size == 0 else None)
+  return P(*out)
+
+
+def batch_sharding(mesh, ndim: int = 1, sequence_dim: int | None = None) -> NamedSharding:
+  """Sharding of a batch array: leading dim over (data, fsdp); optionally one dim over sequence."""
+  spec = [None] * ndim
+  spec[0] = ("data", "fsdp")
+  if sequence_dim is not None:
+    spec[sequence_dim] = "sequence"
+  return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def cache_shardings(cache_shapes, mesh, rules=LOGICAL_RULES):
+  """NamedShardings for a KV cache (see `kv_cache.CACHE_LOGICAL_AXES`)."""
+  from apt2_jax.models import kv_cache
+  out = {}
+  for name, shape in cache_shapes.items():
+    spec = nn.logical_to_mesh_axes(P(*kv_cache.CACHE_LOGICAL_AXES[name]), rules)
+    out[name] = NamedSharding(mesh, _fit(spec, shape.shape, mesh))
+  return out
+
+
+def text_kv_shardings(text_kv_shapes, mesh, rules=LOGICAL_RULES):
+  from apt2_jax.models import kv_cache
+  return {name: NamedSharding(mesh, _fit(nn.logical_to_mesh_axes(P(*kv_cache.TEXT_KV_LOGICAL_AXES[name]), rules),
+                                         shape.shape, mesh))
+          for name, shape in text_kv_shapes.items()}
+
+
+class use_mesh:
+  """Context: `jax.set_mesh(mesh)` plus the logical rules for `nn.with_logical_constraint`."""
+
+  def __init__(self, mesh, rules=LOGICAL_RULES):
+    self.mesh, self.rules = mesh, rules
+
+  def __enter__(self):
+    self._mesh_ctx = jax.set_mesh(self.mesh)
+    self._mesh_ctx.__enter__()
+    self._rules_ctx = nn.logical_axis_rules(self.rules)
+    self._rules_ctx.__enter__()
+    return self.mesh
+
+  def __exit__(self, *exc):
+    self._rules_ctx.__exit__(*exc)
+    return self._mesh_ctx.__exit__(*exc)

@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections): one file per stage, sizes as the config argument."""
