@@ -46,6 +46,8 @@ class DiTConfig:
   """Hyper-parameters of the causal DiT. Field names are the config keys under `config.model`."""
   latent_channels: int = 16        # VAE latent channels (Wan2.1: 16); also the output channels
   control_channels: int = 0        # extra per-latent-pixel control channels (camera rays, pose)
+  recycled_channels: bool = True   # False: plain video diffusion input [noise | control] (Wan2.1,
+                                   # stage-0 pretraining); stage 1 widens the patch embedding
   dim: int = 1536                  # hidden width
   ffn_dim: int = 8960
   num_heads: int = 12
@@ -80,7 +82,7 @@ class DiTConfig:
 
   @property
   def in_channels(self) -> int:
-    return 2 * self.latent_channels + self.control_channels
+    return (2 if self.recycled_channels else 1) * self.latent_channels + self.control_channels
 
   @property
   def head_dim(self) -> int:
@@ -251,10 +253,14 @@ class CausalDiT(nn.Module):
 
   def _embed_inputs(self, noise, recycled, control):
     c = self.config
-    if noise.shape != recycled.shape or noise.shape[-1] != c.latent_channels:
-      raise ValueError(f"noise {noise.shape} and recycled {recycled.shape} must match, with "
-                       f"{c.latent_channels} latent channels")
-    parts = [noise, recycled]
+    if noise.shape[-1] != c.latent_channels:
+      raise ValueError(f"noise {noise.shape} must have {c.latent_channels} latent channels")
+    parts = [noise]
+    if c.recycled_channels:
+      if recycled is None or recycled.shape != noise.shape:
+        raise ValueError(f"recycled {None if recycled is None else recycled.shape} must match noise "
+                         f"{noise.shape} (model.recycled_channels=True)")
+      parts.append(recycled)
     if c.control_channels:
       if control is None or control.shape[:-1] != noise.shape[:-1] or control.shape[-1] != c.control_channels:
         raise ValueError(f"control must be {noise.shape[:-1] + (c.control_channels,)}, got "
