@@ -123,9 +123,12 @@ class VAEConfig:
 
 
 def vae_config(size: str, **overrides) -> VAEConfig:
-  """Named sizes: `tiny` (tests), `small` (toy pipeline), `wan` (Wan2.1), `slim_decoder`."""
+  """Named sizes: `tiny` (tests), `small` (toy pipeline), `wan` (Wan2.1), `slim_decoder`.
+
+  Latent channels follow the DiT sizes of `experiments/common.py`: 4 for `tiny`, 16 otherwise.
+  """
   sizes = {
-      "tiny": dict(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+      "tiny": dict(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
       "small": dict(base_dim=32, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1),
       "wan": dict(latents_mean=WAN_LATENTS_MEAN, latents_std=WAN_LATENTS_STD),
       # The paper's real-time decoder: 2 residual blocks per scale, channels 64/128/256/512 (from
