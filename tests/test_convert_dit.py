@@ -52,11 +52,22 @@ def test_import_reports_widened_input(imported):
   params, config, report = imported
   assert config.in_channels == 16 + 16 + CONTROL and config.dim == 24
   assert report.reshaped == {"patch_embedding/kernel": ((1, 2, 2, 16, 24), (1, 2, 2, 35, 24))}
-  assert report.new == ["patch_embedding/kernel[..., 16:35, :] (input channels: recycled and "
-                        "control)"]
+  assert report.new == ["patch_embedding/kernel[..., 16:35, :] (input channels beyond the "
+                        "source's: recycled, control)"]
   assert report.dropped == []
   new_channels = params["patch_embedding"]["kernel"][..., 16:, :]
   assert np.std(new_channels) == pytest.approx(1 / np.sqrt(4 * 35), rel=0.25)  # random, not zero
+
+
+def test_import_plain_wan_input_is_exact(reference):
+  """Stage 0 (plain video diffusion, `recycled_channels=False`): Wan's input width, nothing new."""
+  torch_model, folder = reference
+  params, config, report = wan_dit.import_dit(folder, jax.random.key(0), recycled_channels=False)
+  assert config.in_channels == 16
+  assert not report.new and not report.dropped and not report.reshaped
+  np.testing.assert_array_equal(
+      params["patch_embedding"]["kernel"],
+      torch_model.patch_embedding.weight.detach().numpy().transpose(2, 3, 4, 1, 0))
 
 
 def test_dit_parity_with_diffusers_full_attention(reference, imported, forward):

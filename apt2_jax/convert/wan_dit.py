@@ -191,8 +191,8 @@ def _widen_patch_kernel(kernel: np.ndarray, shape: tuple[int, ...], rng: jax.Arr
   fan_in = int(np.prod(shape[:-1]))
   extra_shape = tuple(shape[:3]) + (ours_c - source_c, shape[-1])
   extra = np.asarray(jax.random.normal(rng, extra_shape, np.float32)) / np.float32(np.sqrt(fan_in))
-  report.new.append(f"{_PATCH_KERNEL}[..., {source_c}:{ours_c}, :] (input channels: "
-                    f"recycled and control)")
+  report.new.append(f"{_PATCH_KERNEL}[..., {source_c}:{ours_c}, :] (input channels beyond the "
+                    f"source's: recycled, control)")
   return np.concatenate([kernel, extra], axis=3).astype(np.float32)
 
 
