@@ -1,0 +1,1 @@
+"""Command-line tools: latent pre-encoding, VAE benchmarks."""
