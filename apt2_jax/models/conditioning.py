@@ -63,9 +63,11 @@ class CaptionEncoder(nn.Module):
     mask = tokens > 0  # [B, T]
     x = nn.Embed(c.caption_vocab_size, width, name="token_embedding",
                  embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "caption")))(tokens)
+    if tokens.shape[1] > c.caption_max_len:
+      raise ValueError(f"caption of {tokens.shape[1]} tokens is longer than model.caption_max_len={c.caption_max_len}")
     pos = self.param("position_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "caption")),
-                     (tokens.shape[1], width))
-    x = x + pos[None]
+                     (c.caption_max_len, width))
+    x = x + pos[None, :tokens.shape[1]]
     attn_mask = nn.make_attention_mask(mask, mask)
     for i in range(c.caption_layers):
       y = nn.LayerNorm(name=f"layer_{i}_norm1")(x)

@@ -61,6 +61,7 @@ class DiTConfig:
   caption_vocab_size: int = 0      # > 0: text comes as token ids through a built-in CaptionEncoder
   caption_dim: int = 128
   caption_layers: int = 2
+  caption_max_len: int = 32        # longest caption in tokens (position embeddings)
   dtype: str = "float32"           # compute dtype ("bfloat16" for speed); params stay param_dtype
   param_dtype: str = "float32"
   remat_policy: str = "none"       # one of REMAT_POLICIES

@@ -53,9 +53,11 @@ def init_cache(config, batch: int, latent_height: int, latent_width: int, dtype=
   dtype = dtype or jnp.dtype(config.dtype)
   head_dim = config.dim // config.num_heads
   L, N, H = config.num_layers, config.window, config.num_heads
-  sink = jnp.zeros((L, batch, tokens, H, head_dim), dtype)
-  ring = jnp.zeros((L, batch, N, tokens, H, head_dim), dtype)
-  return {"sink_k": sink, "sink_v": sink, "ring_k": ring, "ring_v": ring,
+  sink = (L, batch, tokens, H, head_dim)
+  ring = (L, batch, N, tokens, H, head_dim)
+  # Separate buffers (not one shared zeros array) so that every entry can be donated.
+  return {"sink_k": jnp.zeros(sink, dtype), "sink_v": jnp.zeros(sink, dtype),
+          "ring_k": jnp.zeros(ring, dtype), "ring_v": jnp.zeros(ring, dtype),
           "index": jnp.zeros((), jnp.int32)}
 
 
