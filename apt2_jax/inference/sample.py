@@ -1,0 +1,113 @@
+"""Sample a video from a first frame, a prompt and a controls file.
+
+    python -m apt2_jax.inference.sample --checkpoint=DIR --image=first.png \
+        --controls=controls.json --num_frames=97 --out=out.mp4 [--text="..."] [--seed=0]
+
+Writes `out.mp4` and `out.gif` (same stem), with a progress bar. `--num_frames` is `1 + 4k`
+(frame 0 is the reconstructed first image, each step adds 4). The controls file format is
+documented in `apt2_jax/inference/controls.py`; without `--controls` every step has no control
+(a camera holds still, a puppet holds its rest pose). Errors in the file name the bad entry and
+stop before any model work.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+from apt2_jax import media
+from apt2_jax.inference import controls as controls_lib
+
+flags.DEFINE_string("checkpoint", None, "export bundle or training workdir", required=True)
+flags.DEFINE_string("image", None, "first frame (PNG/JPEG), resized to the model's resolution",
+                    required=True)
+flags.DEFINE_string("controls", None, "controls JSON file (see apt2_jax/inference/controls.py)")
+flags.DEFINE_integer("num_frames", 33, "video frames to write, 1 + 4k")
+flags.DEFINE_string("out", "sample.mp4", "output MP4; the GIF goes next to it")
+flags.DEFINE_string("text", "", "prompt (a controls-file step's 'text' changes it mid-video)")
+flags.DEFINE_integer("seed", 0, "noise seed")
+flags.DEFINE_float("fps", 24.0, "frame rate of the written video")
+flags.DEFINE_integer("height", 0, "override the resolution (0: the checkpoint's)")
+flags.DEFINE_integer("width", 0, "override the resolution (0: the checkpoint's)")
+FLAGS = flags.FLAGS
+
+
+def load_image(path: str) -> np.ndarray:
+  from PIL import Image
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def sample(gen, image: np.ndarray, steps: list[dict], text: str, seed: int, out: str,
+           fps: float = 24.0, progress: bool = True) -> dict:
+  """Runs the stream for `len(steps)` steps and writes `out` (MP4) and its GIF.
+
+  Returns {"mp4", "gif", "frames", "seconds", "fps"} (fps of generation, compile included).
+  """
+  from tqdm import tqdm
+  gif = os.path.splitext(out)[0] + ".gif"
+  t0 = time.perf_counter()
+  with media.VideoWriter(out, fps, gif_path=gif) as writer:
+    writer.write(gen.start(image, text=text, seed=seed)[0])
+    bar = tqdm(steps, desc="sampling", unit="step", disable=not progress, file=sys.stderr)
+    for entry in bar:
+      if entry.get("text"):
+        gen.set_text(entry["text"])
+      writer.write(gen.step(_as_user_control(entry["control"], gen.control_type))[0])
+      bar.set_postfix(frames=writer.num_frames)
+  seconds = time.perf_counter() - t0
+  return {"mp4": out, "gif": gif, "frames": writer.num_frames, "seconds": seconds,
+          "fps": writer.num_frames / seconds}
+
+
+def _as_user_control(parsed, kind):
+  if parsed is None:
+    return None
+  return {"camera": parsed} if kind == "camera" else {"keypoints": parsed}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if FLAGS.num_frames < 5 or (FLAGS.num_frames - 1) % 4:
+    raise app.UsageError(f"--num_frames={FLAGS.num_frames} must be 1 + 4k with k >= 1")
+  num_steps = (FLAGS.num_frames - 1) // 4
+  from apt2_jax.inference.streaming import StreamingGenerator
+  kwargs = {k: getattr(FLAGS, k) for k in ("height", "width") if getattr(FLAGS, k)}
+  image = load_image(FLAGS.image)
+  # Validate the controls before loading anything heavy... except that the control type comes
+  # from the model config: read it from the bundle's JSON when there is one.
+  kind = _control_type_of(FLAGS.checkpoint)
+  steps = [{"control": None, "text": None}] * num_steps
+  if FLAGS.controls and kind is not None:
+    try:
+      parsed = controls_lib.load_controls_file(FLAGS.controls, kind)
+      steps = controls_lib.controls_for_steps(parsed, num_steps, FLAGS.controls)
+    except controls_lib.ControlError as e:
+      raise app.UsageError(f"bad controls file: {e}")
+  gen = StreamingGenerator.from_checkpoint(FLAGS.checkpoint, **kwargs)
+  if FLAGS.controls and kind is None:
+    try:
+      parsed = controls_lib.load_controls_file(FLAGS.controls, gen.control_type)
+      steps = controls_lib.controls_for_steps(parsed, num_steps, FLAGS.controls)
+    except controls_lib.ControlError as e:
+      raise app.UsageError(f"bad controls file: {e}")
+  result = sample(gen, image, steps, FLAGS.text, FLAGS.seed, FLAGS.out, FLAGS.fps)
+  print(f"wrote {result['mp4']} and {result['gif']}: {result['frames']} frames in "
+        f"{result['seconds']:.1f} s ({result['fps']:.1f} fps, compilation included)")
+
+
+def _control_type_of(checkpoint: str):
+  try:
+    from apt2_jax import export
+    meta = export.read_meta(checkpoint)
+  except (FileNotFoundError, ValueError):
+    return None
+  return controls_lib.control_type(meta["model"], meta.get("control_type"))
+
+
+if __name__ == "__main__":
+  app.run(main)

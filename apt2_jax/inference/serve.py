@@ -1,0 +1,483 @@
+"""Interactive demo: one page, one WebSocket, the stream at the model's rate.
+
+    python -m apt2_jax.inference.serve --checkpoint=DIR [--host=127.0.0.1 --port=8765]
+    python -m apt2_jax.inference.serve --size=small --control=camera     # random weights
+
+Open http://127.0.0.1:8765/, pick or upload a first frame, type a caption, press Start, then steer:
+W/S forward/back, A/D or arrows pan, up/down tilt, Q/E roll, +/- zoom (camera models), or drag
+the puppet's joints with the mouse (pose models). The page shows the model's measured fps.
+
+HTTP (same port): `/` the page, `/static/<file>`, `/examples.json`, `/examples/<name>.png`; the
+WebSocket is at `/ws`.
+
+Protocol (JSON text messages; frames are binary messages):
+  server -> client
+    {"type": "hello", "control_type", "height", "width", "keys": {key: [field, value]},
+     "keypoints": [names], "bones": [[i, j]], "rest_pose": [[x, y]], "examples": [names],
+     "formats": ["jpeg", "raw"], "max_upload_bytes"}
+    {"type": "busy", "message"}           then close (code 1013): all sessions are taken
+    {"type": "started", "seed", "text"}   then the first frame (binary)
+    {"type": "frames", "index", "count": 4, "step_ms", "fps"}   then `count` binary frames:
+                                          JPEG bytes, or raw RGB (height * width * 3 bytes)
+    {"type": "ack", "control": {...}}     a control was accepted (applies from the next step);
+                                          camera: {"camera": [5 floats per video frame]}
+    {"type": "text_ack", "text"}          the prompt changes from the next step
+    {"type": "error", "message"}          a bad message; the stream goes on unchanged
+  client -> server
+    {"type": "start", "image": "example:<name>" | "data:image/png;base64,...", "text": str,
+     "seed": int, "format": "jpeg" | "raw"}   (re)starts the stream
+    {"type": "control", "keys": [...]} | {"type": "control", "camera": [...]} |
+    {"type": "control", "keypoints": [[x, y] * 15]} | {"type": "control"} (no control)
+                                          held until the next control message
+    {"type": "text", "text": str}         changes the prompt mid-stream (visual cache kept)
+    {"type": "pause"} / {"type": "resume"}
+Uploads: PNG or JPEG only (checked by content), at most `max_upload_bytes` decoded and 4096 px a
+side; messages above twice that are refused by the WebSocket layer (close 1009).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import io
+import json
+import logging
+import mimetypes
+import os
+import threading
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from apt2_jax import media
+from apt2_jax.inference import controls as controls_lib
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+MAX_IMAGE_SIDE = 4096
+MAX_TEXT_CHARS = 500
+
+log = logging.getLogger("apt2_jax.serve")
+
+
+class ClientError(ValueError):
+  """A client's message is malformed; answered with {"type": "error"}, the stream continues."""
+
+
+@dataclasses.dataclass
+class ServerOptions:
+  host: str = "127.0.0.1"
+  port: int = 8765
+  max_sessions: int = 1          # concurrent streams; further clients get "busy"
+  max_upload_bytes: int = 2 << 20
+  jpeg_quality: int = 85
+  idle_sleep_s: float = 0.02     # paused streams poll at this rate
+
+
+# ------------------------------------------------------------------------------------------------
+# Uploads and examples
+# ------------------------------------------------------------------------------------------------
+
+
+def decode_upload(data_url: Any, max_bytes: int) -> np.ndarray:
+  """A `data:image/...;base64,` URL -> uint8 [H, W, 3]; checks size, type (by content) and sides."""
+  from PIL import Image
+  if not isinstance(data_url, str) or not data_url.startswith("data:") or "," not in data_url:
+    raise ClientError("image: expected 'example:<name>' or a data URL (data:image/png;base64,...)")
+  header, payload = data_url.split(",", 1)
+  if ";base64" not in header:
+    raise ClientError("image: the data URL must be base64 encoded")
+  if len(payload) > 4 * (max_bytes // 3 + 2):
+    raise ClientError(f"image: upload larger than {max_bytes} bytes")
+  try:
+    raw = base64.b64decode(payload, validate=True)
+  except (binascii.Error, ValueError):
+    raise ClientError("image: invalid base64 data") from None
+  if len(raw) > max_bytes:
+    raise ClientError(f"image: upload of {len(raw)} bytes is larger than {max_bytes} bytes")
+  if not (raw.startswith(b"\x89PNG\r\n\x1a\n") or raw.startswith(b"\xff\xd8\xff")):
+    raise ClientError("image: only PNG and JPEG images are accepted")
+  try:
+    with Image.open(io.BytesIO(raw), formats=["PNG", "JPEG"]) as im:
+      if max(im.size) > MAX_IMAGE_SIDE:
+        raise ClientError(f"image: {im.size[0]}x{im.size[1]} is larger than {MAX_IMAGE_SIDE} px a side")
+      return np.asarray(im.convert("RGB"))
+  except ClientError:
+    raise
+  except Exception as e:  # PIL raises many kinds on corrupt data
+    raise ClientError(f"image: cannot decode the image ({type(e).__name__})") from None
+
+
+def make_examples(control_type: str, height: int, width: int, count: int = 3) -> dict:
+  """{name: (uint8 [H, W, 3], caption)} first frames from the synthetic worlds (fallback: ramps)."""
+  world = {"camera": "camera", "pose": "puppet", "none": "bouncing"}[control_type]
+  out = {}
+  try:
+    from apt2_jax.data import worlds
+    w = worlds.make_world(world, worlds.WorldConfig(height=height, width=width, num_frames=1))
+    for i in range(count):
+      ex = w.sample(seed=worlds.split_seed("validation", i), num_frames=1)
+      out[f"{world}_{i}"] = (np.asarray(ex["first_frame"], np.uint8), ex["caption"])
+  except Exception as e:  # the data module is optional for the demo
+    log.warning("synthetic worlds unavailable (%s); using gradient examples", e)
+    y, x = np.mgrid[0:height, 0:width]
+    for i in range(count):
+      img = np.stack([(x * 255 // width + 80 * i) % 256, y * 255 // height,
+                      ((x + y) * 127 // (height + width) + 60 * i) % 256], -1).astype(np.uint8)
+      out[f"gradient_{i}"] = (img, "")
+  return out
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# One client's stream
+# ------------------------------------------------------------------------------------------------
+
+
+class Session:
+  """A client's stream: its own generator state (a fork sharing parameters and compiled code)."""
+
+  def __init__(self, generator, options: ServerOptions, examples: dict):
+    self.gen = generator.fork()
+    self.options = options
+    self.examples = examples
+    self.control = None            # validated user control, held until replaced
+    self.pending_text: Optional[str] = None
+    self.started = False
+    self.paused = False
+    self.format = "jpeg"
+    self.steps = 0
+    self.step_times: list[float] = []
+    self.lock = threading.Lock()   # the worker thread and the event loop share `gen`
+
+  def close(self):
+    with self.lock:
+      self.gen.close()
+    self.started = False
+
+  # -- messages (event loop) ------------------------------------------------------------------
+  def parse(self, message) -> dict:
+    if isinstance(message, bytes):
+      raise ClientError("binary messages are not accepted; send JSON text")
+    try:
+      msg = json.loads(message)
+    except json.JSONDecodeError as e:
+      raise ClientError(f"message is not valid JSON ({e.msg} at {e.pos})") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+      raise ClientError("message must be a JSON object with a string 'type'")
+    return msg
+
+  def on_control(self, msg) -> dict:
+    body = {k: v for k, v in msg.items() if k != "type"}
+    parsed = controls_lib.parse_control(body, self.gen.control_type, "control")
+    self.control = None if parsed is None else (
+        {"camera": parsed} if self.gen.control_type == "camera" else {"keypoints": parsed})
+    if parsed is None:
+      return {"type": "ack", "control": None}
+    key = "camera" if self.gen.control_type == "camera" else "keypoints"
+    return {"type": "ack", "control": {key: np.round(parsed[-1], 5).tolist()}}
+
+  def on_text(self, msg) -> dict:
+    text = _text_field(msg)
+    self.pending_text = text
+    return {"type": "text_ack", "text": text}
+
+  def start_request(self, msg):
+    image = msg.get("image")
+    if isinstance(image, str) and image.startswith("example:"):
+      name = image[len("example:"):]
+      if name not in self.examples:
+        raise ClientError(f"image: unknown example {name!r}; known: {sorted(self.examples)}")
+      image = self.examples[name][0]
+    else:
+      image = decode_upload(image, self.options.max_upload_bytes)
+    seed = msg.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 31:
+      raise ClientError("seed: expected an integer in [0, 2^31)")
+    fmt = msg.get("format", "jpeg")
+    if fmt not in ("jpeg", "raw"):
+      raise ClientError(f"format: expected 'jpeg' or 'raw', got {fmt!r:.40}")
+    return image, _text_field(msg), seed, fmt
+
+  # -- model work (worker thread) ---------------------------------------------------------------
+  def start(self, image, text, seed, fmt) -> list[bytes]:
+    with self.lock:
+      frame0 = self.gen.start(image, text=text, seed=seed)
+    self.format, self.started, self.paused = fmt, True, False
+    self.pending_text, self.steps, self.step_times = None, 0, []
+    return [self._encode(frame0[0, 0])]
+
+  def step(self) -> tuple[dict, list[bytes]]:
+    t0 = time.perf_counter()
+    with self.lock:
+      if self.pending_text is not None:
+        self.gen.set_text(self.pending_text)
+        self.pending_text = None
+      frames = self.gen.step(self.control)[0]
+    dt = time.perf_counter() - t0
+    self.step_times = (self.step_times + [dt])[-20:]
+    encoded = [self._encode(f) for f in frames]
+    self.steps += 1
+    mean = float(np.mean(self.step_times))
+    meta = {"type": "frames", "index": self.steps, "count": len(encoded),
+            "step_ms": round(1000 * dt, 1), "fps": round(len(encoded) / mean, 2)}
+    return meta, encoded
+
+  def _encode(self, frame: np.ndarray) -> bytes:
+    if self.format == "raw":
+      return np.ascontiguousarray(frame, np.uint8).tobytes()
+    return media.encode_jpeg(frame, self.options.jpeg_quality)
+
+
+def _text_field(msg) -> str:
+  text = msg.get("text", "")
+  if not isinstance(text, str) or len(text) > MAX_TEXT_CHARS:
+    raise ClientError(f"text: expected a string of at most {MAX_TEXT_CHARS} characters")
+  return text
+
+
+# ------------------------------------------------------------------------------------------------
+# The server
+# ------------------------------------------------------------------------------------------------
+
+
+class DemoServer:
+  """WebSocket + static page server around a `StreamingGenerator`.
+
+  `await server.serve()` in an event loop, or `server.start_in_thread()` (tests); `stop()`.
+  `active_sessions` counts connected streams.
+  """
+
+  def __init__(self, generator, options: ServerOptions = ServerOptions(), examples=None):
+    self.generator = generator
+    self.options = options
+    self.examples = examples if examples is not None else make_examples(
+        generator.control_type, generator.height, generator.width)
+    self.active_sessions = 0
+    self._loop: Optional[asyncio.AbstractEventLoop] = None
+    self._server = None
+    self._thread: Optional[threading.Thread] = None
+    self._ready = threading.Event()
+    self.port = options.port
+
+  # -- HTTP ------------------------------------------------------------------------------------
+  def hello(self) -> dict:
+    return {
+        "type": "hello", "control_type": self.generator.control_type,
+        "height": self.generator.height, "width": self.generator.width,
+        "keys": {k: list(v) for k, v in controls_lib.KEY_BINDINGS.items()},
+        "keypoints": list(_keypoint_names()), "bones": [list(b) for b in _bones()],
+        "rest_pose": controls_lib.REST_POSE.tolist(),
+        "examples": [{"name": n, "caption": c} for n, (_, c) in self.examples.items()],
+        "formats": ["jpeg", "raw"], "max_upload_bytes": self.options.max_upload_bytes,
+    }
+
+  def process_request(self, connection, request):
+    from websockets.datastructures import Headers
+    from websockets.http11 import Response
+    path = request.path.split("?", 1)[0]
+    if path == "/ws":
+      return None  # the WebSocket handshake goes on
+
+    def respond(status, body: bytes, ctype: str):
+      headers = Headers([("Content-Type", ctype), ("Content-Length", str(len(body))),
+                         ("Cache-Control", "no-store")])
+      reason = {200: "OK", 404: "Not Found"}[status]
+      return Response(status, reason, headers, body)
+
+    if path in ("/", "/index.html"):
+      path = "/static/index.html"
+    if path.startswith("/static/"):
+      name = path[len("/static/"):]
+      full = os.path.join(STATIC_DIR, name)
+      if "/" in name or name.startswith(".") or not os.path.isfile(full):
+        return respond(404, b"not found", "text/plain")
+      with open(full, "rb") as f:
+        ctype = mimetypes.guess_type(full)[0] or "application/octet-stream"
+        return respond(200, f.read(), ctype + ("; charset=utf-8" if ctype.startswith("text/") or ctype.endswith("javascript") else ""))
+    if path == "/examples.json":
+      return respond(200, json.dumps(self.hello()["examples"]).encode(), "application/json")
+    if path.startswith("/examples/") and path.endswith(".png"):
+      name = path[len("/examples/"):-len(".png")]
+      if name in self.examples:
+        return respond(200, png_bytes(self.examples[name][0]), "image/png")
+    return respond(404, b"not found", "text/plain")
+
+  # -- WebSocket -------------------------------------------------------------------------------
+  async def handler(self, ws):
+    if self.active_sessions >= self.options.max_sessions:
+      await ws.send(json.dumps({"type": "busy", "message":
+                                f"the server is busy: {self.active_sessions} of "
+                                f"{self.options.max_sessions} streams in use; try again later"}))
+      await ws.close(1013, "busy")
+      return
+    self.active_sessions += 1
+    session = Session(self.generator, self.options, self.examples)
+    producer = None
+    try:
+      await ws.send(json.dumps(self.hello()))
+      producer = asyncio.create_task(self._produce(ws, session))
+      async for message in ws:
+        try:
+          msg = session.parse(message)
+          kind = msg["type"]
+          if kind == "control":
+            await ws.send(json.dumps(session.on_control(msg)))
+          elif kind == "text":
+            await ws.send(json.dumps(session.on_text(msg)))
+          elif kind == "start":
+            request = session.start_request(msg)
+            session.started = False  # the producer stops stepping while we restart
+            frames = await asyncio.to_thread(session.start, *request)
+            await ws.send(json.dumps({"type": "started", "seed": request[2], "text": request[1]}))
+            for f in frames:
+              await ws.send(f)
+          elif kind == "pause":
+            session.paused = True
+          elif kind == "resume":
+            session.paused = False
+          else:
+            raise ClientError(f"unknown message type {kind!r:.40}; expected start, control, "
+                              f"text, pause or resume")
+        except (ClientError, controls_lib.ControlError) as e:
+          await ws.send(json.dumps({"type": "error", "message": str(e)}))
+    except Exception as e:  # a closed connection ends the session; anything else is logged
+      import websockets
+      if not isinstance(e, websockets.ConnectionClosed):
+        log.exception("session failed")
+    finally:
+      if producer is not None:
+        producer.cancel()
+        try:
+          await producer
+        except (asyncio.CancelledError, Exception):
+          pass
+      await asyncio.to_thread(session.close)
+      self.active_sessions -= 1
+
+  async def _produce(self, ws, session: Session):
+    while True:
+      if not session.started or session.paused:
+        await asyncio.sleep(self.options.idle_sleep_s)
+        continue
+      meta, frames = await asyncio.to_thread(session.step)
+      await ws.send(json.dumps(meta))
+      for f in frames:
+        await ws.send(f)
+
+  # -- lifecycle -------------------------------------------------------------------------------
+  async def serve(self, stop: Optional[asyncio.Future] = None):
+    from websockets.asyncio.server import serve
+    max_size = 2 * self.options.max_upload_bytes + 4096
+    async with serve(self.handler, self.options.host, self.options.port, max_size=max_size,
+                     process_request=self.process_request) as server:
+      self._server = server
+      self.port = server.sockets[0].getsockname()[1]
+      self._loop = asyncio.get_running_loop()
+      self._stop = stop or self._loop.create_future()
+      self._ready.set()
+      await self._stop
+
+  def start_in_thread(self) -> "DemoServer":
+    self._thread = threading.Thread(target=lambda: asyncio.run(self.serve()), daemon=True)
+    self._thread.start()
+    if not self._ready.wait(60):
+      raise RuntimeError("the demo server did not start")
+    return self
+
+  def stop(self):
+    if self._loop is not None:
+      self._loop.call_soon_threadsafe(lambda: self._stop.done() or self._stop.set_result(None))
+    if self._thread is not None:
+      self._thread.join(30)
+
+  @property
+  def url(self) -> str:
+    return f"http://{self.options.host}:{self.port}/"
+
+
+def _keypoint_names():
+  try:
+    from apt2_jax.data import worlds
+    return worlds.PUPPET_KEYPOINTS
+  except ImportError:
+    return tuple(f"joint_{i}" for i in range(controls_lib.NUM_KEYPOINTS))
+
+
+def _bones():
+  try:
+    from apt2_jax.data import worlds
+    return worlds.PUPPET_BONES
+  except ImportError:
+    return ()
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def build_generator(checkpoint: str, size: str, control: str, height: int, width: int):
+  """From a checkpoint, or random weights of an `experiments/common.py` size."""
+  from apt2_jax.inference.streaming import StreamingGenerator
+  if checkpoint:
+    kwargs = {k: v for k, v in (("height", height), ("width", width)) if v}
+    return StreamingGenerator.from_checkpoint(checkpoint, **kwargs)
+  from experiments import common
+  from apt2_jax.models import DiTConfig
+  from apt2_jax.models import vae as vae_lib
+  channels = {"none": 0, "camera": controls_lib.CAMERA_CHANNELS,
+              "pose": controls_lib.NUM_KEYPOINTS}[control]
+  config = DiTConfig.from_dict(common.model_config(size, control_channels=channels))
+  vae_size = "tiny" if size == "tiny" else "small"
+  return StreamingGenerator.random(config, vae_lib.vae_config(vae_size), control_type=control,
+                                   height=height or 64, width=width or 64)
+
+
+def main(argv):
+  from absl import flags
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments {argv[1:]}")
+  logging.basicConfig(level=logging.INFO)
+  gen = build_generator(FLAGS.checkpoint, FLAGS.size, FLAGS.control, FLAGS.height, FLAGS.width)
+  options = ServerOptions(host=FLAGS.host, port=FLAGS.port, max_sessions=FLAGS.max_sessions,
+                          max_upload_bytes=FLAGS.max_upload_bytes, jpeg_quality=FLAGS.jpeg_quality)
+  server = DemoServer(gen, options)
+  if FLAGS.warmup:
+    log.info("compiling the stream (first frame, one step)...")
+    warm = gen.fork()
+    warm.start(next(iter(server.examples.values()))[0], text="", seed=0)
+    warm.step(None)
+    warm.close()
+  print(f"serving {gen.control_type} stream at {gen.height}x{gen.width} on "
+        f"http://{options.host}:{options.port}/", flush=True)
+  asyncio.run(server.serve())
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("checkpoint", "", "export bundle or training workdir (empty: random weights)")
+  flags.DEFINE_string("size", "small", "model size for random weights (experiments/common.py)")
+  flags.DEFINE_enum("control", "camera", ["none", "camera", "pose"], "control of random weights")
+  flags.DEFINE_integer("height", 0, "pixel height (0: the checkpoint's, or 64)")
+  flags.DEFINE_integer("width", 0, "pixel width (0: the checkpoint's, or 64)")
+  flags.DEFINE_string("host", "127.0.0.1", "bind address (127.0.0.1: this machine only)")
+  flags.DEFINE_integer("port", 8765, "port of the page and the WebSocket (0: any free port)")
+  flags.DEFINE_integer("max_sessions", 1, "concurrent streams; more clients are told 'busy'")
+  flags.DEFINE_integer("max_upload_bytes", 2 << 20, "largest accepted first-frame upload")
+  flags.DEFINE_integer("jpeg_quality", 85, "JPEG quality of streamed frames")
+  flags.DEFINE_bool("warmup", True, "compile before accepting clients")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
