@@ -105,6 +105,7 @@ class Block(nn.Module):
   """One Wan2.1 transformer block, scanned over layers. `mode` is one of `MODES`."""
   config: DiTConfig
   mode: str
+  return_hidden: bool = False  # also emit the hidden state after this block (discriminator heads)
 
   def setup(self):
     c = self.config
@@ -153,12 +154,12 @@ class Block(nn.Module):
     ff = self.ffn_net_2(x)
     h = (h.astype(jnp.float32) + ff.astype(jnp.float32) * c_gate).astype(h.dtype)
     ys = {"cache": new_cache} if new_cache is not None else {}
-    if ctx.get("return_hidden"):
+    if self.return_hidden:
       ys["hidden"] = h
     return h, ys
 
 
-def _stack(config: DiTConfig, mode: str):
+def _stack(config: DiTConfig, mode: str, return_hidden: bool = False):
   block = Block
   policy = REMAT_POLICIES[config.remat_policy]
   if config.remat_policy != "none" and mode != "text":
@@ -166,7 +167,7 @@ def _stack(config: DiTConfig, mode: str):
   return nn.scan(
       block, variable_axes={"params": 0}, split_rngs={"params": True},
       in_axes=(0, nn.broadcast), length=config.num_layers,
-      metadata_params={nn.PARTITION_NAME: "layers"})(config, mode, name="blocks")
+      metadata_params={nn.PARTITION_NAME: "layers"})(config, mode, return_hidden, name="blocks")
 
 
 class CausalDiT(nn.Module):
@@ -218,11 +219,9 @@ class CausalDiT(nn.Module):
       return self._head(h, temb, hh, ww), dict(ys["cache"], index=index + 1)
 
     ctx["text"] = self._text(text, embedder)
-    if return_hidden:
-      ctx["return_hidden"] = jnp.ones(())
     if mode == "full":
       ctx["full_positions"] = jnp.arange(f)
-    h, ys = _stack(c, mode)(x, {}, ctx)
+    h, ys = _stack(c, mode, return_hidden)(x, {}, ctx)
     v = self._head(h, temb, hh, ww)
     return (v, ys["hidden"]) if return_hidden else v
 
