@@ -1,0 +1,1 @@
+"""Training stages: one trainer per stage family."""
