@@ -88,7 +88,7 @@ def test_stream_controls_errors_busy_and_disconnect(server):
       # Bad uploads are refused with a message.
       await ws.send(json.dumps({"type": "start", "image": "data:image/gif;base64,R0lGODlh"}))
       assert "only PNG and JPEG" in (await _recv_json(ws, "error"))["message"]
-      big = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+      big = np.random.default_rng(0).integers(0, 255, (90, 90, 3), dtype=np.uint8)  # ~24 kB PNG
       await ws.send(json.dumps({"type": "start", "image": _png_data_url(big)}))
       assert "larger than 20000 bytes" in (await _recv_json(ws, "error"))["message"]
       # Start from an uploaded PNG (raw frames).

@@ -401,8 +401,8 @@ def vae_config_from_dict(d) -> vae_lib.VAEConfig:
   for k, v in list(d.items()):
     if isinstance(v, list):
       d[k] = tuple(v)
-  if "dtype" in d:
-    d["dtype"] = jnp.dtype(d["dtype"])
+  if "dtype" in d:  # the scalar type (jnp.float32), as VAEConfig's default, so configs compare equal
+    d["dtype"] = getattr(jnp, jnp.dtype(d["dtype"]).name)
   return vae_lib.VAEConfig(**d)
 
 
