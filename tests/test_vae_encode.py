@@ -14,15 +14,16 @@ def test_encode_examples_and_records(tmp_path):
   examples = [{"video": rng.integers(0, 256, (7, 16, 16, 3), dtype=np.uint8),  # cut to 5 frames
                "controls": np.full((7, 2), i, np.float32), "caption": f"clip {i}", "seed": i}
               for i in range(3)]
-  encoded = list(encode_latents.encode_examples(model, params, examples, batch_size=2))
+  encoded = list(encode_latents.encode_examples(model, params, examples, batch_size=3))
   assert [e["seed"] for e in encoded] == [0, 1, 2] and "video" not in encoded[0]
   assert encoded[2]["latents"].shape == (2, 2, 2, 4)
   np.testing.assert_array_equal(encoded[1]["controls"], examples[1]["controls"])
-  # Normalised posterior means of the first 5 frames.
-  video = examples[2]["video"][None, :5].astype(np.float32) / 127.5 - 1.0
+  # Normalised posterior means of the first 5 frames, in order (one batch: one compilation).
+  video = np.stack([e["video"][:5] for e in examples]).astype(np.float32) / 127.5 - 1.0
   mean, _ = vae_lib.encode_chunked(model, params, video)
-  np.testing.assert_allclose(encoded[2]["latents"], (np.asarray(mean[0]) - 0.5) / 2.0,
-                             atol=1e-5)
+  for i in range(3):
+    np.testing.assert_allclose(encoded[i]["latents"], (np.asarray(mean[i]) - 0.5) / 2.0,
+                               atol=1e-5)
 
   path = str(tmp_path / "train.array_record")
   assert encode_latents.write_records(path, encoded) == 3

@@ -11,6 +11,26 @@ from apt2_jax.stages import vae as stage
 from experiments import vae as vae_experiment
 
 
+def test_config_validation_and_random_videos():
+  config = vae_experiment.get_config("tiny")
+  stage.validate(config)
+  for field, value, match in (("stage", "gan", "config.stage"), ("data.frames", 6, "1 \\+ 4k"),
+                              ("data.height", 12, "config.data.height")):
+    bad = vae_experiment.get_config("tiny")
+    section, _, name = field.rpartition(".")
+    setattr(bad[section] if section else bad, name, value)
+    with pytest.raises(ValueError, match=match):
+      stage.validate(bad)
+  distill = vae_experiment.get_config("slim_decoder")
+  with pytest.raises(ValueError, match="config.teacher"):
+    stage.validate(distill)
+  assert stage.vae_config_from(distill).dec_dim_mult == (1, 2, 4, 8)
+  video = stage.random_smooth_videos(np.random.default_rng(0), 2, 5, 16, 24)
+  assert video.shape == (2, 5, 16, 24, 3) and -1 <= video.min() < video.max() <= 1
+  # Smooth in time: neighbouring frames differ much less than the frames themselves vary.
+  assert np.abs(np.diff(video, axis=1)).mean() < 0.5 * np.abs(video).mean()
+
+
 @pytest.mark.slow  # three train-step compilations: about 2 minutes on a 2-core CPU
 def test_vae_stage_trains_resumes_and_distills(tmp_path):
   config = vae_experiment.get_config("tiny")
