@@ -1,0 +1,67 @@
+"""Runs one training stage: parses flags, joins the hosts, dispatches on `config.stage`.
+
+  python -m apt2_jax.main --config=experiments/stage1_adapt.py:small --workdir=/tmp/s1 \\
+      [--config.batch_size=16 ...]
+
+Rerunning with the same workdir resumes from its latest checkpoint. On several hosts, every host
+runs the same command; `jax.distributed.initialize()` picks up the cluster (SLURM, TPU pods, or
+the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables that
+`launch/multihost_local.sh` sets). CPU processes exchange collectives through gloo.
+"""
+import importlib
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "experiments/<stage>.py:<size>", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard files of this run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Stage name -> "module:function(config, workdir)". Add a stage by adding a line.
+ENTRY_POINTS = {
+    "vae": "apt2_jax.stages.vae:train_vae",
+    "vae_distill": "apt2_jax.stages.vae:train_vae",
+    "pretrain": "apt2_jax.train:train_and_evaluate",
+    "adapt": "apt2_jax.train:train_and_evaluate",
+    "distill": "apt2_jax.train:train_and_evaluate",
+    "adversarial": "apt2_jax.train:train_and_evaluate",
+    "long_video": "apt2_jax.train:train_and_evaluate",
+}
+
+
+def initialize_distributed():
+  """Joins the other processes when this is a multi-process run (no-op on one host)."""
+  import jax
+  multi = int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1 or "SLURM_NTASKS" in os.environ and \
+      int(os.environ["SLURM_NTASKS"]) > 1
+  if not multi:
+    return
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
+                               int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"]))
+  else:
+    jax.distributed.initialize()
+
+
+def main(argv):
+  del argv
+  config, workdir = FLAGS.config, FLAGS.workdir
+  stage = config.get("stage", None)
+  if stage not in ENTRY_POINTS:
+    raise app.UsageError(f"config.stage={stage!r} is not one of {sorted(ENTRY_POINTS)}")
+  import jax
+  if os.environ.get("APT2_NUM_CPU_DEVICES"):  # rehearse multi-device runs on a CPU
+    jax.config.update("jax_num_cpu_devices", int(os.environ["APT2_NUM_CPU_DEVICES"]))
+  initialize_distributed()
+  logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  module, function = ENTRY_POINTS[stage].split(":")
+  getattr(importlib.import_module(module), function)(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Training objectives: rectified flow (`flow`), consistency distillation (`consistency`)."""

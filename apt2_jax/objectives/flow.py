@@ -1,0 +1,63 @@
+"""Rectified flow: time shift, noising, velocity target, teacher-forced loss, Euler schedule.
+
+Convention (DESIGN.md section 1): `x_t = (1 - t) x_0 + t eps`, the model predicts `v = eps - x_0`,
+so `dx_t/dt = v`, t = 1 is pure noise and `x_0 = x_t - t v`. Sampling integrates from t = 1 to 0.
+
+Teacher forcing with recycled frames. A clip of F latent frames `x_0 .. x_{F-1}` gives F - 1
+blocks; block s sees, per pixel, `[noise slot | recycled | control]` with
+  noise slot  `(1 - t) x_{s+1} + t eps_s`
+  recycled    `x_s` (clean ground truth)
+  control     the control of frame s + 1
+and predicts `v_s = eps_s - x_{s+1}`: the target is shifted by one frame, so all blocks train in
+parallel under the block-causal mask. One t per clip (paper), shifted by `s t / (1 + (s - 1) t)`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def shift_time(t, shift: float):
+  """`s t / (1 + (s - 1) t)`: moves mass towards t = 1 (more noise) for s > 1; s = 1 is identity."""
+  return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def sample_time(rng, batch: int, shift: float):
+  """One shifted flow time per clip: float32 `[batch]` in (0, 1)."""
+  return shift_time(jax.random.uniform(rng, (batch,), jnp.float32), shift)
+
+
+def noisy(x0, eps, t):
+  """`x_t = (1 - t) x_0 + t eps`; t `[B]` broadcasts over `[B, ...]`."""
+  t = t.reshape(t.shape + (1,) * (x0.ndim - t.ndim))
+  return (1.0 - t) * x0 + t * eps
+
+
+def velocity_target(x0, eps):
+  return eps - x0
+
+
+def teacher_forcing_inputs(latents, controls=None):
+  """Splits a clip into teacher-forced blocks.
+
+  Args:
+    latents: [B, F, h, w, C] clean latents of the clip.
+    controls: [B, F, h, w, Cc] per-latent-frame controls, or None.
+  Returns:
+    (recycled [B, F-1, ...] = frames 0..F-2, clean targets [B, F-1, ...] = frames 1..F-1,
+     controls of frames 1..F-1 or None).
+  """
+  if latents.ndim != 5 or latents.shape[1] < 2:
+    raise ValueError(f"latents must be [batch, frames >= 2, h, w, C], got {latents.shape}")
+  return latents[:, :-1], latents[:, 1:], None if controls is None else controls[:, 1:]
+
+
+def mse(a, b):
+  """Mean squared error over everything but the batch: `[B]`."""
+  d = jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32))
+  return jnp.mean(d.reshape(d.shape[0], -1), axis=-1)
+
+
+def euler_schedule(num_steps: int, shift: float):
+  """Decreasing flow times `[num_steps + 1]` from 1 to 0 (the rollout's schedule)."""
+  return shift_time(jnp.linspace(1.0, 0.0, num_steps + 1), shift)

@@ -1,0 +1,272 @@
+"""Pieces shared by the diffusion-family stages (0, 1, 2; stage 3 reuses them).
+
+  LatentInputs     batch -> (latents [B, F, h, w, C], controls [B, F, h, w, Cc] | None, text)
+                   through the frozen VAE (or latents straight from the batch)
+  caption_dropout  replace a clip's tokens by padding so the model also learns p(x) (for CFG)
+  merge_pretrained `config.init_from` parameters into fresh ones, widening the patch embedding
+  GuidedDiT        classifier-free guidance as a model with CausalDiT's step interface, so the
+                   unchanged `apt2_jax.rollout.rollout` streams it
+  stream_sample    first frame + controls -> generated latents, via `rollout` (1-NFE generator
+                   or the multi-step Euler sampler of the diffusion baseline)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from apt2_jax import checkpointing, sharding
+from apt2_jax.models import CausalDiT, DiTConfig, kv_cache
+from apt2_jax.models import vae as vae_lib
+from apt2_jax.rollout import RolloutOptions, rollout
+from apt2_jax.stages import data as stage_data
+
+
+# ================================================================================================
+# Frozen VAE and per-latent-frame controls
+# ================================================================================================
+
+def vae_config_from(block) -> vae_lib.VAEConfig:
+  """`VAEConfig` from a `config.vae`-style block: a named `size` plus any VAEConfig field."""
+  block = dict(block)
+  size = block.pop("size", "tiny")
+  fields = {f.name for f in dataclasses.fields(vae_lib.VAEConfig)}
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in block.items() if k in fields}
+  return vae_lib.vae_config(size, **overrides)
+
+
+def load_vae(config, mesh):
+  """(VAE module, replicated variables) for `config.vae`; None when the batch holds latents."""
+  if config.data.source != "pipeline":
+    return None, {}
+  checkpoint = config.vae.get("checkpoint", "")
+  if checkpoint:
+    params, saved = checkpointing.load_params(checkpoint, key="ema_params",
+                                              shardings=sharding.replicated(mesh))
+    vae_cfg = vae_config_from(saved.get("vae", {}))
+  else:
+    logging.warning("config.vae.checkpoint is empty: encoding with a RANDOMLY initialised %r VAE "
+                    "(smoke tests only; train one with experiments/vae.py)", config.vae.size)
+    vae_cfg = vae_config_from(config.vae)
+    params = jax.device_put(vae_lib.init_params(vae_lib.VAE(vae_cfg), jax.random.key(0)),
+                            sharding.replicated(mesh))
+  if "params" not in params:
+    params = {"params": params}
+  if vae_cfg.z_dim != config.model.latent_channels:
+    raise ValueError(f"config.model.latent_channels={config.model.latent_channels} does not match "
+                     f"the VAE's z_dim={vae_cfg.z_dim} (config.vae)")
+  return vae_lib.VAE(vae_cfg), params
+
+
+def latent_controls(controls, latent_frames: int, height: int, width: int):
+  """Per-video-frame controls `[B, T, D]` -> per-latent-pixel controls `[B, F, h, w, 4 D]`.
+
+  Latent frame j >= 1 covers video frames 4j-3 .. 4j: their 4 controls are concatenated (camera
+  controls are relative to the previous frame, so all 4 are needed). Latent frame 0 (the first
+  image) has no motion: zeros. Broadcast over the latent pixels.
+  """
+  b, t, d = controls.shape
+  if t != vae_lib.video_frames(latent_frames):
+    raise ValueError(f"controls cover {t} video frames, the clip has {latent_frames} latent frames")
+  later = controls[:, 1:].reshape(b, latent_frames - 1, vae_lib.TEMPORAL_FACTOR * d)
+  per_frame = jnp.concatenate([jnp.zeros((b, 1, later.shape[-1]), later.dtype), later], axis=1)
+  return jnp.broadcast_to(per_frame[:, :, None, None], (b, latent_frames, height, width, per_frame.shape[-1]))
+
+
+class LatentInputs:
+  """Turns a batch into model inputs; holds the frozen VAE (in `frozen['vae']`)."""
+
+  def __init__(self, config, mesh):
+    self.config = config
+    self.vae, self.vae_params = load_vae(config, mesh)
+    self.model_config = DiTConfig.from_dict(config.model)
+    control_dim = int(config.data.get("control_dim", 0))
+    want = vae_lib.TEMPORAL_FACTOR * control_dim
+    if self.model_config.control_channels not in (0, want):
+      raise ValueError(f"config.model.control_channels={self.model_config.control_channels} must be 0 or "
+                       f"4 x config.data.control_dim = {want}")
+
+  @property
+  def frozen(self):
+    return {"vae": self.vae_params} if self.vae is not None else {}
+
+  def __call__(self, frozen, batch):
+    """-> (latents [B, F, h, w, C] float32, controls [B, F, h, w, Cc] or None, text tokens)."""
+    if "latents" in batch:
+      latents = batch["latents"].astype(jnp.float32)
+    else:
+      video = batch["video"].astype(jnp.float32) / 127.5 - 1.0  # [B, T, H, W, 3] in [-1, 1]
+      mean, _ = self.vae.apply(frozen["vae"], video, method=vae_lib.VAE.encode)
+      latents = jax.lax.stop_gradient(vae_lib.normalize_latents(mean, self.vae.config))
+    controls = None
+    if self.model_config.control_channels:
+      _, f, h, w, _ = latents.shape
+      controls = latent_controls(batch["controls"].astype(jnp.float32), f, h, w)
+    return latents, controls, batch["text_tokens"]
+
+
+def caption_dropout(rng, tokens, rate: float):
+  """Replaces each clip's tokens by all-padding tokens with probability `rate`."""
+  if rate <= 0:
+    return tokens
+  drop = jax.random.bernoulli(rng, rate, (tokens.shape[0],))
+  return jnp.where(drop[:, None], jnp.zeros_like(tokens), tokens)
+
+
+# ================================================================================================
+# init_from: load another stage's parameters, widening the input projection
+# ================================================================================================
+
+PATCH_KERNEL = ("patch_embedding", "kernel")
+
+
+def patch_channel_layout(c: DiTConfig) -> dict[str, tuple[int, int]]:
+  """Input channel ranges of the patch embedding: noise, recycled (optional), control."""
+  out, start = {"noise": (0, c.latent_channels)}, c.latent_channels
+  if c.recycled_channels:
+    out["recycled"] = (start, start + c.latent_channels)
+    start += c.latent_channels
+  out["control"] = (start, start + c.control_channels)
+  return out
+
+
+def merge_pretrained(fresh, loaded, new_config: DiTConfig, old_config: DiTConfig | None,
+                     source: str = "config.init_from"):
+  """Fresh parameters with every entry replaced by `loaded`'s; checks names and shapes.
+
+  The patch embedding may be widened: when the loaded model had no recycled channels (stage 0,
+  Wan2.1) or other control channels, its noise (and matching) input channels are copied and the
+  new ones keep their fresh random initialisation (the paper's choice, not zeros).
+  Raises ValueError naming every missing or mismatched parameter.
+  """
+  flat_new = traverse_util.flatten_dict(fresh)
+  flat_old = traverse_util.flatten_dict(loaded)
+  missing = sorted("/".join(k) for k in flat_new if k not in flat_old)
+  unexpected = sorted("/".join(k) for k in flat_old if k not in flat_new)
+  mismatched = sorted(f"{'/'.join(k)}: checkpoint {tuple(flat_old[k].shape)} vs model {tuple(v.shape)}"
+                      for k, v in flat_new.items()
+                      if k in flat_old and tuple(flat_old[k].shape) != tuple(v.shape) and k != PATCH_KERNEL)
+  if missing or mismatched:
+    raise ValueError(f"{source}: cannot load parameters; missing in the checkpoint: {missing or 'none'}; "
+                     f"shape mismatches: {mismatched or 'none'}")
+  if unexpected:
+    logging.warning("%s: ignoring checkpoint parameters the model lacks: %s", source, unexpected)
+  out = {}
+  for k, v in flat_new.items():
+    old = flat_old[k]
+    if k == PATCH_KERNEL and tuple(old.shape) != tuple(v.shape):
+      out[k] = _widen_patch_kernel(v, old, new_config, old_config, source)
+    else:
+      out[k] = old.astype(v.dtype) if hasattr(old, "astype") else old
+  return traverse_util.unflatten_dict(out)
+
+
+def _widen_patch_kernel(fresh, old, new_config, old_config, source):
+  if old_config is None:
+    raise ValueError(f"{source}: patch_embedding kernel {tuple(old.shape)} differs from the model's "
+                     f"{tuple(fresh.shape)} and the checkpoint's model config is unknown")
+  new_l, old_l = patch_channel_layout(new_config), patch_channel_layout(old_config)
+  if tuple(old.shape[:3]) != tuple(fresh.shape[:3]) or old.shape[-1] != fresh.shape[-1]:
+    raise ValueError(f"{source}: patch_embedding kernel {tuple(old.shape)} cannot widen to {tuple(fresh.shape)}")
+  copied, kernel = [], fresh
+  for part, (a, b) in new_l.items():
+    if part in old_l and (old_l[part][1] - old_l[part][0]) == b - a and b > a:
+      oa, ob = old_l[part]
+      kernel = jax.jit(lambda k, o, a=a, b=b, oa=oa, ob=ob: k.at[..., a:b, :].set(o[..., oa:ob, :].astype(k.dtype)),
+                       out_shardings=getattr(fresh, "sharding", None))(kernel, old)
+      copied.append(part)
+  logging.info("%s: widened patch_embedding %s -> %s; copied %s, new channels randomly initialised",
+               source, tuple(old.shape), tuple(fresh.shape), copied)
+  return kernel
+
+
+def load_pretrained_params(config, fresh_params, path: str, key: str, source: str):
+  """Loads `path`'s `key` parameters onto the fresh parameters' shardings and merges them."""
+  flat_sh = {k: v.sharding for k, v in traverse_util.flatten_dict(fresh_params).items()}
+  flat_shape = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(fresh_params).items()}
+  mesh = next(iter(flat_sh.values())).mesh
+
+  def where(path_, shape):  # the target layout where the shape agrees, else replicated
+    return flat_sh[path_] if flat_shape.get(path_) == shape else sharding.replicated(mesh)
+
+  loaded, saved = checkpointing.load_params(path, key=key, shardings=where)
+  old_config = DiTConfig.from_dict(saved.model) if "model" in saved else None
+  return merge_pretrained(fresh_params, loaded, DiTConfig.from_dict(config.model), old_config, source)
+
+
+# ================================================================================================
+# Streaming samples through the rollout (eval), with classifier-free guidance
+# ================================================================================================
+
+class GuidedDiT(nn.Module):
+  """CausalDiT under classifier-free guidance `v = v_u + w (v_c - v_u)`, one doubled batch.
+
+  It exposes CausalDiT's `step` (rollout calls `apply(..., method=CausalDiT.step)`); its parameters
+  are `{'inner': params}`, the cache and `text_kv` have batch 2B: [conditional | unconditional].
+  """
+  config: DiTConfig
+  guidance: float
+
+  @nn.compact
+  def __call__(self, noise=None, recycled=None, control=None, t=None, text=None, *, mode="step",
+               cache=None, text_kv=None, return_hidden=False):
+    inner = CausalDiT(self.config, name="inner")
+    if mode != "step":
+      return inner(noise, recycled, control, t, text, mode=mode, cache=cache, text_kv=text_kv)
+    two = lambda x: None if x is None else jnp.concatenate([x, x], axis=0)
+    v, cache = inner(two(noise), two(recycled), two(control), two(t), None, mode="step",
+                     cache=cache, text_kv=text_kv)
+    v_c, v_u = jnp.split(v, 2, axis=0)
+    return v_u + self.guidance * (v_c - v_u), cache
+
+
+def stream_sample(model_config: DiTConfig, params, first_frame, text, controls, noise,
+                  options: RolloutOptions, guidance: float = 1.0):
+  """Generates `S` latent frames after `first_frame` with the unchanged `rollout`.
+
+  Args:
+    first_frame: [B, 1, h, w, C]; text: int32 [B, L] tokens; controls: [B, S, h, w, Cc] or None
+    (the controls of the generated frames); noise: [B, S, h, w, C].
+  Returns:
+    frames [B, S, h, w, C].
+  """
+  model = CausalDiT(model_config)
+  b, _, h, w, _ = first_frame.shape
+  if guidance == 1.0:
+    text_kv = model.apply({"params": params}, text, method=CausalDiT.encode_text)
+    cache = kv_cache.init_cache(model_config, b, h, w)
+    frames, _ = rollout(model, params, first_frame, text_kv, noise, controls, cache=cache, options=options)
+    return frames
+  texts = jnp.concatenate([text, jnp.zeros_like(text)], axis=0)
+  text_kv = model.apply({"params": params}, texts, method=CausalDiT.encode_text)
+  cache = kv_cache.init_cache(model_config, 2 * b, h, w)
+  guided = GuidedDiT(model_config, float(guidance))
+  frames, _ = rollout(guided, {"inner": params}, first_frame, text_kv, noise, controls, cache=cache,
+                      options=options)
+  return frames
+
+
+def rollout_metrics(frames, target):
+  """Latent MSE of a streamed clip against the ground truth: mean, first and last frame (drift)."""
+  err = jnp.mean(jnp.square(frames - target), axis=(0, 2, 3, 4))  # [S]
+  return {"rollout_mse": jnp.mean(err), "rollout_mse_first": err[0], "rollout_mse_last": err[-1]}
+
+
+class EvalBatch:
+  """A fixed validation batch (the first of the validation split), as global arrays."""
+
+  def __init__(self, config, mesh):
+    batch_size = int(config.get("eval", {}).get("batch_size", 0) or config.batch_size)
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_size = max(ways, batch_size // ways * ways)
+    it = stage_data.make_iterator(config, "validation", batch_size=batch_size)
+    local = next(it)
+    shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in local.items()}
+    self.batch = {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+                  for k, v in local.items()}

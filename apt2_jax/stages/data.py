@@ -1,0 +1,140 @@
+"""Per-host batch iterators for the diffusion-family stages, checkpointable through orbax.
+
+Two sources (`config.data.source`):
+  "pipeline"        the synthetic worlds through grain (`apt2_jax.data.pipeline.make_dataset`):
+                    `video` uint8 [b, T, H, W, 3], `controls` float32 [b, T, control_dim],
+                    `text_tokens` int32 [b, L]; the stage encodes the video with the frozen VAE.
+  "random_latents"  no dataset, no VAE: latents drawn per step from `(seed, split, step)`, a
+                    pattern that translates by the per-frame control, so there is something to
+                    learn: `latents` float32 [b, F, h, w, C], `controls` [b, T, control_dim],
+                    `text_tokens` [b, L]. Tests and throughput runs use it.
+
+b = config.batch_size / process_count rows per host; the random source draws the global batch and
+keeps this host's rows, so any process count sees the same global batch (the multi-host test
+relies on it). `get_state`/`set_state` speak bytes (JSON), the protocol of grain's orbax handler.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+
+from apt2_jax.models import vae as vae_lib
+
+TEMPORAL, SPATIAL = vae_lib.TEMPORAL_FACTOR, vae_lib.SPATIAL_FACTOR
+SPLIT_OFFSETS = {"train": 0, "validation": 1, "test": 2}
+
+
+def latent_shape(config):
+  """(latent frames, latent height, latent width) of `config.data`'s video clips."""
+  d = config.data
+  return vae_lib.latent_frames(d.frames), d.height // SPATIAL, d.width // SPATIAL
+
+
+class RandomLatents:
+  """Deterministic random latent clips; state = the number of batches drawn."""
+
+  def __init__(self, config, split: str, process_index: int, process_count: int, batch_size=None):
+    self.config, self.split = config, split
+    self.batch = int(batch_size or config.batch_size)
+    self.rows = slice(process_index * self.batch // process_count,
+                      (process_index + 1) * self.batch // process_count)
+    self.count = 0
+
+  def _draw(self, n):
+    c, d = self.config, self.config.data
+    f, h, w = latent_shape(c)
+    ch = c.model.latent_channels
+    rng = np.random.default_rng([c.seed, SPLIT_OFFSETS[self.split], n])
+    b = self.batch
+    base = rng.normal(size=(b, h + f, w + f, ch)).astype(np.float32)
+    # Frame j is the base pattern moved by j pixels along a per-clip direction (the control).
+    direction = rng.integers(0, 2, size=(b,))
+    latents = np.stack([np.stack([base[i, j:j + h, :w] if direction[i] else base[i, :h, j:j + w]
+                                  for j in range(f)]) for i in range(b)])
+    control_dim = int(d.get("control_dim", 0))
+    controls = np.zeros((b, d.frames, control_dim), np.float32)
+    if control_dim:
+      controls[:, 1:, 0] = direction[:, None] * 2.0 - 1.0
+    tokens = rng.integers(2, c.model.get("caption_vocab_size", 0) or 3, size=(b, d.get("text_len", 8)))
+    out = {"latents": latents, "controls": controls, "text_tokens": tokens.astype(np.int32)}
+    return {k: v[self.rows] for k, v in out.items()}
+
+  def peek(self):
+    return self._draw(self.count)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    out = self._draw(self.count)
+    self.count += 1
+    return out
+
+  def get_state(self) -> bytes:
+    return json.dumps({"count": self.count}).encode()
+
+  def set_state(self, state: bytes):
+    self.count = int(json.loads(state)["count"])
+
+  def start_prefetch(self):
+    pass
+
+
+class PipelineBatches:
+  """Wraps the grain iterator of `apt2_jax.data.pipeline` (per-host slices of the worlds)."""
+
+  def __init__(self, config, split: str, process_index: int, process_count: int):
+    from apt2_jax.data import pipeline
+    self.dataset = pipeline.make_dataset(config.data, split, seed=config.seed,
+                                         process_index=process_index, process_count=process_count)
+    self.iterator = iter(self.dataset)
+    self._buffer, self._state = None, None
+
+  def _inner_state(self):
+    state = self.iterator.get_state()
+    return state.decode() if isinstance(state, bytes) else state
+
+  def peek(self):
+    if self._buffer is None:
+      self._state = self._inner_state()
+      self._buffer = self._convert(next(self.iterator))
+    return self._buffer
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._buffer is not None:
+      out, self._buffer, self._state = self._buffer, None, None
+      return out
+    return self._convert(next(self.iterator))
+
+  @staticmethod
+  def _convert(batch):
+    keys = ("video", "controls", "text_tokens", "latents")
+    return {k: np.asarray(batch[k]) for k in keys if k in batch}
+
+  def get_state(self) -> bytes:
+    state = self._state if self._buffer is not None else self._inner_state()
+    return json.dumps({"inner": state}).encode()
+
+  def set_state(self, state: bytes):
+    inner = json.loads(state)["inner"]
+    current = self.iterator.get_state()
+    self.iterator.set_state(inner.encode() if isinstance(current, bytes) else inner)
+    self._buffer, self._state = None, None
+
+  def start_prefetch(self):
+    pass
+
+
+def make_iterator(config, split: str, batch_size=None):
+  source = config.data.source
+  pi, pc = jax.process_index(), jax.process_count()
+  if source == "random_latents":
+    return RandomLatents(config, split, pi, pc, batch_size)
+  if source == "pipeline":
+    return PipelineBatches(config, split, pi, pc)
+  raise ValueError(f"config.data.source={source!r} is not 'pipeline' or 'random_latents'")

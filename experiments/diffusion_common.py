@@ -1,0 +1,92 @@
+"""The config shared by the diffusion-family stages (0 pretrain, 1 adapt, 2 distill).
+
+Each stage file (`stage0_pretrain.py`, `stage1_adapt.py`, `stage2_distill.py`) starts from
+`base_config(stage, size)` and sets what differs. Field reference (validated at start by
+`apt2_jax.train.validate_config` and the stage constructors):
+
+  stage, seed                 stage name (train.ALL_STAGES); the run's seed (init, data, steps)
+  model                       `DiTConfig` fields (experiments/common.py sizes)
+  mesh, logical_rules         {data, fsdp, tensor, sequence} (one may be -1); sharding table
+  batch_size, microbatches    global batch; gradient accumulation over that many microbatches
+  num_steps                   total optimiser steps (the schedule's length)
+  optimizer                   name, learning_rate, schedule, warmup_steps, end_factor, b1, b2, eps,
+                              weight_decay, grad_clip
+  ema_decay                   0 = no EMA; else `ema_params` is kept (and evaluated)
+  init_from, init_from_key    workdir of an earlier stage and its entry ("ema_params" / "params")
+  caption_dropout             probability of training a clip on empty text (for CFG sampling)
+  flow.shift                  s of the time shift s t / (1 + (s - 1) t)
+  data                        source ("pipeline" | "random_latents"), world, frames (1 + 4k video
+                              frames), height, width (video pixels), control_dim, text_len
+  vae                         size and checkpoint (a `vae` stage workdir; "" = random VAE, smoke only)
+  log_every, eval_every       metric and evaluation periods (steps); eval_at_end
+  checkpoint_every, keep_checkpoints, async_checkpointing
+  max_nonfinite_in_a_row      abort after this many skipped (non-finite) steps in a row
+  eval                        seed, batch_size, loss_times, sample_steps / sample_shift / guidance
+                              (stage-1 baseline: multi-step Euler sampler with CFG)
+"""
+import ml_collections
+
+from experiments import common
+
+CONTROL_DIM = {"camera": 5, "puppet": 30, "bouncing": 0}  # apt2_jax.data.worlds *World.control_dim
+
+# size: (batch, video frames, height, width, steps, toy learning rate)
+_SIZE_SETTINGS = {
+    "tiny": (8, 9, 32, 32, 20, 1e-3),
+    "small": (8, 17, 64, 64, 20_000, 3e-4),
+    "wan_1_3b": (64, 81, 416, 736, 20_000, 1e-5),
+    "apt2_8b": (256, 81, 416, 736, 20_000, 1e-5),
+}
+
+
+def base_config(stage: str, size: str, world: str = "camera") -> ml_collections.ConfigDict:
+  if size not in _SIZE_SETTINGS:
+    raise ValueError(f"unknown size {size!r}; choose one of {tuple(_SIZE_SETTINGS)}")
+  if world not in CONTROL_DIM:
+    raise ValueError(f"unknown world {world!r}; choose one of {tuple(CONTROL_DIM)}")
+  batch, frames, height, width, steps, lr = _SIZE_SETTINGS[size]
+  toy = size in ("tiny", "small")
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.seed = 0
+  c.model = common.model_config(size, control_channels=4 * CONTROL_DIM[world])
+  c.mesh = common.mesh_config(data=-1, fsdp=1) if toy else common.mesh_config(data=1, fsdp=-1)
+  c.logical_rules = common.logical_rules()
+
+  c.batch_size = batch
+  c.microbatches = 1
+  c.num_steps = steps
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=lr, schedule="constant", warmup_steps=0 if size == "tiny" else 100,
+      end_factor=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip=1.0))
+  c.ema_decay = 0.0 if size == "tiny" else 0.999
+  c.init_from = ""
+  c.init_from_key = "ema_params"
+  c.caption_dropout = 0.1
+  c.flow = ml_collections.ConfigDict(dict(shift=24.0))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="pipeline", world=world, frames=frames, height=height, width=width,
+      control_dim=CONTROL_DIM[world], text_len=16))
+  c.vae = ml_collections.ConfigDict(dict(size="tiny" if size == "tiny" else "small" if toy else "wan",
+                                         checkpoint=""))
+
+  c.log_every = 1 if size == "tiny" else 20
+  c.eval_every = 0 if size == "tiny" else 1000
+  c.eval_at_end = True
+  c.checkpoint_every = 10 if size == "tiny" else 1000
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.progress_bar = True
+  c.max_nonfinite_in_a_row = 10
+  c.eval = ml_collections.ConfigDict(dict(
+      seed=1234, batch_size=batch, loss_times=(0.25, 0.5, 0.75, 0.95),
+      sample_steps=4 if size == "tiny" else 32, sample_shift=24.0, guidance=1.0 if size == "tiny" else 3.0))
+  return c
+
+
+def parse_arg(arg: str):
+  """`size` or `size,world=puppet` -> (size, {key: value})."""
+  parts = (arg or "small").split(",")
+  extra = dict(p.split("=", 1) for p in parts[1:])
+  return parts[0], extra
