@@ -678,14 +678,20 @@ def run_aot(names=None, mfu: float = 0.4, subprocesses: bool = True) -> list[dic
   for n in names:  # the 1-device case runs with the 8-device group (it uses device 0 only)
     groups.setdefault(max(8, AOT_CASES[n]["devices"]), []).append(n)
   import tempfile
-  for devices, group in sorted(groups.items()):
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-      env = dict(os.environ, JAX_PLATFORMS="cpu")
-      cmd = [sys.executable, "-m", "apt2_jax.benchmark", f"--cpu_devices={devices}",
-             f"--aot_cases={','.join(group)}", f"--aot_mfu={mfu}", f"--json_out={f.name}"]
-      logging.info("AOT: %s", " ".join(cmd))
-      subprocess.run(cmd, check=True, env=env)
-      rows.extend(json.load(open(f.name))["aot"])
+  tmp = tempfile.mkdtemp(prefix="apt2_aot_")
+  procs = []
+  for devices, group in sorted(groups.items()):  # concurrently: compilation is mostly single-threaded
+    out = os.path.join(tmp, f"aot_{devices}.json")
+    cmd = [sys.executable, "-m", "apt2_jax.benchmark", f"--cpu_devices={devices}",
+           f"--aot_cases={','.join(group)}", f"--aot_mfu={mfu}", f"--json_out={out}"]
+    logging.info("AOT: %s", " ".join(cmd))
+    procs.append((subprocess.Popen(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu")), out, cmd))
+  for proc, out, cmd in procs:
+    if proc.wait():
+      raise RuntimeError(f"AOT subprocess failed ({proc.returncode}): {' '.join(cmd)}")
+    rows.extend(json.load(open(out))["aot"])
+  order = {n: i for i, n in enumerate(names)}
+  rows.sort(key=lambda r: order[r["case"]])
   return rows
 
 

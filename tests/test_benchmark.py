@@ -1,0 +1,81 @@
+"""The benchmark in CI size: every figure present and sane (nothing here is timed), the AOT path
+on tiny configs, and the peak-FLOP table."""
+import json
+import math
+
+import jax
+import pytest
+
+from experiments import benchmark as bench_cfg
+from apt2_jax import benchmark
+
+STREAM_KEYS = ("step_latency_ms", "decode_latency_ms", "fps", "first_frame_latency_ms", "mfu",
+               "cache_speedup", "nfe_speedup", "latency_growth", "recompute_latency_ms",
+               "peer_block_latency_ms", "step_flops", "peak_flops")
+TRAIN_KEYS = tuple(f"{s}_{k}" for s in ("stage1", "stage3")
+                   for k in ("step_ms", "tokens_per_s_per_device", "mfu", "peak_bytes_per_device", "flops"))
+
+
+def ci_config(**kw):
+  c = bench_cfg.get_config("tiny")
+  c.reps, c.warmup, c.first_frame_reps, c.peak_matmul = 2, 1, 1, 256
+  c.train.reps, c.train.clip_frames, c.train.rollout_steps = 1, 3, 2
+  c.update(kw)
+  return c
+
+
+def _check(result, devices):
+  for k in STREAM_KEYS + TRAIN_KEYS:
+    assert isinstance(result[k], (int, float)) and math.isfinite(result[k]) and result[k] > 0, (k, result[k])
+  assert result["device_count"] == devices and result["platform"] == "cpu"
+  assert result["jax_version"] == jax.__version__ and result["vae_size"] == "tiny"
+  assert result["resolution"] == "64x64" and result["tokens_per_frame"] == 16
+  assert result["fps"] == pytest.approx(4e3 / (result["step_latency_ms"] + result["decode_latency_ms"]))
+  assert result["cache_speedup"] == pytest.approx(result["recompute_latency_ms"] / result["step_latency_ms"])
+  assert 0 < result["mfu"] < 2  # a measured CPU peak can be beaten a little by a lucky step
+  # Per-frame cost of a k-step peer block: k + 1 passes by construction (the analytic count).
+  assert result["cache_window_frames"] == result["window"] + 2
+  json.dumps(result)  # JSON-serialisable
+  table = benchmark.table(result)
+  for row in ("step latency", "fps", "MFU", "cache speedup", "NFE speedup", "stage-1 step", "stage-3 G step"):
+    assert row in table
+
+
+def test_benchmark_tiny_one_device():
+  _check(benchmark.run(ci_config()), devices=1)
+
+
+@pytest.mark.slow
+def test_benchmark_tiny_eight_devices(devices):
+  c = ci_config(num_devices=0, batch=2)
+  c.train.batch = 2
+  c.mesh.update(dict(data=2, fsdp=1, tensor=1, sequence=4))
+  _check(benchmark.run(c), devices=8)
+
+
+def test_aot_tiny_compiles_stream_and_train_without_running(devices):
+  stream = dict(kind="stream", devices=8, height=64, width=64, window=3, batch=1,
+                mesh=dict(data=1, fsdp=1, tensor=1, sequence=8))
+  row = benchmark.aot_case("tiny_stream", stream, size="tiny", mfu=0.5)
+  assert row["bytes_per_device"] > row["kv_cache_bytes"] // 8 > 0
+  assert row["flops_per_step"] > 0 and row["fits_80gb"] is True
+  assert row["projected_h100_s"] == pytest.approx(row["flops_per_step"] / (989e12 * 8 * 0.5))
+  train = dict(kind="stage1", devices=8, height=64, width=64, window=3, batch=4, frames=3,
+               mesh=dict(data=1, fsdp=4, tensor=1, sequence=2))
+  row = benchmark.aot_case("tiny_stage1", train, size="tiny")
+  assert row["bytes_per_device"] > 0 and row["frames"] == 3 and row["param_dtype"] == "float32"
+  assert "tiny_stage1" in benchmark.aot_table([row])
+
+
+def test_peak_table_and_config_validation():
+  assert benchmark.spec_peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert benchmark.spec_peak_flops("NVIDIA H200", "bfloat16") == 989e12
+  assert benchmark.spec_peak_flops("cpu", "float32") is None
+  assert set(benchmark.AOT_CASES) >= {"stream_736x416_n30_1dev", "stream_1280x720_n15_8dev"}
+  c = bench_cfg.get_config("small")
+  assert (c.height, c.width, c.vae_size) == (256, 256, "small")
+  c.height = 100
+  with pytest.raises(ValueError, match="height"):
+    bench_cfg.validate(c)
+  with pytest.raises(ValueError, match="unknown benchmark size"):
+    bench_cfg.get_config("huge")
