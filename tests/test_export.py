@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -32,7 +33,7 @@ def _live(gen, steps, text="a camera glides over grass"):
 def test_exported_step_equals_live_step(bundle):
   gen, out = bundle
   meta = json.load(open(os.path.join(out, "bundle.json")))
-  assert meta["control_type"] == "camera" and meta["model"]["control_channels"] == 6
+  assert meta["control_type"] == "camera" and meta["model"]["control_channels"] == 20
   assert not any(f.endswith((".pkl", ".pickle")) for f in os.listdir(out))
   steps = KEYS[:4]
   live = _live(gen.fork(), steps)
@@ -88,3 +89,25 @@ def test_sample_cli_from_bundle(bundle, tmp_path):
   with pytest.raises(app.UsageError, match=r"steps\[1\]\.camera\[1\]: 0\.3 is outside \[-0\.15, 0\.15\] \(tilt\)"):
     sample.main(argv[:1])
   flags.FLAGS.unparse_flags()
+
+
+def test_from_training_checkpoint(tmp_path):
+  """A trainer's checkpoint (EMA params + saved config) streams like the in-memory generator."""
+  import ml_collections
+  from apt2_jax import checkpointing
+  from experiments import common
+  gen = tiny_generator()
+  config = ml_collections.ConfigDict({
+      "model": dict(common.model_config("tiny", control_channels=20)),
+      "vae": {"size": "tiny", "checkpoint": ""},
+      "data": {"world": "camera", "height": 32, "width": 32}})
+  manager = checkpointing.make_manager(str(tmp_path), save_every=1, keep=1, async_save=False)
+  state = {"ema_params": gen.params, "params": jax.tree.map(lambda x: x * 0, gen.params)}
+  checkpointing.save(manager, 1, state, config=config, force=True)
+  manager.wait_until_finished()
+  loaded = StreamingGenerator.from_checkpoint(str(tmp_path))
+  assert loaded.dit_config == gen.dit_config and loaded.control_type == "camera"
+  assert (loaded.height, loaded.width) == (32, 32)
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, gen.params)  # the EMA entry
+  with pytest.raises(FileNotFoundError, match="neither an export bundle"):
+    StreamingGenerator.from_checkpoint(str(tmp_path / "nothing"))

@@ -20,8 +20,9 @@ H = W = 32
 SEED = 5
 
 
-def tiny_generator(control_channels=6, **kwargs):
-  """Tiny camera generator at 32x32; compiled functions are shared by every test module."""
+def tiny_generator(control_channels=20, **kwargs):
+  """Tiny camera generator at 32x32 (the trainer's control layout, 4 x 5 channels); compiled
+  functions are shared by every test module."""
   config = DiTConfig.from_dict(common.model_config("tiny", control_channels=control_channels))
   return StreamingGenerator.random(config, vae_lib.vae_config("tiny"), seed=0, height=H, width=W,
                                    **kwargs)
@@ -134,19 +135,29 @@ def test_parse_control_errors_name_the_entry(control, kind, message):
     controls.parse_control(control, kind)
 
 
-def test_keys_and_control_maps():
+def test_keys_and_control_maps_match_the_trainer():
+  from apt2_jax.stages.common import latent_controls
   c = controls.parse_control({"keys": ["w", "d", "+"]}, "camera")
   assert c.shape == (4, 5)
   np.testing.assert_allclose(c[0], [0.4 * 0.15, 0, 0.5 * 0.1, 0.5 * 0.25, 0], rtol=1e-6)
-  maps = controls.control_maps("camera", c, (4, 4), 6)
+  # The per-frame layout is the trainer's: latent frame 1 of a 5-frame clip with these controls.
+  for kind, control, d in (("camera", c, 5), ("pose", np.stack([controls.REST_POSE + 0.01 * i for i in range(4)]), 30)):
+    maps = controls.control_maps(kind, control, (4, 6), 4 * d)
+    clip = np.concatenate([np.zeros((1, d)), np.asarray(control).reshape(4, d)])[None]
+    want = np.asarray(latent_controls(jnp.asarray(clip, jnp.float32), 2, 4, 6))[0, 1]
+    np.testing.assert_array_equal(maps, want)
+  # Ray maps (6 channels) and keypoint maps (15 channels).
+  rays = controls.control_maps("camera", c, (4, 4), 6)
   still = controls.control_maps("camera", None, (4, 4), 6)
-  assert maps.shape == still.shape == (4, 4, 6)
+  assert rays.shape == still.shape == (4, 4, 6)
   np.testing.assert_allclose(still, 0.0, atol=1e-6)  # no motion: zero origin, unchanged rays
-  assert np.abs(maps).max() > 0.1
+  assert np.abs(rays).max() > 0.1
   pose = controls.control_maps("pose", None, (8, 8), 15)
   assert pose.shape == (8, 8, 15) and 0.5 < pose.max() <= 1.0
-  assert controls.control_type({"control_channels": 0}) == "none"
-  assert controls.control_type({"control_channels": 6}) == "camera"
+  assert [controls.control_type({"control_channels": n}) for n in (0, 20, 6, 120, 15)] == [
+      "none", "camera", "camera", "pose", "pose"]
+  with pytest.raises(ValueError, match="control_channels=7 is no known control layout"):
+    controls.control_type({"control_channels": 7})
 
 
 def test_controls_file_validation(tmp_path):

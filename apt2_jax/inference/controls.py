@@ -3,11 +3,15 @@
 One place decides how a user's control becomes the DiT's per-latent-pixel control input, so that
 the sampler, the server and the trainer agree (`control_type`, `control_maps`).
 
-Control types (`control_type(model_config)`):
+Control types (`control_type(model_config)`) and the model's control input per latent frame:
   "none"    `control_channels == 0` (image-to-video, e.g. the bouncing world).
-  "camera"  per-pixel ray maps at latent resolution of the camera motion over one latent frame
-            (the 4 video frames' relative poses composed), see `apt2_jax.data.controls`.
-  "pose"    keypoint maps at latent resolution (15 puppet keypoints, x / width, y / height).
+  "camera"  the 4 video frames' relative poses `[4, 5]` (pan, tilt, zoom, forward, roll),
+            concatenated to 20 channels and broadcast over the latent pixels: the trainer's layout
+            (`apt2_jax.stages.common.latent_controls`, `control_channels = 4 * 5`); or, with
+            `control_channels = 6`, per-pixel ray maps (origin, direction) of the composed motion.
+  "pose"    the 4 video frames' keypoints `[4, 15, 2]` (x / width, y / height), concatenated to
+            120 channels and broadcast (the trainer's layout, `4 * 30`); or, with 15 channels, one
+            Gaussian map per keypoint.
 
 A user control for one step (one latent frame = 4 video frames) is one of
   None                                  no motion (camera) / hold the last pose (pose);
@@ -80,6 +84,12 @@ class ControlError(ValueError):
 # ------------------------------------------------------------------------------------------------
 
 
+# control_channels -> control type, for the layouts `control_maps` builds.
+_TYPE_OF_CHANNELS = {0: "none", FRAMES_PER_STEP * 5: "camera", CAMERA_CHANNELS: "camera",
+                     FRAMES_PER_STEP * 2 * NUM_KEYPOINTS: "pose", NUM_KEYPOINTS: "pose"}
+WORLD_CONTROL_TYPES = {"camera": "camera", "puppet": "pose", "bouncing": "none"}
+
+
 def control_type(model_config, explicit: Optional[str] = None) -> str:
   """"none", "camera" or "pose" for a `DiTConfig` (or its dict); `explicit` wins when given."""
   channels = (model_config["control_channels"] if isinstance(model_config, Mapping)
@@ -90,9 +100,10 @@ def control_type(model_config, explicit: Optional[str] = None) -> str:
     if (explicit == "none") != (channels == 0):
       raise ValueError(f"control_type={explicit!r} does not fit model.control_channels={channels}")
     return explicit
-  if channels == 0:
-    return "none"
-  return "camera" if channels == CAMERA_CHANNELS else "pose"
+  if channels not in _TYPE_OF_CHANNELS:
+    raise ValueError(f"model.control_channels={channels} is no known control layout "
+                     f"({sorted(_TYPE_OF_CHANNELS)}); pass control_type explicitly")
+  return _TYPE_OF_CHANNELS[channels]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,42 +267,37 @@ def control_maps(kind: str, control: Optional[np.ndarray], latent_hw: tuple[int,
                  channels: int) -> Optional[np.ndarray]:
   """The model's control input for one step: float32 [h, w, channels] (None for "none").
 
-  `control` is `parse_control`'s output (already validated); None means no motion for a camera
-  and the rest pose for a puppet. Uses `apt2_jax.data.controls.latent_controls` when it exists,
-  so that training and inference build the same maps.
+  `control` is `parse_control`'s output (already validated): camera [4, 5], pose [4, 15, 2];
+  None means no motion for a camera and the rest pose for a puppet. With `channels = 4 * D`
+  (D = 5 camera, 30 pose) this is exactly the trainer's `stages.common.latent_controls` for the
+  latent frame that covers these 4 video frames (tests/test_inference.py checks it).
   """
   if kind == "none":
+    if channels:
+      raise ValueError(f"control type 'none' but model.control_channels={channels}")
     return None
   h, w = latent_hw
   if kind == "camera" and control is None:
     control = np.zeros((FRAMES_PER_STEP, 5), np.float32)
   if kind == "pose" and control is None:
     control = np.broadcast_to(REST_POSE, (FRAMES_PER_STEP, NUM_KEYPOINTS, 2))
-  if _data_controls is not None and hasattr(_data_controls, "latent_controls"):
-    flat = np.asarray(control, np.float32).reshape(FRAMES_PER_STEP, -1)
-    maps = _data_controls_latent(kind, flat, h, w, channels)
-    if maps is not None:
-      return maps
-  if kind == "camera":
-    maps = _camera_ray_maps(control, h, w)
-  else:
-    maps = _pose_maps(control, h, w, channels)
-  if maps.shape[-1] != channels:
-    raise ValueError(f"{kind} control maps have {maps.shape[-1]} channels, the model takes "
-                     f"{channels} (model.control_channels)")
-  return maps
-
-
-def _data_controls_latent(kind, flat, h, w, channels):
-  """`apt2_jax.data.controls.latent_controls` for one step, or None if its signature differs."""
-  try:
-    maps = _data_controls.latent_controls(kind, flat, (h, w))
-  except TypeError:
-    return None
-  maps = np.asarray(maps, np.float32)
-  if maps.ndim == 4:  # [latent frames, h, w, c]: take the last
-    maps = maps[-1]
-  return maps if maps.shape == (h, w, channels) else None
+  flat = np.asarray(control, np.float32).reshape(FRAMES_PER_STEP, -1)  # [4, D]
+  if channels == flat.size:  # the trainer's layout: the 4 frames' controls, concatenated
+    return np.ascontiguousarray(np.broadcast_to(flat.reshape(-1), (h, w, channels)))
+  if kind == "camera" and channels == CAMERA_CHANNELS:
+    if _data_controls is not None and hasattr(_data_controls, "camera_ray_maps"):
+      try:
+        maps = np.asarray(_data_controls.camera_ray_maps(flat, (h, w)), np.float32)
+        if maps.shape == (h, w, channels):
+          return maps
+      except TypeError:
+        pass
+    return _camera_ray_maps(flat, h, w)
+  if kind == "pose" and channels == NUM_KEYPOINTS:
+    return _pose_maps(flat.reshape(FRAMES_PER_STEP, NUM_KEYPOINTS, 2), h, w, channels)
+  raise ValueError(f"no {kind} control layout with {channels} channels (model.control_channels); "
+                   f"known: {4 * flat.shape[1]} (per-frame controls)"
+                   f"{', 6 (ray maps)' if kind == 'camera' else ', 15 (keypoint maps)'}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -433,8 +433,8 @@ def build_generator(checkpoint: str, size: str, control: str, height: int, width
   from experiments import common
   from apt2_jax.models import DiTConfig
   from apt2_jax.models import vae as vae_lib
-  channels = {"none": 0, "camera": controls_lib.CAMERA_CHANNELS,
-              "pose": controls_lib.NUM_KEYPOINTS}[control]
+  # The trainer's layout: the 4 video frames' controls per latent frame (experiments/).
+  channels = {"none": 0, "camera": 4 * 5, "pose": 4 * 2 * controls_lib.NUM_KEYPOINTS}[control]
   config = DiTConfig.from_dict(common.model_config(size, control_channels=channels))
   vae_size = "tiny" if size == "tiny" else "small"
   return StreamingGenerator.random(config, vae_lib.vae_config(vae_size), control_type=control,

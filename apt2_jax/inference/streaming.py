@@ -413,33 +413,41 @@ def dit_config_to_dict(config: DiTConfig) -> dict:
 
 
 def _from_training_checkpoint(cls, directory, **kwargs):
-  """EMA generator from a training workdir (`apt2_jax.checkpointing.load_params`) + its VAE."""
-  try:
-    from apt2_jax import checkpointing
-  except ImportError:
-    raise FileNotFoundError(
-        f"{directory} is not an export bundle (no bundle.json) and apt2_jax.checkpointing is not "
-        f"available to read a training checkpoint") from None
-  try:
-    params, config = checkpointing.load_params(directory, key="ema_params")
-  except (KeyError, ValueError):
-    params, config = checkpointing.load_params(directory, key="params")
+  """EMA generator of a training workdir (`checkpointing.load_params`) with its VAE.
+
+  The run's config gives the model (`config.model`), the VAE (`config.vae.checkpoint`, a `vae`
+  stage workdir; empty: a random VAE, with a warning, as the trainer's smoke runs do), the
+  resolution (`config.data.height/width`) and the control type (`config.data.world`).
+  """
+  import logging
+  from apt2_jax import checkpointing
+  from apt2_jax.stages.common import vae_config_from
+  if not checkpointing.has_checkpoint(directory):
+    raise FileNotFoundError(f"{directory} holds neither an export bundle (bundle.json) nor a "
+                            f"training checkpoint")
+  params, config = checkpointing.load_params(directory, key="ema_params")
   dit_config = DiTConfig.from_dict(dict(config.model))
-  vae_cfg = config.get("vae") if hasattr(config, "get") else None
-  vae_dir = None if vae_cfg is None else (vae_cfg.get("checkpoint") or vae_cfg.get("workdir"))
-  if not vae_dir:
-    raise ValueError(f"{directory}: the training config names no VAE checkpoint (config.vae."
-                     f"checkpoint); export a bundle with --vae_checkpoint instead")
-  vae_params, vae_config_d = checkpointing.load_params(vae_dir, key="params")
-  vae_config = vae_config_from_dict(dict(vae_config_d.get("vae", vae_config_d.get("model"))))
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(dit_config.param_dtype)), params)
+  vae_block = config.get("vae") or {}
+  vae_dir = vae_block.get("checkpoint", "")
+  if vae_dir:
+    vae_params, saved = checkpointing.load_params(vae_dir, key="ema_params")
+    vae_config = vae_config_from(saved.get("vae", {}))
+    vae_params = jax.tree.map(jnp.asarray, vae_params)
+  else:
+    logging.warning("%s: config.vae.checkpoint is empty; decoding with a RANDOM %r VAE",
+                    directory, vae_block.get("size", "tiny"))
+    vae_config = vae_config_from(vae_block)
+    vae_params = vae_lib.init_params(vae_lib.VAE(vae_config), jax.random.key(0), 16, 16)
   if "params" not in vae_params:
     vae_params = {"params": vae_params}
-  data = config.get("data") if hasattr(config, "get") else None
   defaults = {}
-  if data is not None:
-    for k in ("height", "width"):
-      if data.get(k):
-        defaults[k] = int(data.get(k))
+  data = config.get("data") or {}
+  for k in ("height", "width"):
+    if data.get(k):
+      defaults[k] = int(data.get(k))
+  if data.get("world") in controls_lib.WORLD_CONTROL_TYPES:
+    defaults["control_type"] = controls_lib.WORLD_CONTROL_TYPES[data.get("world")]
   defaults.update(kwargs)
   return cls(dit_config, params, vae_config, vae_params, **defaults)
 
