@@ -114,8 +114,9 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
   if not 0.0 <= float(config.get("ema_decay", 0.0)) < 1.0:
     raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1)")
   vae_ckpt = config.get("vae", {}).get("checkpoint", "") if config.get("vae", None) else ""
-  if vae_ckpt and not checkpointing.has_checkpoint(vae_ckpt):
-    raise ValueError(f"config.vae.checkpoint={vae_ckpt!r} holds no checkpoint")
+  if vae_ckpt and not os.path.isdir(vae_ckpt):
+    raise ValueError(f"config.vae.checkpoint={vae_ckpt!r} is not a directory (a `vae` stage workdir "
+                     "or a diffusers AutoencoderKLWan folder)")
 
 
 # ================================================================================================
@@ -312,6 +313,15 @@ def read_metrics(workdir: str, prefix: str = "train/loss") -> dict[int, float]:
 # The loop
 # ================================================================================================
 
+def check_nonfinite(metrics, step: int, max_bad: int):
+  """Raises FloatingPointError after `max_bad` skipped (non-finite) steps in a row."""
+  if metrics["nonfinite_in_a_row"] >= max_bad:
+    raise FloatingPointError(
+        f"{int(metrics['nonfinite_in_a_row'])} non-finite steps in a row at step {step} (loss "
+        f"{float(metrics['loss'])}); aborting (config.max_nonfinite_in_a_row={max_bad}). Lower "
+        "the learning rate or check the data; the last finite state is in the latest checkpoint.")
+
+
 def make_stage(config, mesh) -> Stage:
   if config.stage not in STAGE_MODULES:
     raise ValueError(f"config.stage={config.stage!r} has no trainer in train.STAGE_MODULES")
@@ -378,27 +388,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     max_bad = int(config.get("max_nonfinite_in_a_row", 10))
     eval_every = int(config.get("eval_every", 0) or 0)
     last_train, last_eval, pending = {}, {}, None
-    t0, steps_timed = time.perf_counter(), 0
+    clock = {"time": None, "step": start}  # steps/s over each log window, compile excluded
 
     def flush(pending):
       step, metrics = pending
       metrics = jax.device_get(metrics)
-      if metrics["nonfinite_in_a_row"] >= max_bad:
-        raise FloatingPointError(
-            f"{int(metrics['nonfinite_in_a_row'])} non-finite steps in a row at step {step} (loss "
-            f"{float(metrics['loss'])}); aborting (config.max_nonfinite_in_a_row={max_bad}). Lower "
-            "the learning rate or check the data; the last finite state is in the latest checkpoint.")
+      check_nonfinite(metrics, step, max_bad)
       if step % config.log_every == 0 or step == config.num_steps:
-        elapsed = time.perf_counter() - t0
-        metrics = dict(metrics, steps_per_second=steps_timed / elapsed if elapsed > 0 else 0.0)
+        now = time.perf_counter()
+        if clock["time"] is not None and step > clock["step"]:
+          metrics = dict(metrics, steps_per_second=(step - clock["step"]) / (now - clock["time"]))
+        clock.update(time=now, step=step)
         writer.write(step, metrics)
+      elif clock["time"] is None:  # the first step (compile) ends the untimed window
+        clock.update(time=time.perf_counter(), step=step)
       return metrics
 
     step = last_saved = start
     for step in range(start + 1, config.num_steps + 1):
       batch = global_batch(next(train_iter), b_shard)
       state, metrics = step_fn(state, stage.frozen, batch)
-      steps_timed += 1
       if pending is not None:  # one step behind: keep the device busy while we look at metrics
         last_train = flush(pending)
       pending = (step, metrics)

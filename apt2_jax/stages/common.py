@@ -43,13 +43,14 @@ def vae_config_from(block) -> vae_lib.VAEConfig:
 
 def load_vae(config, mesh):
   """(VAE module, replicated variables) for `config.vae`; None when the batch holds latents."""
-  if config.data.source != "pipeline":
+  if config.data.source == "random_latents":
     return None, {}
   checkpoint = config.vae.get("checkpoint", "")
-  if checkpoint:
-    params, saved = checkpointing.load_params(checkpoint, key="ema_params",
-                                              shardings=sharding.replicated(mesh))
-    vae_cfg = vae_config_from(saved.get("vae", {}))
+  if checkpoint:  # a `vae` / `vae_distill` workdir or a diffusers AutoencoderKLWan folder
+    from apt2_jax.stages import vae as vae_stage
+    model, params = vae_stage.load_vae(checkpoint)
+    vae_cfg = model.config
+    params = jax.device_put(params, sharding.replicated(mesh))
   else:
     logging.warning("config.vae.checkpoint is empty: encoding with a RANDOMLY initialised %r VAE "
                     "(smoke tests only; train one with experiments/vae.py)", config.vae.size)

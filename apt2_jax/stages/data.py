@@ -1,9 +1,12 @@
 """Per-host batch iterators for the diffusion-family stages, checkpointable through orbax.
 
-Two sources (`config.data.source`):
+Three sources (`config.data.source`):
   "pipeline"        the synthetic worlds through grain (`apt2_jax.data.pipeline.make_dataset`):
                     `video` uint8 [b, T, H, W, 3], `controls` float32 [b, T, control_dim],
                     `text_tokens` int32 [b, L]; the stage encodes the video with the frozen VAE.
+  "worlds"          no grain, no files: a pool of `config.data.pool_size` clips of the world
+                    rendered in process at start (`apt2_jax.data.worlds`), cycled in a seeded
+                    order; same keys as "pipeline". For quick real runs before a dataset exists.
   "random_latents"  no dataset, no VAE: latents drawn per step from `(seed, split, step)`, a
                     pattern that translates by the per-frame control, so there is something to
                     learn: `latents` float32 [b, F, h, w, C], `controls` [b, T, control_dim],
@@ -82,6 +85,29 @@ class RandomLatents:
     pass
 
 
+class WorldClips(RandomLatents):
+  """A rendered pool of world clips; batch n holds pool entries `perm_epoch[(n * B) % P ...]`."""
+
+  def __init__(self, config, split, process_index, process_count, batch_size=None):
+    super().__init__(config, split, process_index, process_count, batch_size)
+    from apt2_jax.data import worlds
+    d = config.data
+    world = worlds.make_world(d.world, worlds.WorldConfig(height=d.height, width=d.width, num_frames=d.frames))
+    size = int(d.get("pool_size", 64))
+    clips = [world.sample(seed=worlds.split_seed(split, i)) for i in range(size)]
+    self.pool = {k: np.stack([c[k] for c in clips]) for k in ("video", "controls", "text_tokens")}
+    self.pool["text_tokens"] = self.pool["text_tokens"][:, :d.get("text_len", 16)]
+
+  def _draw(self, n):
+    size = len(self.pool["video"])
+    order = []
+    start = n * self.batch
+    for i in range(start, start + self.batch):
+      epoch, j = divmod(i, size)
+      order.append(np.random.default_rng([self.config.seed, SPLIT_OFFSETS[self.split], epoch]).permutation(size)[j])
+    return {k: v[np.asarray(order)][self.rows] for k, v in self.pool.items()}
+
+
 class PipelineBatches:
   """Wraps the grain iterator of `apt2_jax.data.pipeline` (per-host slices of the worlds)."""
 
@@ -137,4 +163,6 @@ def make_iterator(config, split: str, batch_size=None):
     return RandomLatents(config, split, pi, pc, batch_size)
   if source == "pipeline":
     return PipelineBatches(config, split, pi, pc)
-  raise ValueError(f"config.data.source={source!r} is not 'pipeline' or 'random_latents'")
+  if source == "worlds":
+    return WorldClips(config, split, pi, pc, batch_size)
+  raise ValueError(f"config.data.source={source!r} is not 'pipeline', 'worlds' or 'random_latents'")
