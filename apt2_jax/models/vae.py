@@ -440,7 +440,6 @@ class Decoder(nn.Module):
     cfg = self.config
     cache = cache or {}
     new_cache = {}
-    block = _residual_block_cls(cfg.remat)
     mult = cfg.dec_dim_mult
     dims = [cfg.dec_base_dim * u for u in (mult[-1],) + tuple(mult[::-1])]
     x, new_cache["conv_in"] = CausalConv3d(dims[0], dtype=cfg.dtype, name="conv_in")(
