@@ -139,3 +139,25 @@ def test_decode_upload_checks():
     serve.decode_upload("data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nrubbish").decode(), 1000)
   img = serve.decode_upload(_png_data_url(np.zeros((8, 8, 3), np.uint8)), 1000)
   assert img.shape == (8, 8, 3)
+
+
+def test_two_sessions_when_configured():
+  from websockets.asyncio.client import connect
+  gen = tiny_generator()
+  examples = {"grad": (np.full((gen.height, gen.width, 3), 60, np.uint8), "")}
+  s = serve.DemoServer(gen, serve.ServerOptions(port=0, max_sessions=2), examples=examples).start_in_thread()
+  uri = f"ws://127.0.0.1:{s.port}/ws"
+
+  async def scenario():
+    async with connect(uri) as a, connect(uri) as b:
+      for ws, seed in ((a, 1), (b, 2)):
+        await _recv_json(ws, "hello")
+        await ws.send(json.dumps({"type": "start", "image": "example:grad", "seed": seed, "format": "raw"}))
+      fa, _ = await _recv_frames(a, 5)
+      fb, _ = await _recv_frames(b, 5)
+      assert fa[0] == fb[0] and fa[-1] != fb[-1]  # same first frame, own noise streams
+      assert s.active_sessions == 2
+  try:
+    _run(scenario())
+  finally:
+    s.stop()

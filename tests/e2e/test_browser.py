@@ -19,28 +19,36 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-@pytest.fixture(scope="module")
-def server():
+def _server(control_channels):
   from apt2_jax.inference import serve
   from test_inference import tiny_generator
-  gen = tiny_generator()
+  gen = tiny_generator(control_channels)
   # Compile before the browser's clock starts.
   warm = gen.fork()
   warm.start(np.zeros((gen.height, gen.width, 3), np.uint8), text="", seed=0)
   warm.step(None)
   warm.close()
-  s = serve.DemoServer(gen, serve.ServerOptions(port=0)).start_in_thread()
+  return serve.DemoServer(gen, serve.ServerOptions(port=0)).start_in_thread()
+
+
+@pytest.fixture(scope="module")
+def server():
+  s = _server(20)  # camera
   yield s
   s.stop()
 
 
-def test_page_streams_and_keys_move_the_camera(server, tmp_path):
-  sync_api = pytest.importorskip("playwright.sync_api")
+def _browser(p):
   if not os.path.exists(CHROMIUM):
     pytest.skip(f"no system browser at {CHROMIUM} (apt-get install chromium)")
+  return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+
+
+def test_page_streams_and_keys_move_the_camera(server, tmp_path):
+  sync_api = pytest.importorskip("playwright.sync_api")
   shot = os.environ.get("APT2_SCREENSHOT", str(tmp_path / "demo_page.png"))
   with sync_api.sync_playwright() as p:
-    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+    browser = _browser(p)
     try:
       page = browser.new_page(viewport={"width": 900, "height": 640})
       errors = []
@@ -52,7 +60,7 @@ def test_page_streams_and_keys_move_the_camera(server, tmp_path):
       page.wait_for_function("window.demo.framesShown >= 5", timeout=120_000)
       assert page.locator("#camera").inner_text().startswith("camera:")
       # Hold W: the server acknowledges a forward camera motion, and frames keep coming.
-      page.locator("body").click(position={"x": 5, "y": 600})
+      page.locator("header").click()  # focus away from the inputs
       page.keyboard.down("w")
       page.wait_for_function("document.getElementById('camera').textContent.includes('forward 0.125')",
                              timeout=30_000)
@@ -71,3 +79,34 @@ def test_page_streams_and_keys_move_the_camera(server, tmp_path):
       assert not errors, errors
     finally:
       browser.close()
+
+
+def test_puppet_joints_follow_the_mouse():
+  sync_api = pytest.importorskip("playwright.sync_api")
+  server = _server(120)  # pose: 4 frames x 15 keypoints x (x, y)
+  try:
+    with sync_api.sync_playwright() as p:
+      browser = _browser(p)
+      try:
+        page = browser.new_page(viewport={"width": 900, "height": 640})
+        page.goto(server.url, timeout=60_000)
+        page.wait_for_function("window.demo && window.demo.hello !== null", timeout=60_000)
+        assert page.evaluate("window.demo.hello.control_type") == "pose"
+        page.click("#start")
+        page.wait_for_function("window.demo.framesShown >= 5", timeout=120_000)
+        box = page.locator("#overlay").bounding_box()
+        x0, y0 = page.evaluate("window.demo.pose[4]")  # right wrist
+        page.mouse.move(box["x"] + x0 * box["width"], box["y"] + y0 * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + 0.15 * box["height"], steps=5)
+        page.mouse.up()
+        page.wait_for_function("document.getElementById('camera').textContent.startsWith('pose:')",
+                               timeout=30_000)
+        wrist = page.evaluate("window.demo.pose[4]")
+        assert abs(wrist[0] - 0.2) < 0.02 and abs(wrist[1] - 0.15) < 0.02
+        shown = page.evaluate("window.demo.framesShown")
+        page.wait_for_function(f"window.demo.framesShown >= {shown + 4}", timeout=120_000)
+      finally:
+        browser.close()
+  finally:
+    server.stop()
