@@ -78,6 +78,8 @@ def test_stream_equals_scan_rollout_and_positions_stay_bounded(gen):
   first, text_kv, latents, frames = _stream(gen, KEYS)
   assert frames.shape == (1, 1 + 4 * len(KEYS), H, W, 3) and frames.dtype == np.uint8
   assert n + 1 <= gen.cache_index <= 2 * n
+  # One compilation each for the whole stream (no retracing as the index wraps or controls vary).
+  assert gen._fns.dit_step._cache_size() == 1 and gen._fns.decode._cache_size() == 1
   expected, _ = _rollout(gen, first, text_kv, KEYS)
   np.testing.assert_allclose(latents, np.asarray(expected), atol=2e-5, rtol=0)
   # The streamed decode equals the whole-clip decode of the rollout's latents.

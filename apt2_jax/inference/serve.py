@@ -255,8 +255,10 @@ class DemoServer:
   `active_sessions` counts connected streams.
   """
 
-  def __init__(self, generator, options: ServerOptions = ServerOptions(), examples=None):
+  def __init__(self, generator, options: ServerOptions = ServerOptions(), examples=None,
+               announce: bool = False):
     self.generator = generator
+    self.announce = announce
     self.options = options
     self.examples = examples if examples is not None else make_examples(
         generator.control_type, generator.height, generator.width)
@@ -383,6 +385,9 @@ class DemoServer:
       self._loop = asyncio.get_running_loop()
       self._stop = stop or self._loop.create_future()
       self._ready.set()
+      if self.announce:
+        print(f"serving the {self.generator.control_type} stream "
+              f"({self.generator.height}x{self.generator.width}) on {self.url}", flush=True)
       await self._stop
 
   def start_in_thread(self) -> "DemoServer":
@@ -450,15 +455,13 @@ def main(argv):
   gen = build_generator(FLAGS.checkpoint, FLAGS.size, FLAGS.control, FLAGS.height, FLAGS.width)
   options = ServerOptions(host=FLAGS.host, port=FLAGS.port, max_sessions=FLAGS.max_sessions,
                           max_upload_bytes=FLAGS.max_upload_bytes, jpeg_quality=FLAGS.jpeg_quality)
-  server = DemoServer(gen, options)
+  server = DemoServer(gen, options, announce=True)
   if FLAGS.warmup:
     log.info("compiling the stream (first frame, one step)...")
     warm = gen.fork()
     warm.start(next(iter(server.examples.values()))[0], text="", seed=0)
     warm.step(None)
     warm.close()
-  print(f"serving {gen.control_type} stream at {gen.height}x{gen.width} on "
-        f"http://{options.host}:{options.port}/", flush=True)
   asyncio.run(server.serve())
 
 
