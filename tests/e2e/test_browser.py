@@ -13,8 +13,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
 pytestmark = pytest.mark.e2e
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (make e2e)")
 
 CHROMIUM = os.environ.get("APT2_CHROMIUM", "/usr/bin/chromium")
+if not os.path.exists(CHROMIUM):
+  pytest.skip(f"no system browser at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -39,13 +42,10 @@ def server():
 
 
 def _browser(p):
-  if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no system browser at {CHROMIUM} (apt-get install chromium)")
   return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
 
 
 def test_page_streams_and_keys_move_the_camera(server, tmp_path):
-  sync_api = pytest.importorskip("playwright.sync_api")
   shot = os.environ.get("APT2_SCREENSHOT", str(tmp_path / "demo_page.png"))
   with sync_api.sync_playwright() as p:
     browser = _browser(p)
@@ -82,7 +82,6 @@ def test_page_streams_and_keys_move_the_camera(server, tmp_path):
 
 
 def test_puppet_joints_follow_the_mouse():
-  sync_api = pytest.importorskip("playwright.sync_api")
   server = _server(120)  # pose: 4 frames x 15 keypoints x (x, y)
   try:
     with sync_api.sync_playwright() as p:
