@@ -697,17 +697,22 @@ def run_aot(names=None, mfu: float = 0.4, subprocesses: bool = True) -> list[dic
 
 def aot_table(rows: list[dict]) -> str:
   head = (f"{'case':26s} {'dev':>3s} {'mesh (d,f,t,s)':>14s} {'tokens':>8s} {'TFLOP/step':>11s} "
-          f"{'GB/dev':>7s} {'fits 80GB':>9s} {'H100 s @MFU':>11s} {'compile s':>9s}")
+          f"{'GB/dev':>7s} {'state GB':>8s} {'fits 80GB':>9s} {'H100 s @MFU':>11s} {'compile s':>9s}")
   lines = [head, "-" * len(head)]
   for r in rows:
     m = r["mesh"]
     gb = "n/a" if r["bytes_per_device"] is None else f"{r['bytes_per_device'] / 1e9:.1f}"
+    state = r.get("memory_analysis", {}).get("argument")
+    state = "n/a" if state is None else f"{state / 1e9:.1f}"
     toks = r["tokens_per_frame"] * r["batch"] * r.get("frames", 1)
-    lines.append(f"{r['case']:26s} {r['devices']:3d} {m['data']},{m['fsdp']},{m['tensor']},{m['sequence']:>8} "
-                 f"{toks:8d} {r['flops_per_step'] / 1e12:11.1f} {gb:>7s} {str(r['fits_80gb']):>9s} "
+    mesh = f"{m['data']},{m['fsdp']},{m['tensor']},{m['sequence']}"
+    lines.append(f"{r['case']:26s} {r['devices']:3d} {mesh:>14s} "
+                 f"{toks:8d} {r['flops_per_step'] / 1e12:11.1f} {gb:>7s} {state:>8s} {str(r['fits_80gb']):>9s} "
                  f"{r['projected_h100_s']:11.3f} {r['compile_s']:9.1f}")
   mfu = rows[0]["assumed_mfu"] if rows else 0
-  lines.append(f"H100 s @MFU: FLOPs / ({H100_BF16_PEAK / 1e12:.0f} TFLOP/s x devices x MFU {mfu}).")
+  lines.append(f"H100 s @MFU: FLOPs / ({H100_BF16_PEAK / 1e12:.0f} TFLOP/s x devices x MFU {mfu}). GB/dev: "
+               "memory_analysis() peak (arguments + outputs + temporaries - aliased); state GB: "
+               "arguments alone (parameters, optimiser state, KV cache).")
   for r in rows:
     if r.get("paper_implied_mfu"):
       lines.append(f"{r['case']}: the paper's {PAPER_STEP_S} s/step implies MFU "
