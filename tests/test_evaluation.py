@@ -1,0 +1,219 @@
+"""Evaluation: metric functions on known inputs, the oracle helpers, chunked streaming == one
+rollout, and a tiny end-to-end `evaluate_models` (random tiny DiT + tiny VAE, 32x32, 3 latent
+frames)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apt2_jax import evaluate as evaluate_cli
+from apt2_jax import evaluation
+from apt2_jax.data import worlds
+
+H = W = 32
+
+
+def _texture(seed=0, size=32):
+  rng = np.random.default_rng(seed)
+  coarse = rng.uniform(0, 255, (size // 4, size // 4, 3))
+  img = np.kron(coarse, np.ones((4, 4, 1))) + rng.uniform(-20, 20, (size, size, 3))
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
+
+def test_psnr_known_values():
+  a = np.full((2, 8, 8, 3), 100, np.uint8)
+  b = a + np.uint8(5)
+  np.testing.assert_allclose(evaluation.psnr(a, b), 20 * np.log10(255 / 5), rtol=1e-9)
+  assert np.all(np.isinf(evaluation.psnr(a, a)))
+  assert np.all(evaluation.psnr(a, a, cap=evaluation.PSNR_CAP) == evaluation.PSNR_CAP)
+  # A mask restricts the error: only the masked half differs by 10, the rest is identical.
+  c = a.copy()
+  c[:, :, :4] += 10
+  mask = np.zeros((8, 8), bool)
+  mask[:, :4] = True
+  np.testing.assert_allclose(evaluation.psnr(a, c, mask), 20 * np.log10(255 / 10), rtol=1e-9)
+  np.testing.assert_allclose(evaluation.psnr(a, c), 20 * np.log10(255 / 10) + 10 * np.log10(2), rtol=1e-9)
+  assert np.all(np.isnan(evaluation.psnr(a, c, np.zeros((8, 8), bool))))
+
+
+def test_ssim_identical_is_one_and_matches_skimage():
+  a, b = _texture(0), _texture(1)
+  np.testing.assert_allclose(evaluation.ssim(a, a), 1.0, atol=1e-12)
+  assert evaluation.ssim(a, b) < 0.5
+  metrics = pytest.importorskip("skimage.metrics")
+  want = metrics.structural_similarity(a, b, channel_axis=-1, data_range=255)
+  np.testing.assert_allclose(evaluation.ssim(a, b), want, rtol=1e-6)
+
+
+def test_phase_correlation_recovers_integer_shift():
+  a = _texture(3)
+  for shift in [(3, -5), (0, 7), (-6, 2)]:
+    b = np.roll(a, shift, axis=(0, 1))
+    est = evaluation.phase_correlation(a, b)
+    np.testing.assert_array_equal(np.round(est), shift)
+    np.testing.assert_allclose(est, shift, atol=0.1)
+
+
+def test_good_horizon_and_summary():
+  fps = 4.0
+  curve = np.array([30.0] * 8 + [10.0] * 8)
+  seconds, reached = evaluation.good_horizon(curve, fps, 20.0)
+  assert not reached and seconds == pytest.approx(10 / fps)  # the 1 s mean drops at frame 10
+  assert evaluation.good_horizon(np.full(8, 30.0), fps, 20.0) == (2.0, True)
+  s = evaluation.summarize({"psnr": curve}, fps, 20.0)
+  assert s["psnr"]["mean"] == pytest.approx(20.0) and s["duration_s"] == 4.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Worlds: oracle chunks, visible region, puppet figure
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def camera_world():
+  world = worlds.make_world("camera", worlds.WorldConfig(height=H, width=W, num_frames=13, texture_size=64))
+  seed = worlds.split_seed("test", 0)
+  controls = np.zeros((13, 5), np.float32)
+  controls[1:, 0] = 0.05   # pan right
+  return world, seed, controls
+
+
+def test_oracle_chunks_and_visible_region(camera_world):
+  world, seed, controls = camera_world
+  full = world.render(controls, seed)
+  np.testing.assert_array_equal(evaluation.render_oracle(world, controls, seed, 5, 9), full[5:9])
+  mask = evaluation.visible_mask(world, controls, seed, 0, 13)
+  assert mask[0].all()                               # frame 0 sees itself
+  frac = mask.mean(axis=(1, 2))
+  assert np.all(np.diff(frac) <= 1e-9) and frac[-1] < 0.9   # panning right loses the left part
+  assert mask[-1][:, -1].sum() < mask[-1][:, 0].sum()       # the new part enters on the right
+  np.testing.assert_array_equal(evaluation.visible_mask(world, controls, seed, 4, 8), mask[4:8])
+  # The oracle's own motion estimate is a leftward image shift.
+  dy, dx = evaluation.phase_correlation(full[0], full[4])
+  assert dx < -1.0 and abs(dy) < abs(dx)
+
+
+def test_long_camera_controls_stay_in_limits_and_are_prefixes():
+  world = worlds.make_world("camera", worlds.WorldConfig(height=H, width=W, texture_size=64))
+  seed = worlds.split_seed("test", 1)
+  long, _ = evaluation.long_controls(world, np.random.default_rng(0), 81, seed, "orbit", segment_s=1.0)
+  short, _ = evaluation.long_controls(world, np.random.default_rng(0), 41, seed, "orbit", segment_s=1.0)
+  assert long.shape == (81, 5) and np.any(long)
+  np.testing.assert_array_equal(long[:41], short)
+  scene = world._scene(seed)
+  assert evaluation._camera_within_limits(world, long, scene["rotation"], scene["position"], 0.0)
+
+
+def test_puppet_figure_metrics():
+  world = worlds.make_world("puppet", worlds.WorldConfig(height=H, width=W, texture_size=64))
+  seed = worlds.split_seed("test", 0)
+  controls = world.random_controls(np.random.default_rng(0), 5, seed=seed)
+  frames = world.render(controls, seed)
+  background = evaluation.world_background(world, seed)
+  m = evaluation.figure_metrics(frames, frames, background)
+  assert np.all(m["figure_iou"] == 1.0) and np.all(m["figure_centroid_error_px"] == 0.0)
+  assert np.all(m["figure_psnr"] == evaluation.PSNR_CAP)
+  shifted = np.broadcast_to(background, frames.shape).copy()   # the figure vanished
+  m = evaluation.figure_metrics(shifted, frames, background)
+  assert np.all(m["figure_iou"] == 0.0) and np.all(m["figure_psnr"] < 30)
+
+
+# ------------------------------------------------------------------------------------------------
+# Models: chunked stream == one rollout; end to end
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_spec():
+  from experiments import common
+  from apt2_jax.models import CausalDiT, DiTConfig, init_params
+  from apt2_jax.models import vae as vae_lib
+  config = DiTConfig.from_dict(common.model_config("tiny", control_channels=20, caption_vocab_size=64))
+  params = init_params(CausalDiT(config), jax.random.key(0))
+  vae_config = vae_lib.vae_config("tiny")
+  vae_params = vae_lib.init_params(vae_lib.VAE(vae_config), jax.random.key(1), H, W)
+  return evaluation.ModelSpec(config, params, vae_config, vae_params, height=H, width=W)
+
+
+def test_chunked_stream_equals_stream_sample(tiny_spec, camera_world):
+  from apt2_jax.stages import common
+  world, seed, controls = camera_world
+  spec = tiny_spec
+  steps = 3
+  sampler = evaluation.Sampler(spec, H, W, chunk_frames=2)   # 2 chunks, the last one padded
+  frame0 = world.render(controls[:1], seed)[0]
+  tokens = np.arange(2, 18, dtype=np.int32)
+  sampler.start(frame0, tokens, seed=7)
+  latents, done = [], 0
+  while done < steps:
+    n = min(2, steps - done)
+    ctrl = evaluation.model_controls(spec, "camera", controls, done + 1, done + 3, (sampler.h, sampler.w))
+    list(sampler.chunk(ctrl, n))
+    latents.append(sampler.last_latents[:, :n])
+    done += n
+  latents = jnp.concatenate(latents, axis=1)
+
+  latent0 = sampler._encode(spec.vae_params, jnp.asarray(frame0)[None])
+  ctrl = common.latent_controls(jnp.asarray(controls)[None], steps + 1, sampler.h, sampler.w)[:, 1:]
+  noise = evaluation.stream_noise(7, 0, steps, (1, 1, sampler.h, sampler.w, 4))
+  want = common.stream_sample(spec.dit_config, spec.params, latent0, jnp.asarray(tokens)[None], ctrl,
+                              noise, spec.options)
+  np.testing.assert_allclose(latents, want, atol=2e-5)
+  t = sampler.throughput()
+  assert t["dit_step_s"] > 0 and t["decode_step_s"] > 0
+
+
+def test_evaluate_models_report(tiny_spec, tmp_path):
+  import dataclasses
+  models = {"one_step": tiny_spec,
+            "no_recycle": dataclasses.replace(tiny_spec, recycle=False, benchmark={"frames_per_s": 1.0})}
+  fps = 24.0
+  report = evaluation.evaluate_models(models, world="camera", num_worlds=1, seconds=[0.25, 0.5],
+                                      fps=fps, out_dir=str(tmp_path), progress=False, chunk_frames=2,
+                                      world_config={"texture_size": 64})
+  on_disk = json.loads((tmp_path / "report.json").read_text())
+  assert on_disk == json.loads(json.dumps(report))
+  assert report["config"]["video_frames"] == 13 and report["config"]["latent_frames"] == 4
+  for name in models:
+    m = report["models"][name]
+    (w,) = m["worlds"]
+    curves = w["curves"]
+    for key in ("psnr", "ssim", "psnr_visible", "ssim_visible", "visible_fraction"):
+      assert len(curves[key]) == 13 and all(np.isfinite(curves[key])), key
+    assert len(curves["control_error_px"]) == 3 and all(np.isfinite(curves["control_error_px"]))
+    assert curves["visible_fraction"][0] == 1.0
+    assert set(m["summary"]) == {"0.25s", "0.5s"}
+    s = m["summary"]["0.5s"]
+    for key in ("mean", "first_10s", "last_10s", "good_horizon_s"):
+      assert np.isfinite(s["psnr"][key]), key
+    assert np.isfinite(s["control_error_px"]["mean"]) and np.isfinite(s["ssim_visible"]["mean"])
+    assert m["throughput"]["frames_per_s"] > 0
+    for path in w["videos"].values():
+      assert os.path.getsize(tmp_path / path) > 0
+    assert os.path.getsize(tmp_path / w["videos"]["gif"]) < 1_000_000
+  assert report["models"]["no_recycle"]["benchmark"] == {"frames_per_s": 1.0}
+  # Same noise, same controls, different sampler: the curves differ, frame 0 (the VAE's) agrees.
+  a, b = (report["models"][n]["worlds"][0]["curves"]["psnr"] for n in models)
+  assert a[0] == b[0] and a[-1] != b[-1]
+  for png in report["plots"].values():
+    assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+  assert (tmp_path / "videos" / "world0_all.gif").exists()
+  assert not [p for p in os.listdir(tmp_path) if p.startswith("oracle_")]  # scratch removed
+
+
+def test_cli_parse_models():
+  parsed = evaluate_cli.parse_models(
+      "diff=/r/s1:steps=32,shift=24,guidance=3,aapt=/r/s4,abl=/r/a[recycle=0,key=params]")
+  assert parsed == {
+      "diff": {"workdir": "/r/s1", "options": {"num_steps": 32, "shift": 24.0, "guidance": 3.0}},
+      "aapt": {"workdir": "/r/s4", "options": {}},
+      "abl": {"workdir": "/r/a", "options": {"recycle": False, "key": "params"}}}
+  with pytest.raises(ValueError, match="bad option"):
+    evaluate_cli.parse_models("a=/x[bogus=1]")
+  with pytest.raises(ValueError, match="expected name=WORKDIR"):
+    evaluate_cli.parse_models("/x")
