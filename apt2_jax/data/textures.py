@@ -77,17 +77,28 @@ def _palette(rng: np.random.Generator, n: int) -> np.ndarray:
   return np.stack([f(5), f(3), f(1)], axis=-1)
 
 
+def _interpolation_matrix(cells: int, size: int) -> np.ndarray:
+  """[size, cells + 1] weights that upsample a lattice with a smoothstep fade."""
+  position = (np.arange(size) + 0.5) / size * cells
+  i = np.minimum(np.floor(position).astype(int), cells - 1)
+  f = position - i
+  f = f * f * (3 - 2 * f)
+  matrix = np.zeros((size, cells + 1))
+  matrix[np.arange(size), i] = 1 - f
+  matrix[np.arange(size), i + 1] = f
+  return matrix
+
+
 def _value_noise(rng: np.random.Generator, size: int, octaves: int = 5) -> np.ndarray:
   """Fractal value noise in [0, 1], float [size, size]."""
   total = np.zeros((size, size), np.float64)
-  amplitude, norm = 1.0, 0.0
+  amplitude = 1.0
   for octave in range(octaves):
     cells = 2 ** (octave + 2)
-    grid = rng.uniform(0, 1, (cells + 1, cells + 1))
-    total += amplitude * skimage.transform.resize(grid, (size, size), order=3, mode='edge')
-    norm += amplitude
+    lattice = rng.uniform(0, 1, (cells + 1, cells + 1))
+    upsample = _interpolation_matrix(cells, size)
+    total += amplitude * (upsample @ lattice @ upsample.T)
     amplitude *= 0.5
-  total /= norm
   return (total - total.min()) / max(total.max() - total.min(), 1e-6)
 
 

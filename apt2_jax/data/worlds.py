@@ -71,7 +71,7 @@ class WorldConfig:
   width: int = 64
   num_frames: int = 33
   speed: float = 1.0
-  texture_size: int = 256
+  texture_size: int = 0               # texels per tile side; 0: 2 x the larger frame side
   # Camera world.
   fov_deg: float = 60.0
   altitude: float = 1.5
@@ -93,6 +93,8 @@ class WorldConfig:
   gravity: float = 1.2                # frame heights per second squared
 
   def __post_init__(self):
+    if self.texture_size == 0:
+      object.__setattr__(self, 'texture_size', max(64, 2 * max(self.height, self.width)))
     check_num_frames(self.num_frames)
     for field in ('height', 'width'):
       value = getattr(self, field)
