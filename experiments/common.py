@@ -2,6 +2,7 @@
 
 Sizes (`get_config("<size>")` in every stage file):
   tiny      tests: 2 blocks, width 48, 4 latent channels; compiles in seconds on CPU
+  toy       `make demo`'s pipeline: 4 blocks, width 128
   small     the toy pipeline and CPU streaming: 12 blocks, width 384 (~30M parameters)
   wan_1_3b  Wan2.1 1.3B dimensions (30 blocks, width 1536): starts from public Wan2.1 weights
   apt2_8b   the paper's scale: 36 blocks, about 8B parameters
@@ -12,11 +13,14 @@ import ml_collections
 
 from apt2_jax import sharding
 
-SIZES = ("tiny", "small", "wan_1_3b", "apt2_8b")
+SIZES = ("tiny", "toy", "small", "wan_1_3b", "apt2_8b")
 
 _MODEL_SIZES = {
     "tiny": dict(latent_channels=4, dim=48, ffn_dim=96, num_heads=2, num_layers=2, text_dim=32,
                  freq_dim=32, window=3, caption_vocab_size=128, caption_dim=32, caption_layers=1),
+    # The `make demo` pipeline: trains every stage on a CPU in minutes (~3M parameters).
+    "toy": dict(latent_channels=16, dim=128, ffn_dim=512, num_heads=2, num_layers=4, text_dim=64,
+                freq_dim=64, window=6, caption_vocab_size=128, caption_dim=64, caption_layers=1),
     "small": dict(latent_channels=16, dim=384, ffn_dim=1536, num_heads=6, num_layers=12, text_dim=256,
                   freq_dim=256, window=8, caption_vocab_size=128, caption_dim=128, caption_layers=2),
     # Wan2.1 T2V 1.3B: text from precomputed 4096-d umT5 embeddings. N = 30 latent frames (5 s).

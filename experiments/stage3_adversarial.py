@@ -32,7 +32,8 @@ def adversarial_block(extra: dict) -> ml_collections.ConfigDict:
       sigma=0.1, sigma_is_variance=False,               # perturbation std of the approximation
       d_head_layers=(),                                 # () = the paper's 16/26/36-of-36 scaled
       rollout_remat="full",                             # remat of the scanned rollout step
-      d_init_from=""))                                  # stage-1 workdir for D's backbone
+      d_init_from="",                                   # stage-1 workdir for D's backbone
+      d_init_key="ema_params"))                         # or "d_params": a stage-3 D as a whole
 
 
 def gan_optimizer(lr: float) -> ml_collections.ConfigDict:

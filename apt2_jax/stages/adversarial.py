@@ -98,11 +98,16 @@ class AdversarialStage(train.Stage):
       state.update(params=params, opt_state=self.tx.init(params))
       if self.ema_decay:
         state["ema_params"] = params
-    d_from = self.config.adversarial.get("d_init_from", "")
+    a = self.config.adversarial
+    d_from = a.get("d_init_from", "")
     if d_from:
-      backbone = common.load_pretrained_params(self.config, state["d_params"]["backbone"], d_from, key,
-                                               "config.adversarial.d_init_from")
-      d_params = dict(state["d_params"], backbone=backbone)
+      d_key = a.get("d_init_key", "ema_params")
+      if d_key == "d_params":  # a whole stage-3 discriminator (long-video training continues it)
+        d_params = _load_like(state["d_params"], d_from, "d_params", "config.adversarial.d_init_from")
+      else:  # a generator checkpoint (stage 1) for the backbone; the heads start fresh
+        backbone = common.load_pretrained_params(self.config, state["d_params"]["backbone"], d_from, d_key,
+                                                 "config.adversarial.d_init_from")
+        d_params = dict(state["d_params"], backbone=backbone)
       state.update(d_params=d_params, d_opt_state=self.d_tx.init(d_params))
     return state
 
@@ -240,6 +245,23 @@ class AdversarialStage(train.Stage):
     return out
 
 
+def _load_like(fresh, path, key, source):
+  """Loads `path`'s `key` subtree onto `fresh`'s shardings; names every missing or mismatched leaf."""
+  from flax import traverse_util
+  from apt2_jax import checkpointing
+  from apt2_jax import sharding
+  flat = traverse_util.flatten_dict(fresh)
+  fallback = sharding.replicated(next(iter(flat.values())).sharding.mesh)
+  loaded, _ = checkpointing.load_params(path, key=key, shardings=lambda p, shape: flat[p].sharding
+                                        if p in flat and tuple(flat[p].shape) == tuple(shape) else fallback)
+  got = traverse_util.flatten_dict(loaded)
+  missing = sorted("/".join(k) for k in flat if k not in got)
+  bad = sorted("/".join(k) for k in flat if k in got and tuple(got[k].shape) != tuple(flat[k].shape))
+  if missing or bad:
+    raise ValueError(f"{source}: cannot load {key!r}; missing: {missing or 'none'}; shape mismatches: {bad or 'none'}")
+  return traverse_util.unflatten_dict({k: got[k] for k in flat})
+
+
 def common_clip(latents, controls):
   """(recycled x_0..x_{S-1}, judged/target x_1..x_S, controls of x_1..x_S)."""
   from apt2_jax.objectives import flow
@@ -301,15 +323,16 @@ class LongVideoStage(AdversarialStage):
             "t_d": seg_in["t_d"], "d_eps": seg_in["d_eps"][:, -(clip.shape[1] - 1):],
             "n_real": seg_in["n_real"][:, -(clip.shape[1] - 1):], "n_fake": seg_in["n_fake"][:, -(clip.shape[1] - 1):]}
 
-  def _segment_inputs(self, latents, controls, text, rng, start):
-    """Inputs of the segment generating latent frames start+1 .. start+seg (slices, no copies
-    of the whole video); the real clip spans the D context before it too."""
+  def _segment_inputs(self, latents, controls, text, rng, start, first: bool):
+    """Inputs of the segment generating latent frames start+1 .. start+seg (`start` may be traced;
+    `first` is static). The real clip also spans D's context before the segment: the first frame
+    for the first segment, `overlap` frames after that. Slices only, no copies of the video."""
     b, _, h, w, c = latents.shape
-    o = self.overlap
-    width = self.seg + (o if start else 1)
-    real_clip = jax.lax.dynamic_slice_in_dim(latents, start + 1 - (o if start else 1), width, axis=1)
+    ctx = 1 if first else self.overlap
+    width = self.seg + ctx
+    real_clip = jax.lax.dynamic_slice_in_dim(latents, start + 1 - ctx, width, axis=1)
     ks = jax.random.split(jax.random.fold_in(rng, start), 5)
-    shape = (b, self.seg + (o if start else 1) - 1, h, w, c)
+    shape = (b, width - 1, h, w, c)
     seg = {"real_clip": real_clip, "text": text,
            "eps": jax.random.normal(ks[0], (b, self.seg, h, w, c)),
            "t_d": jax.random.uniform(ks[1], (b,)), "d_eps": jax.random.normal(ks[2], shape),
@@ -317,8 +340,7 @@ class LongVideoStage(AdversarialStage):
            "g_controls": None, "d_controls": None}
     if controls is not None:
       seg["g_controls"] = jax.lax.dynamic_slice_in_dim(controls, start + 1, self.seg, axis=1)
-      seg["d_controls"] = jax.lax.dynamic_slice_in_dim(controls, start + 1 - (o if start else 1) + 1,
-                                                       width - 1, axis=1)
+      seg["d_controls"] = jax.lax.dynamic_slice_in_dim(controls, start + 2 - ctx, width - 1, axis=1)
     return seg
 
   def train_step(self, state, frozen, batch, rng):
@@ -329,13 +351,13 @@ class LongVideoStage(AdversarialStage):
     first = latents[:, :1]
     # Segment 0 continues from the real first frame (D context: the first frame).
     g_acc, d_acc, metrics, cache, last, context = self._segment(
-        params, d_params, self._segment_inputs(latents, controls, text, rng, 0), cache, first, first)
+        params, d_params, self._segment_inputs(latents, controls, text, rng, 0, True), cache, first, first)
 
     if self.num_segments > 1:
       def body(carry, k):
         g_acc, d_acc, cache, last, context = carry
         start = k * self.seg
-        seg_in = self._segment_inputs(latents, controls, text, rng, start)
+        seg_in = self._segment_inputs(latents, controls, text, rng, start, False)
         g, d, m, cache, last, context = self._segment(params, d_params, seg_in, cache, last, context)
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, d_acc, d), cache, last, context), m
 

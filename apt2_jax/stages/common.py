@@ -65,19 +65,15 @@ def load_vae(config, mesh):
   return vae_lib.VAE(vae_cfg), params
 
 
-def latent_controls(controls, latent_frames: int, height: int, width: int):
-  """Per-video-frame controls `[B, T, D]` -> per-latent-pixel controls `[B, F, h, w, 4 D]`.
+def latent_controls(controls, latent_frames: int, height: int, width: int, encoding: str = "raw"):
+  """Per-video-frame controls `[B, T, D]` -> per-latent-pixel controls `[B, F, h, w, Cc]`.
 
-  Latent frame j >= 1 covers video frames 4j-3 .. 4j: their 4 controls are concatenated (camera
-  controls are relative to the previous frame, so all 4 are needed). Latent frame 0 (the first
-  image) has no motion: zeros. Broadcast over the latent pixels.
+  `conditioning.latent_control_maps`: the 4 controls of latent frame j's video frames 4j-3 .. 4j,
+  raw (Cc = 4 D, broadcast over pixels) or as camera ray maps (`encoding="rays"`, Cc = 24);
+  latent frame 0 (the first image) has no motion: zeros.
   """
-  b, t, d = controls.shape
-  if t != vae_lib.video_frames(latent_frames):
-    raise ValueError(f"controls cover {t} video frames, the clip has {latent_frames} latent frames")
-  later = controls[:, 1:].reshape(b, latent_frames - 1, vae_lib.TEMPORAL_FACTOR * d)
-  per_frame = jnp.concatenate([jnp.zeros((b, 1, later.shape[-1]), later.dtype), later], axis=1)
-  return jnp.broadcast_to(per_frame[:, :, None, None], (b, latent_frames, height, width, per_frame.shape[-1]))
+  from apt2_jax.models import conditioning
+  return conditioning.latent_control_maps(controls, latent_frames, height, width, encoding)
 
 
 class LatentInputs:
@@ -88,7 +84,9 @@ class LatentInputs:
     self.vae, self.vae_params = load_vae(config, mesh)
     self.model_config = DiTConfig.from_dict(config.model)
     control_dim = int(config.data.get("control_dim", 0))
-    want = vae_lib.TEMPORAL_FACTOR * control_dim
+    self.control_encoding = config.data.get("control_encoding", "raw")
+    from apt2_jax.models import conditioning
+    want = conditioning.control_channels(self.control_encoding, control_dim) if control_dim else 0
     if self.model_config.control_channels not in (0, want):
       raise ValueError(f"config.model.control_channels={self.model_config.control_channels} must be 0 or "
                        f"4 x config.data.control_dim = {want}")
@@ -108,7 +106,7 @@ class LatentInputs:
     controls = None
     if self.model_config.control_channels:
       _, f, h, w, _ = latents.shape
-      controls = latent_controls(batch["controls"].astype(jnp.float32), f, h, w)
+      controls = latent_controls(batch["controls"].astype(jnp.float32), f, h, w, self.control_encoding)
     return latents, controls, batch["text_tokens"]
 
 

@@ -1,0 +1,14 @@
+"""Pose control: the stage-0 to stage-3 chain on the puppet world (a virtual-human stand-in).
+
+The control of each video frame is the puppet's 15 keypoints (x, y in [0, 1]); a latent frame
+takes the keypoints of its 4 video frames as 4 x 30 per-pixel channels. New control channels are
+randomly initialised when starting from a checkpoint without them. Argument: `<stage>,<size>`.
+
+  python -m apt2_jax.main --config=experiments/pose_control.py:adapt,small --workdir=/tmp/pose_s1 \\
+      --config.vae.checkpoint=/tmp/vae_small --config.init_from=/tmp/s0_puppet
+"""
+from experiments import camera_control
+
+
+def get_config(arg: str = "adapt,small"):
+  return camera_control.chain_config(arg, "puppet", "raw", 4 * 30)
