@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 # Tests use 8 virtual CPU devices (tests/conftest.py); two workers match the 2-core CI machine.
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-all e2e bench aot clean
+.PHONY: demo stream test test-all e2e bench aot clean
 
 $(VENV)/.installed-core: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,14 @@ $(VENV)/.installed-test: $(VENV)/.installed-core
 	$(PIP) install --quiet -e '.[test,parity]'
 	touch $@
 
+# The main job: the toy pipeline (VAE, stages 0-3, long video, ablations) on the synthetic camera
+# world, then the evaluation report in demo_out/pipeline/report. Rerunning resumes.
 demo: $(VENV)/.installed-core
-	$(PY) -m apt2_jax.demo
+	$(PY) -m apt2_jax.main --config=experiments/toy_pipeline.py:demo --workdir=demo_out/pipeline
+
+# Stream 120 latent frames from the random-weight `small` model and print latency / fps.
+stream: $(VENV)/.installed-core
+	$(PY) -m apt2_jax.demo --size=small --frames=120
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not slow and not e2e" -n $(PYTEST_WORKERS) tests

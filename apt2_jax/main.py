@@ -28,6 +28,7 @@ ENTRY_POINTS = {
     "distill": "apt2_jax.train:train_and_evaluate",
     "adversarial": "apt2_jax.train:train_and_evaluate",
     "long_video": "apt2_jax.train:train_and_evaluate",
+    "pipeline": "apt2_jax.pipeline:run_pipeline",  # every stage in order, then the evaluation
 }
 
 
