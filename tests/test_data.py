@@ -304,3 +304,18 @@ def test_validate_data_config():
     pipeline.make_dataset(_tiny_config('camera', num_frames=6), 'train')
   with pytest.raises(ValueError, match='data_config.world'):
     pipeline.make_dataset(_tiny_config('nope'), 'train')
+
+
+def test_iterator_state_with_orbax(tmp_path):
+  import orbax.checkpoint as ocp
+  ds = pipeline.make_dataset(_tiny_config('bouncing'), 'train', seed=2)
+  iterator = iter(ds)
+  next(iterator)
+  manager = ocp.CheckpointManager(str(tmp_path / 'ckpt'),
+                                  item_handlers={'data': grain.checkpoint.CheckpointHandler()})
+  manager.save(1, args=ocp.args.Composite(data=pipeline.iterator_save_args(iterator)))
+  manager.wait_until_finished()
+  expected = next(iterator)
+  restored = iter(ds)
+  manager.restore(1, args=ocp.args.Composite(data=pipeline.iterator_restore_args(restored)))
+  np.testing.assert_array_equal(next(restored)['video'], expected['video'])

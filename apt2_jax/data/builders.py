@@ -6,9 +6,10 @@ Build from Python (no TensorFlow needed):
   builder.download_and_prepare()
   source = tfds.data_source('apt2_camera/tiny', data_dir=DIR)   # random access, for grain
 
-or with `python -m apt2_jax.data.build --world=camera --config=tiny --data_dir=DIR`, or with
-`tfds build apt2_camera --imports=apt2_jax.data.builders --config=tiny --data_dir=DIR
---file_format=array_record`.
+or with `python -m apt2_jax.data.build --world=camera --config=tiny --data_dir=DIR`. The `tfds build`
+CLI also works (`tfds build apt2_camera --imports=apt2_jax.data.builders --config=tiny
+--data_dir=DIR --file_format=array_record`) but, in tfds 4.9.10, the CLI itself imports
+TensorFlow; building from Python and reading with `tfds.data_source` do not.
 
 World splits: `train` and `validation` draw seeds from disjoint ranges of the train pools;
 `test` draws from the held-out pools (textures, trajectory types, shapes), see `worlds.py`.
