@@ -95,9 +95,8 @@ def read_bundle_arrays(directory: str):
 # ------------------------------------------------------------------------------------------------
 
 
-def _bundle_functions(gen, param_dtype: str):
+def _bundle_functions(gen):
   """The stream's pure functions over flat '/'-keyed parameter dicts (as stored)."""
-  import functools
   from apt2_jax.inference import streaming
   from apt2_jax.models import CausalDiT
   from apt2_jax.models import vae as vae_lib
@@ -118,7 +117,6 @@ def _bundle_functions(gen, param_dtype: str):
 
   def decode(vae_params, decode_cache, latent):
     return streaming.decode_fn(vae, unflatten(vae_params), decode_cache, latent)
-  del functools, param_dtype
   return {"start": start, "text": text, "dit_step": dit_step, "decode": decode}
 
 
@@ -153,7 +151,7 @@ def export_bundle(gen, out_dir: str, *, bf16: bool = False, serialize: bool = Tr
       "jax_version": jax.__version__,
   }
   if serialize:
-    fns = _bundle_functions(gen, meta["stored_param_dtype"])
+    fns = _bundle_functions(gen)
     spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
     image = jax.ShapeDtypeStruct((gen.batch, gen.height, gen.width, 3), jnp.uint8)
     seed = jax.ShapeDtypeStruct((), jnp.int32)
@@ -230,6 +228,8 @@ class ExportedStreamer:
 
   def set_text(self, text) -> None:
     spec = self.meta["text"]
+    if isinstance(text, str) and not spec["dtype"].startswith("int"):
+      raise ValueError("this bundle takes text embeddings (float), not a caption string")
     if text is None or isinstance(text, str):
       from apt2_jax.data import captions
       text = captions.tokenize(text or "", spec["shape"][-1])

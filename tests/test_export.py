@@ -102,7 +102,7 @@ def test_from_training_checkpoint(tmp_path):
       "vae": {"size": "tiny", "checkpoint": ""},
       "data": {"world": "camera", "height": 32, "width": 32}})
   manager = checkpointing.make_manager(str(tmp_path), save_every=1, keep=1, async_save=False)
-  state = {"ema_params": gen.params, "params": jax.tree.map(lambda x: x * 0, gen.params)}
+  state = {"ema_params": gen.params, "params": jax.tree.map(np.zeros_like, gen.params)}
   checkpointing.save(manager, 1, state, config=config, force=True)
   manager.wait_until_finished()
   loaded = StreamingGenerator.from_checkpoint(str(tmp_path))

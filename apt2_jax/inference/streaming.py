@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Optional
 
@@ -450,8 +449,3 @@ def _from_training_checkpoint(cls, directory, **kwargs):
     defaults["control_type"] = controls_lib.WORLD_CONTROL_TYPES[data.get("world")]
   defaults.update(kwargs)
   return cls(dit_config, params, vae_config, vae_params, **defaults)
-
-
-def load_json(path):
-  with open(path) as f:
-    return json.load(f)
