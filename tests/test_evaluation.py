@@ -131,19 +131,19 @@ def test_puppet_figure_metrics():
 @pytest.fixture(scope="module")
 def tiny_spec():
   from experiments import common
-  from apt2_jax.models import CausalDiT, DiTConfig, init_params
+  from apt2_jax.inference.streaming import random_dit_params
+  from apt2_jax.models import DiTConfig
   from apt2_jax.models import vae as vae_lib
   config = DiTConfig.from_dict(common.model_config("tiny", control_channels=20, caption_vocab_size=64))
-  params = init_params(CausalDiT(config), jax.random.key(0))
+  params = random_dit_params(config, 0)
   vae_config = vae_lib.vae_config("tiny")
   vae_params = vae_lib.init_params(vae_lib.VAE(vae_config), jax.random.key(1), H, W)
   return evaluation.ModelSpec(config, params, vae_config, vae_params, height=H, width=W)
 
 
-def test_chunked_stream_equals_stream_sample(tiny_spec, camera_world):
+def _check_chunked_equals_stream_sample(spec, camera_world):
   from apt2_jax.stages import common
   world, seed, controls = camera_world
-  spec = tiny_spec
   steps = 3
   sampler = evaluation.Sampler(spec, H, W, chunk_frames=2)   # 2 chunks, the last one padded
   frame0 = world.render(controls[:1], seed)[0]
@@ -158,20 +158,35 @@ def test_chunked_stream_equals_stream_sample(tiny_spec, camera_world):
     done += n
   latents = jnp.concatenate(latents, axis=1)
 
-  latent0 = sampler._encode(spec.vae_params, jnp.asarray(frame0)[None])
+  latent0 = sampler.encode(frame0)
   ctrl = common.latent_controls(jnp.asarray(controls)[None], steps + 1, sampler.h, sampler.w)[:, 1:]
   noise = evaluation.stream_noise(7, 0, steps, (1, 1, sampler.h, sampler.w, 4))
   want = common.stream_sample(spec.dit_config, spec.params, latent0, jnp.asarray(tokens)[None], ctrl,
-                              noise, spec.options)
+                              noise, spec.options, guidance=spec.guidance)
   np.testing.assert_allclose(latents, want, atol=2e-5)
   t = sampler.throughput()
   assert t["dit_step_s"] > 0 and t["decode_step_s"] > 0
 
 
+def test_chunked_stream_equals_stream_sample(tiny_spec, camera_world):
+  """Two chunks carrying the KV cache (the last one padded) == one `stream_sample` rollout."""
+  _check_chunked_equals_stream_sample(tiny_spec, camera_world)
+
+
+@pytest.mark.slow
+def test_chunked_guided_multistep_no_recycling_equals_stream_sample(tiny_spec, camera_world):
+  import dataclasses
+  spec = dataclasses.replace(tiny_spec, num_steps=2, shift=3.0, guidance=2.0, recycle=False)
+  _check_chunked_equals_stream_sample(spec, camera_world)
+
+
 def test_evaluate_models_report(tiny_spec, tmp_path):
   import dataclasses
+  # Two models that differ only in parameters share one compilation (the guided, multi-step and
+  # no-recycling samplers compile their own: tests marked slow).
+  other = jax.tree.map(lambda x: x * 0.8, tiny_spec.params)
   models = {"one_step": tiny_spec,
-            "no_recycle": dataclasses.replace(tiny_spec, recycle=False, benchmark={"frames_per_s": 1.0})}
+            "other": dataclasses.replace(tiny_spec, params=other, benchmark={"frames_per_s": 1.0})}
   fps = 24.0
   report = evaluation.evaluate_models(models, world="camera", num_worlds=1, seconds=[0.25, 0.5],
                                       fps=fps, out_dir=str(tmp_path), progress=False, chunk_frames=2,
@@ -196,7 +211,7 @@ def test_evaluate_models_report(tiny_spec, tmp_path):
     for path in w["videos"].values():
       assert os.path.getsize(tmp_path / path) > 0
     assert os.path.getsize(tmp_path / w["videos"]["gif"]) < 1_000_000
-  assert report["models"]["no_recycle"]["benchmark"] == {"frames_per_s": 1.0}
+  assert report["models"]["other"]["benchmark"] == {"frames_per_s": 1.0}
   # Same noise, same controls, different sampler: the curves differ, frame 0 (the VAE's) agrees.
   a, b = (report["models"][n]["worlds"][0]["curves"]["psnr"] for n in models)
   assert a[0] == b[0] and a[-1] != b[-1]
@@ -217,3 +232,36 @@ def test_cli_parse_models():
     evaluate_cli.parse_models("a=/x[bogus=1]")
   with pytest.raises(ValueError, match="expected name=WORKDIR"):
     evaluate_cli.parse_models("/x")
+
+
+@pytest.mark.slow
+def test_cli_from_training_workdir(tiny_spec, tmp_path, capsys):
+  """`python -m apt2_jax.evaluate` on a trainer-style workdir (EMA params + saved config)."""
+  import ml_collections
+  from absl import flags
+  from apt2_jax import checkpointing
+  from experiments import common
+  config = ml_collections.ConfigDict({
+      "model": dict(common.model_config("tiny", control_channels=20, caption_vocab_size=64)),
+      "vae": {"size": "tiny", "checkpoint": ""},
+      "data": {"world": "camera", "height": H, "width": W, "text_len": 16}})
+  workdir = str(tmp_path / "run")
+  manager = checkpointing.make_manager(workdir, save_every=1, keep=1, async_save=False)
+  state = {"ema_params": tiny_spec.params, "params": jax.tree.map(lambda x: x * 0, tiny_spec.params)}
+  checkpointing.save(manager, 1, state, config=config, force=True)
+  manager.wait_until_finished()
+  spec = evaluation.model_spec_from_workdir(workdir, num_steps=1)
+  assert spec.dit_config == tiny_spec.dit_config and (spec.height, spec.width) == (H, W)
+  jax.tree.map(np.testing.assert_array_equal, spec.params, tiny_spec.params)
+  out = tmp_path / "eval"
+  argv = ["evaluate", f"--models=aapt={workdir}", "--seconds=0.5", f"--out={out}", "--num_worlds=1",
+          "--chunk_frames=2", "--noprogress", "--gif_seconds=0.5"]
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(argv)
+  try:
+    evaluate_cli.main(argv[:1])
+  finally:
+    flags.FLAGS.unparse_flags()
+  report = json.loads((out / "report.json").read_text())
+  assert report["config"]["height"] == H and len(report["models"]["aapt"]["mean_curves"]["psnr"]) == 13
+  assert "good horizon" in capsys.readouterr().out
