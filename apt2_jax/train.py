@@ -431,7 +431,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if step > last_saved:
       checkpointing.save(manager, step, state, data_iterator=train_iter, config=config, force=True)
     manager.wait_until_finished()
-    if eval_every or config.get("eval_at_end", True):
+    if config.get("eval_at_end", True):
       last_eval = stage.evaluate(state, stage.frozen, step)
       writer.write(step, last_eval, prefix="eval")
     if progress is not None:

@@ -16,7 +16,8 @@ Each stage file (`stage0_pretrain.py`, `stage1_adapt.py`, `stage2_distill.py`) s
   caption_dropout             probability of training a clip on empty text (for CFG sampling)
   flow.shift                  s of the time shift s t / (1 + (s - 1) t)
   data                        source ("pipeline" | "random_latents"), world, frames (1 + 4k video
-                              frames), height, width (video pixels), control_dim, text_len
+                              frames), height, width (video pixels), control_dim, text_len,
+                              pool_size (clips rendered by the "worlds" source)
   vae                         size and checkpoint (a `vae` stage workdir; "" = random VAE, smoke only)
   log_every, eval_every       metric and evaluation periods (steps); eval_at_end
   checkpoint_every, keep_checkpoints, async_checkpointing
@@ -67,7 +68,7 @@ def base_config(stage: str, size: str, world: str = "camera") -> ml_collections.
 
   c.data = ml_collections.ConfigDict(dict(
       source="pipeline", world=world, frames=frames, height=height, width=width,
-      control_dim=CONTROL_DIM[world], text_len=16))
+      control_dim=CONTROL_DIM[world], text_len=16, pool_size=64))
   c.vae = ml_collections.ConfigDict(dict(size="tiny" if size == "tiny" else "small" if toy else "wan",
                                          checkpoint=""))
 
