@@ -35,9 +35,12 @@ test: $(VENV)/.installed-test
 test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not e2e" -n $(PYTEST_WORKERS) tests
 
+# The browser test: headless system Chromium (apt-get install -y chromium) driven by Playwright;
+# no browser is downloaded. The screenshot lands in build/demo_page.png.
 e2e: $(VENV)/.installed-test
 	$(PIP) install --quiet -e '.[e2e]'
-	$(PY) -m pytest -q -m e2e tests
+	@test -x /usr/bin/chromium || { echo "make e2e needs: apt-get install -y chromium"; exit 1; }
+	APT2_SCREENSHOT=$${APT2_SCREENSHOT:-build/demo_page.png} $(PY) -m pytest -q -m e2e tests/e2e
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

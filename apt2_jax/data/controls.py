@@ -4,8 +4,8 @@ The DiT receives controls as extra input channels of each latent pixel (DESIGN.m
 
 * camera: per-pixel ray origin and direction of frame t in the camera frame of frame t-1
   (6 channels), from the relative controls of `worlds.CAMERA_CONTROLS`, normalised with fixed
-  constants (`RAY_ORIGIN_STD`, `RAY_DIRECTION_MEAN`, `RAY_DIRECTION_STD`, measured on the default
-  train trajectories) so that inference sees the same scale as training;
+  per-channel constants measured on the train trajectories; one definition,
+  `apt2_jax.models.conditioning.camera_ray_maps`, serves data, training and inference;
 * puppet: one Gaussian heatmap per keypoint plus a rendered skeleton map (16 channels);
 * bouncing: no control (0 channels).
 
@@ -24,9 +24,6 @@ from apt2_jax.data import worlds
 TEMPORAL_STRIDE = 4
 CAMERA_FOV_DEG = 60.0
 # Measured over 200 default train trajectories (see tests/test_data.py, which re-checks them).
-RAY_ORIGIN_STD = 0.027
-RAY_DIRECTION_MEAN = np.array([0.0, 0.0, 0.91], np.float32)
-RAY_DIRECTION_STD = np.array([0.29, 0.29, 0.05], np.float32)
 POSE_SIGMA = 0.04          # heatmap standard deviation, fraction of the map height
 
 FRAME_CHANNELS = {'camera': 6, 'puppet': len(worlds.PUPPET_KEYPOINTS) + 1, 'bouncing': 0}
@@ -79,26 +76,17 @@ def camera_ray_maps(relative_controls: np.ndarray, height: int, width: int,
                     fov_deg: float = CAMERA_FOV_DEG) -> np.ndarray:
   """Normalised ray origin and direction maps, float32 `[frames, height, width, 6]`.
 
-  Channels 0-2: ray origin of frame t in frame t-1's camera frame, / `RAY_ORIGIN_STD`;
+  Channels 0-2: ray origin of frame t in frame t-1's camera frame, / `conditioning.RAY_ORIGIN_STD`;
   channels 3-5: unit ray direction of each pixel of frame t in frame t-1's camera frame (focal
-  length scaled by exp(zoom)), minus `RAY_DIRECTION_MEAN`, / `RAY_DIRECTION_STD`. A zero control
-  (frame 0) gives zero origins and the plain pinhole directions.
+  length scaled by exp(zoom)) minus the still camera's, / `conditioning.RAY_DIRECTION_STD`. A zero control
+  (frame 0) gives zeros. Computed by `apt2_jax.models.conditioning.camera_ray_maps`.
   """
-  controls = np.asarray(relative_controls, np.float64)
+  controls = np.asarray(relative_controls, np.float32)
   if controls.ndim != 2 or controls.shape[1] != 5:
     raise ValueError(f'relative camera controls must be [frames, 5], got {controls.shape}')
-  focal = 0.5 / np.tan(np.deg2rad(fov_deg) / 2)       # in units of the map width
-  y, x = np.meshgrid((np.arange(height) + 0.5 - height / 2) / width,
-                     (np.arange(width) + 0.5 - width / 2) / width, indexing='ij')
-  maps = np.empty((len(controls), height, width, 6), np.float32)
-  for t, (pan, tilt, zoom, forward, roll) in enumerate(controls):
-    rotation = worlds.relative_rotation(pan, tilt, roll)
-    f = focal * np.exp(zoom)
-    directions = np.stack([x / f, y / f, np.ones_like(x)], axis=-1)
-    directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
-    maps[t, ..., :3] = forward * rotation[:, 2] / RAY_ORIGIN_STD
-    maps[t, ..., 3:] = (directions @ rotation.T - RAY_DIRECTION_MEAN) / RAY_DIRECTION_STD
-  return maps
+  # One definition for data, training and inference: the model-side encoding.
+  from apt2_jax.models import conditioning
+  return np.asarray(conditioning.camera_ray_maps(controls, height, width, fov_deg), np.float32)
 
 
 _KEY_STEP = {'pan': 0.04, 'tilt': 0.03, 'zoom': 0.02, 'forward': 0.05, 'roll': 0.03}

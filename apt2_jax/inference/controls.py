@@ -42,10 +42,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-try:  # the data engineer's module; the fallbacks below keep inference working until it lands
-  from apt2_jax.data import controls as _data_controls
-except ImportError:  # pragma: no cover - depends on the state of the working tree
-  _data_controls = None
+from apt2_jax.models import conditioning
 
 CONTROL_TYPES = ("none", "camera", "pose")
 FRAMES_PER_STEP = 4  # video frames per latent frame
@@ -55,7 +52,9 @@ CAMERA_CONTROLS = ("pan", "tilt", "zoom", "forward", "roll")
 CAMERA_LIMITS = np.array([0.15, 0.15, 0.1, 0.25, 0.15], np.float32)
 NUM_KEYPOINTS = 15
 KEYPOINT_RANGE = (0.0, 1.0)
-CAMERA_CHANNELS = 6  # ray origin (3) and direction (3)
+# Ray maps: ray origin (3) and direction (3) of each of the 4 video frames of a latent frame
+# (`conditioning.latent_control_maps(..., "rays")`, the trainer's `control_encoding="rays"`).
+CAMERA_CHANNELS = FRAMES_PER_STEP * conditioning.RAY_CHANNELS
 
 # Keyboard -> per-video-frame relative camera motion (a fraction of the limits). Keys follow the
 # browser's `KeyboardEvent.key`, lower-cased for letters.
@@ -221,33 +220,6 @@ def _rotation(pan, tilt, roll):
   return ry @ rx @ rz
 
 
-def _camera_ray_maps(relative: np.ndarray, height: int, width: int, fov_deg: float = 60.0):
-  """Fallback ray maps: float32 [h, w, 6] of the composed motion over one latent frame.
-
-  Composes the 4 per-video-frame relative controls (`worlds.compose_camera`'s convention) into
-  the pose of the step's last frame in the camera frame of the previous step's last frame; each
-  latent pixel gets that camera's ray origin and direction, scaled to about unit std.
-  """
-  rot, pos, log_f = np.eye(3), np.zeros(3), 0.0
-  for pan, tilt, zoom, forward, roll in np.asarray(relative, np.float64):
-    rot = rot @ _rotation(pan, tilt, roll)
-    pos = pos + forward * rot[:, 2]
-    log_f += zoom
-  focal = 0.5 * width / math.tan(math.radians(fov_deg) / 2) * math.exp(log_f)
-  u = (np.arange(width) + 0.5 - width / 2) / focal
-  v = (np.arange(height) + 0.5 - height / 2) / focal
-  dirs = np.stack(np.broadcast_arrays(u[None, :], v[:, None], np.ones((height, width))), -1)
-  dirs = dirs @ rot.T
-  dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
-  identity = np.stack(np.broadcast_arrays(u[None, :], v[:, None], np.ones((height, width))), -1)
-  identity /= np.linalg.norm(identity, axis=-1, keepdims=True)
-  # Origin in units of the per-frame translation limit; direction change in units of the
-  # rotation limit: both about unit scale over the control range.
-  origin = np.broadcast_to(pos / (FRAMES_PER_STEP * CAMERA_LIMITS[3]), (height, width, 3))
-  delta = (dirs - identity) / (FRAMES_PER_STEP * CAMERA_LIMITS[0])
-  return np.concatenate([origin, delta], axis=-1).astype(np.float32)
-
-
 def _pose_maps(keypoints: np.ndarray, height: int, width: int, channels: int, sigma: float = 0.75):
   """Fallback keypoint maps: float32 [h, w, channels], one Gaussian per keypoint (last frame)."""
   kp = np.asarray(keypoints, np.float32)[-1]  # the step's last video frame
@@ -284,20 +256,14 @@ def control_maps(kind: str, control: Optional[np.ndarray], latent_hw: tuple[int,
   flat = np.asarray(control, np.float32).reshape(FRAMES_PER_STEP, -1)  # [4, D]
   if channels == flat.size:  # the trainer's layout: the 4 frames' controls, concatenated
     return np.ascontiguousarray(np.broadcast_to(flat.reshape(-1), (h, w, channels)))
-  if kind == "camera" and channels == CAMERA_CHANNELS:
-    if _data_controls is not None and hasattr(_data_controls, "camera_ray_maps"):
-      try:
-        maps = np.asarray(_data_controls.camera_ray_maps(flat, (h, w)), np.float32)
-        if maps.shape == (h, w, channels):
-          return maps
-      except TypeError:
-        pass
-    return _camera_ray_maps(flat, h, w)
+  if kind == "camera" and channels == CAMERA_CHANNELS:  # the 4 frames' ray maps, as in training
+    rays = np.asarray(conditioning.camera_ray_maps(flat, h, w), np.float32)  # [4, h, w, 6]
+    return np.ascontiguousarray(np.moveaxis(rays, 0, -2).reshape(h, w, channels))
   if kind == "pose" and channels == NUM_KEYPOINTS:
     return _pose_maps(flat.reshape(FRAMES_PER_STEP, NUM_KEYPOINTS, 2), h, w, channels)
   raise ValueError(f"no {kind} control layout with {channels} channels (model.control_channels); "
                    f"known: {4 * flat.shape[1]} (per-frame controls)"
-                   f"{', 6 (ray maps)' if kind == 'camera' else ', 15 (keypoint maps)'}")
+                   f"{', 24 (ray maps)' if kind == 'camera' else ', 15 (keypoint maps)'}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -89,8 +89,8 @@ class CaptionEncoder(nn.Module):
 # `tests/test_conditioning.py` re-measures them): each channel group is divided by the standard
 # deviation it has over those trajectories, so the control channels have unit std at training and
 # inference alike. Directions are taken relative to the no-motion ray, so a still camera is zero.
-RAY_DIRECTION_STD = 0.0148
-RAY_ORIGIN_STD = 0.016
+RAY_ORIGIN_STD = (0.00071, 0.00041, 0.0296)     # per channel x, y, z (camera frame)
+RAY_DIRECTION_STD = (0.0211, 0.0128, 0.0081)
 CAMERA_FOV_DEG = 60.0
 RAY_CHANNELS = 6
 
@@ -134,7 +134,8 @@ def camera_ray_maps(relative, height: int, width: int, fov_deg: float = CAMERA_F
   origin = forward[..., None] * rotation[..., :, 2]  # [..., 3]
   origin = jnp.broadcast_to(origin[..., None, None, :], direction.shape)
   if normalize:
-    origin, direction = origin / RAY_ORIGIN_STD, direction / RAY_DIRECTION_STD
+    origin = origin / jnp.asarray(RAY_ORIGIN_STD, jnp.float32)
+    direction = direction / jnp.asarray(RAY_DIRECTION_STD, jnp.float32)
   return jnp.concatenate([origin, direction], axis=-1)
 
 
