@@ -148,15 +148,18 @@ def test_keys_and_control_maps_match_the_trainer():
     clip = np.concatenate([np.zeros((1, d)), np.asarray(control).reshape(4, d)])[None]
     want = np.asarray(latent_controls(jnp.asarray(clip, jnp.float32), 2, 4, 6))[0, 1]
     np.testing.assert_array_equal(maps, want)
-  # Ray maps (6 channels) and keypoint maps (15 channels).
-  rays = controls.control_maps("camera", c, (4, 4), 6)
-  still = controls.control_maps("camera", None, (4, 4), 6)
-  assert rays.shape == still.shape == (4, 4, 6)
+  # Ray maps (4 frames x 6 channels): the trainer's control_encoding="rays".
+  rays = controls.control_maps("camera", c, (4, 4), 24)
+  still = controls.control_maps("camera", None, (4, 4), 24)
+  assert rays.shape == still.shape == (4, 4, 24)
   np.testing.assert_allclose(still, 0.0, atol=1e-6)  # no motion: zero origin, unchanged rays
   assert np.abs(rays).max() > 0.1
+  clip = np.concatenate([np.zeros((1, 5)), np.asarray(c)])[None]
+  want = np.asarray(latent_controls(jnp.asarray(clip, jnp.float32), 2, 4, 4, "rays"))[0, 1]
+  np.testing.assert_allclose(rays, want, rtol=1e-5, atol=1e-6)
   pose = controls.control_maps("pose", None, (8, 8), 15)
   assert pose.shape == (8, 8, 15) and 0.5 < pose.max() <= 1.0
-  assert [controls.control_type({"control_channels": n}) for n in (0, 20, 6, 120, 15)] == [
+  assert [controls.control_type({"control_channels": n}) for n in (0, 20, 24, 120, 15)] == [
       "none", "camera", "camera", "pose", "pose"]
   with pytest.raises(ValueError, match="control_channels=7 is no known control layout"):
     controls.control_type({"control_channels": 7})

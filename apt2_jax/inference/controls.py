@@ -8,7 +8,8 @@ Control types (`control_type(model_config)`) and the model's control input per l
   "camera"  the 4 video frames' relative poses `[4, 5]` (pan, tilt, zoom, forward, roll),
             concatenated to 20 channels and broadcast over the latent pixels: the trainer's layout
             (`apt2_jax.stages.common.latent_controls`, `control_channels = 4 * 5`); or, with
-            `control_channels = 6`, per-pixel ray maps (origin, direction) of the composed motion.
+            `control_channels = 24`, the per-pixel ray maps (origin, direction) of each of the 4
+            frames (`control_encoding="rays"` in training, `conditioning.camera_ray_maps`).
   "pose"    the 4 video frames' keypoints `[4, 15, 2]` (x / width, y / height), concatenated to
             120 channels and broadcast (the trainer's layout, `4 * 30`); or, with 15 channels, one
             Gaussian map per keypoint.
