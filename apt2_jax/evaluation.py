@@ -744,8 +744,10 @@ def _label(frames: np.ndarray, text: str, height: int = 12) -> np.ndarray:
 
 
 def plot_curves(path: str, series: Mapping[str, Mapping[str, np.ndarray]], keys: Sequence[str],
-                rate: float, ylabel: str, title: str, average: int = 1):
-  """One PNG: for each model (colour), each key (solid, dashed, dotted) against seconds."""
+                rate: float, ylabel: str, title: str, average: int = 1, offset: int = 0):
+  """One PNG: for each model (colour), each key (solid, dashed, dotted) against seconds.
+
+  Point i of a curve is at `(i + offset) / rate` seconds; `average` > 1 plots block means."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -760,9 +762,9 @@ def plot_curves(path: str, series: Mapping[str, Mapping[str, np.ndarray]], keys:
       if average > 1 and len(y) >= average:
         n = len(y) // average * average
         y = np.nanmean(y[:n].reshape(-1, average), axis=1)
-        x = (np.arange(len(y)) * average + (average - 1) / 2) / rate
+        x = (np.arange(len(y)) * average + (average - 1) / 2 + offset) / rate
       else:
-        x = np.arange(len(y)) / rate
+        x = (np.arange(len(y)) + offset) / rate
       ax.plot(x, y, style, color=colour, lw=1.2, label=f"{name} ({key})")
   ax.set_xlabel("seconds")
   ax.set_ylabel(ylabel)
@@ -966,7 +968,7 @@ def evaluate_models(models: Mapping[str, ModelSpec], *, world: str = "camera", n
     plots["control_error"] = plot_curves(
         os.path.join(out_dir, "control_error.png"), mean_curves, ("control_error_px", "oracle_motion_px"),
         fps / FRAMES_PER_LATENT, "pixels per latent step",
-        "camera control error (solid: |generated - oracle| motion, dashed: oracle motion)")
+        "camera control error (solid: |generated - oracle| motion, dashed: oracle motion)", offset=1)
   elif world == "puppet":
     plots["figure_error"] = plot_curves(
         os.path.join(out_dir, "figure_error.png"), mean_curves, ("figure_centroid_error_px",), fps,
