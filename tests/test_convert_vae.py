@@ -11,6 +11,10 @@ from apt2_jax.convert import wan_vae  # noqa: E402
 from apt2_jax.models import vae as vae_lib  # noqa: E402
 
 
+# Tests compile many small programs: XLA's backend optimisations cost more than they save here.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def _to_ours(x):
   """torch `[B, C, T, H, W]` -> channels-last `[B, T, H, W, C]`."""
   return jnp.asarray(x.numpy().transpose(0, 2, 3, 4, 1))
@@ -49,9 +53,10 @@ def test_vae_parity_with_diffusers(reference):
     decoded = torch_model.decode(z).sample
 
   model = vae_lib.VAE(config)
-  mean, logvar = jax.jit(lambda p, v: model.apply(p, v, method=vae_lib.VAE.encode))(
-      params, _to_ours(video))
-  ours = jax.jit(lambda p, z: model.apply(p, z, method=vae_lib.VAE.decode))(params, _to_ours(z))
+  mean, logvar = jax.jit(lambda p, v: model.apply(p, v, method=vae_lib.VAE.encode),
+                         compiler_options=FAST_COMPILE)(params, _to_ours(video))
+  ours = jax.jit(lambda p, z: model.apply(p, z, method=vae_lib.VAE.decode),
+                 compiler_options=FAST_COMPILE)(params, _to_ours(z))
   errors = {
       "encode mean": np.abs(_to_torch_layout(mean) - posterior.mean.numpy()).max(),
       "encode logvar": np.abs(_to_torch_layout(logvar) - posterior.logvar.numpy()).max(),

@@ -6,7 +6,13 @@ from apt2_jax.models import vae as vae_lib
 from apt2_jax.tools import encode_latents
 
 
-def test_encode_examples_and_records(tmp_path):
+# Tests compile many small programs: XLA's backend optimisations cost more than they save here.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def test_encode_examples_and_records(tmp_path, monkeypatch):
+  monkeypatch.setattr(vae_lib, "encode_chunked", jax.jit(
+      vae_lib.encode_chunked.__wrapped__, static_argnames="model", compiler_options=FAST_COMPILE))
   config = vae_lib.vae_config("tiny", latents_mean=(0.5,) * 4, latents_std=(2.0,) * 4)
   model = vae_lib.VAE(config)
   params = vae_lib.init_params(model, jax.random.key(0), 16, 16)
