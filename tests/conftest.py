@@ -5,8 +5,9 @@ This must run before any JAX backend is initialised, hence at conftest import ti
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Keep XLA from spawning more compile threads than the 2-core CI machine has.
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+# Tests compile many small programs and run each a few times: cheap XLA CPU backend passes make
+# compiles about 4x faster with the same numerics (measured on the VAE decode: 6.0 s -> 1.3 s).
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 import jax  # noqa: E402
 
