@@ -19,17 +19,7 @@ config_flags.DEFINE_config_file("config", None, "experiments/<stage>.py:<size>",
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard files of this run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Stage name -> "module:function(config, workdir)". Add a stage by adding a line.
-ENTRY_POINTS = {
-    "vae": "apt2_jax.stages.vae:train_vae",
-    "vae_distill": "apt2_jax.stages.vae:train_vae",
-    "pretrain": "apt2_jax.train:train_and_evaluate",
-    "adapt": "apt2_jax.train:train_and_evaluate",
-    "distill": "apt2_jax.train:train_and_evaluate",
-    "adversarial": "apt2_jax.train:train_and_evaluate",
-    "long_video": "apt2_jax.train:train_and_evaluate",
-    "pipeline": "apt2_jax.pipeline:run_pipeline",  # every stage in order, then the evaluation
-}
+from apt2_jax.stages import ENTRY_POINTS  # noqa: E402  stage name -> "module:function"
 
 
 def initialize_distributed():

@@ -68,9 +68,9 @@ def stage_configs(config, workdir: str):
 
 
 def run_stage(name: str, config, workdir: str):
-  from apt2_jax import main as entry
   import importlib
-  module, function = entry.ENTRY_POINTS[config.stage].split(":")
+  from apt2_jax.stages import ENTRY_POINTS
+  module, function = ENTRY_POINTS[config.stage].split(":")
   return getattr(importlib.import_module(module), function)(config, workdir)
 
 

@@ -21,15 +21,15 @@ ORDER = ("vae", "pretrain", "adapt", "distill", "adversarial", "adversarial_teac
 # variant: model size, VAE size, pixels, video frames of the short clips, long-video segments
 # (segment latent frames, overlap, number), batch, steps per stage, evaluation
 _VARIANTS = {
-    "tiny": dict(model="tiny", vae="tiny", pixels=32, frames=9, segments=(2, 1, 2), batch=8,
+    "tiny": dict(model="tiny", vae="tiny", pixels=32, frames=9, segments=(2, 1, 2), batch=8, pool=8,
                  steps=dict(vae=3, pretrain=2, adapt=2, distill=2, adversarial=2, adversarial_teacher_forcing=1,
                             adversarial_no_recycle=1, long_video=1),
                  lr=1e-3, gan_lr=1e-4, euler_steps=4, worlds=1, durations=(1.0,)),
-    "demo": dict(model="toy", vae="small", pixels=64, frames=17, segments=(4, 1, 3), batch=8,
+    "demo": dict(model="toy", vae="small", pixels=64, frames=17, segments=(4, 1, 3), batch=8, pool=48,
                  steps=dict(vae=400, pretrain=300, adapt=300, distill=150, adversarial=80,
                             adversarial_teacher_forcing=30, adversarial_no_recycle=30, long_video=20),
                  lr=1e-3, gan_lr=5e-5, euler_steps=8, worlds=2, durations=(10.0,)),
-    "full": dict(model="small", vae="small", pixels=64, frames=17, segments=(4, 1, 6), batch=16,
+    "full": dict(model="small", vae="small", pixels=64, frames=17, segments=(4, 1, 6), batch=16, pool=1024,
                  steps=dict(vae=6000, pretrain=8000, adapt=8000, distill=3000, adversarial=2000,
                             adversarial_teacher_forcing=2000, adversarial_no_recycle=2000, long_video=800),
                  lr=3e-4, gan_lr=2e-5, euler_steps=32, worlds=4, durations=(60.0, 300.0)),
@@ -44,7 +44,8 @@ def _common(c, v, world, steps, lr):
   c.num_steps = steps
   c.optimizer.learning_rate = lr
   c.optimizer.warmup_steps = min(50, steps // 10)
-  c.data.update(dict(source="pipeline", world=world, height=v["pixels"], width=v["pixels"]))
+  # A pool of rendered world clips, cycled: rendering on the fly is the slow path on a CPU.
+  c.data.update(dict(source="worlds", world=world, height=v["pixels"], width=v["pixels"], pool_size=v["pool"]))
   c.vae.size = v["vae"]
   c.log_every = max(1, min(20, steps // 10))
   c.checkpoint_every = max(1, steps // 4)
@@ -72,8 +73,8 @@ def get_config(arg: str = "demo"):
 
   s = ml_collections.ConfigDict()
   vae = vae_configs.get_config(v["vae"])
-  vae.data.source = "pipeline"
-  vae.data.update(dict(world=world, height=v["pixels"], width=v["pixels"], frames=v["frames"]))
+  vae.data.source = "worlds"
+  vae.data.update(dict(world=world, height=v["pixels"], width=v["pixels"], frames=v["frames"], pool_size=v["pool"]))
   vae.batch_size = v["batch"]
   vae.num_steps = v["steps"]["vae"]
   vae.checkpoint_every = max(1, vae.num_steps // 4)

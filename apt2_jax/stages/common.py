@@ -100,7 +100,8 @@ class LatentInputs:
     if "latents" in batch:
       latents = batch["latents"].astype(jnp.float32)
     else:
-      video = batch["video"].astype(jnp.float32) / 127.5 - 1.0  # [B, T, H, W, 3] in [-1, 1]
+      video = batch["video"]  # [B, T, H, W, 3]: uint8 (world clips) or float in [-1, 1] (grain)
+      video = video.astype(jnp.float32) / 127.5 - 1.0 if video.dtype == jnp.uint8 else video.astype(jnp.float32)
       mean, _ = self.vae.apply(frozen["vae"], video, method=vae_lib.VAE.encode)
       latents = jax.lax.stop_gradient(vae_lib.normalize_latents(mean, self.vae.config))
     controls = None

@@ -108,13 +108,37 @@ class WorldClips(RandomLatents):
     return {k: v[np.asarray(order)][self.rows] for k, v in self.pool.items()}
 
 
+def grain_data_config(config, batch_size=None, process_count: int = 1):
+  """The data pipeline's config (`apt2_jax.data.pipeline.default_data_config`) for a stage config.
+
+  Stage fields map as: data.world, data.height, data.width, data.frames -> num_frames (after the
+  random temporal crop), batch_size / process_count rows per host, seed. Optional stage fields
+  passed through: data.grain_source ("procedural": render on the fly; "tfds": read ArrayRecord
+  built by `python -m apt2_jax.data.build`), data.tfds_name, data.data_dir, data.stored_frames,
+  data.read_threads, data.worker_count.
+  """
+  from apt2_jax.data import pipeline
+  d = config.data
+  c = pipeline.default_data_config(d.world, "tiny")
+  c.source = d.get("grain_source", "procedural")
+  c.height, c.width, c.num_frames = int(d.height), int(d.width), int(d.frames)
+  c.stored_num_frames = max(int(d.get("stored_frames", 0) or 0), int(d.frames))
+  c.batch_size = int(batch_size or config.batch_size) // process_count
+  c.seed = int(config.seed)
+  for key in ("tfds_name", "data_dir", "read_threads", "worker_count", "num_train", "num_validation", "num_test"):
+    if d.get(key, None) not in (None, ""):
+      c[key] = d[key]
+  return c
+
+
 class PipelineBatches:
   """Wraps the grain iterator of `apt2_jax.data.pipeline` (per-host slices of the worlds)."""
 
-  def __init__(self, config, split: str, process_index: int, process_count: int):
+  def __init__(self, config, split: str, process_index: int, process_count: int, batch_size=None):
     from apt2_jax.data import pipeline
-    self.dataset = pipeline.make_dataset(config.data, split, seed=config.seed,
-                                         process_index=process_index, process_count=process_count)
+    self.dataset = pipeline.make_dataset(grain_data_config(config, batch_size, process_count), split,
+                                         seed=config.seed, process_index=process_index,
+                                         process_count=process_count)
     self.iterator = iter(self.dataset)
     self._buffer, self._state = None, None
 
@@ -162,7 +186,7 @@ def make_iterator(config, split: str, batch_size=None):
   if source == "random_latents":
     return RandomLatents(config, split, pi, pc, batch_size)
   if source == "pipeline":
-    return PipelineBatches(config, split, pi, pc)
+    return PipelineBatches(config, split, pi, pc, batch_size)
   if source == "worlds":
     return WorldClips(config, split, pi, pc, batch_size)
   raise ValueError(f"config.data.source={source!r} is not 'pipeline', 'worlds' or 'random_latents'")

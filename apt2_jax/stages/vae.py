@@ -62,8 +62,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ("height", "width"):
     if config.data[name] % vae_lib.SPATIAL_FACTOR:
       raise ValueError(f"config.data.{name}={config.data[name]} is not a multiple of 8")
-  if config.data.source not in ("random", "pipeline"):
-    raise ValueError(f"config.data.source={config.data.source!r}: 'random' or 'pipeline'")
+  if config.data.source not in ("random", "worlds", "pipeline"):
+    raise ValueError(f"config.data.source={config.data.source!r}: 'random', 'worlds' or 'pipeline'")
   if config.stage == "vae_distill" and not config.teacher:
     raise ValueError("config.teacher (a diffusers AutoencoderKLWan folder or a `vae` workdir) is "
                      "required by stage vae_distill")
@@ -99,8 +99,14 @@ def batches(config: ml_collections.ConfigDict, seed: int) -> Iterator[np.ndarray
     rng = np.random.default_rng(seed)
     while True:
       yield random_smooth_videos(rng, config.batch_size, d.frames, d.height, d.width)
-  from apt2_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  for batch in pipeline.make_dataset(config, split="train", seed=seed):
+  from apt2_jax.stages import data as stage_data  # pylint: disable=g-import-not-at-top
+  if d.source == "worlds":  # a pool of rendered world clips, cycled (the toy pipeline)
+    source = stage_data.WorldClips(config, "train", 0, 1)
+  elif d.source == "pipeline":  # the grain pipeline (procedural or TFDS ArrayRecord)
+    source = stage_data.PipelineBatches(config, "train", 0, 1)
+  else:
+    raise ValueError(f"config.data.source={d.source!r} is not 'random', 'worlds' or 'pipeline'")
+  for batch in source:
     video = np.asarray(batch["video"])[:, :d.frames]
     if video.dtype == np.uint8:
       video = video.astype(np.float32) / 127.5 - 1.0
