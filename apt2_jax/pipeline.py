@@ -95,6 +95,7 @@ def run_pipeline(config, workdir: str) -> dict:
       json.dump({"num_steps": int(c.num_steps), "seconds": timings[name]}, f)
     _log(f"{head}: done in {timings[name]:.0f} s; {(time.time() - start) / 60:.1f} min elapsed")
 
+  curves = training_curves(plan, os.path.join(workdir, "report"))
   report = {}
   if config.evaluation.enabled:
     _log(f"evaluation on {config.evaluation.num_worlds} held-out {config.world} worlds, "
@@ -102,7 +103,8 @@ def run_pipeline(config, workdir: str) -> dict:
     t0 = time.time()
     report = evaluate(config, workdir)
     timings["evaluation"] = time.time() - t0
-  summary = {"workdir": workdir, "minutes": (time.time() - start) / 60, "stage_seconds": timings}
+  summary = {"workdir": workdir, "minutes": (time.time() - start) / 60, "stage_seconds": timings,
+             "final_train_metrics": {k: {m: v[-1][1] for m, v in c.items() if v} for k, c in curves.items()}}
   with open(os.path.join(workdir, "pipeline_summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   _log(f"finished in {summary['minutes']:.1f} min; report in {os.path.join(workdir, 'report')}")
@@ -122,11 +124,47 @@ def evaluate(config, workdir: str) -> dict:
     models[label] = evaluation.model_spec_from_workdir(
         sub, vae_workdir=vae_dir, num_steps=int(spec.get("num_steps", 1)), shift=float(spec.get("shift", 1.0)),
         guidance=float(spec.get("guidance", 1.0)), recycle=bool(spec.get("recycle", True)))
-  out_dir = os.path.join(workdir, "report")
-  reports = {}
-  for seconds in ev.durations:
-    reports[f"{seconds:g}s"] = evaluation.evaluate_models(
-        models, world=config.world, num_worlds=int(ev.num_worlds), seconds=float(seconds), fps=int(ev.fps),
-        height=int(config.height), width=int(config.width),
-        out_dir=out_dir if len(ev.durations) == 1 else os.path.join(out_dir, f"{seconds:g}s"), seed=int(ev.seed))
-  return reports
+  # One rollout of the longest duration per model and world; shorter durations are summarised on
+  # its prefix (same controls and noise), e.g. 1 and 5 minutes.
+  return evaluation.evaluate_models(
+      models, world=config.world, num_worlds=int(ev.num_worlds), seconds=tuple(float(s) for s in ev.durations),
+      fps=int(ev.fps), height=int(config.height), width=int(config.width),
+      out_dir=os.path.join(workdir, "report"), seed=int(ev.seed))
+
+
+# The metrics worth watching per stage family (train/<name> in each stage's metrics.jsonl).
+CURVES = {"vae": ("loss",), "pretrain": ("loss",), "adapt": ("loss",), "distill": ("loss",),
+          "adversarial": ("g_loss", "d_loss", "realism_gap", "r1", "r2"),
+          "long_video": ("g_loss", "d_loss", "realism_gap")}
+
+
+def training_curves(plan, out_dir: str) -> dict:
+  """Writes `training_curves.json` and `training_curves.png` (one panel per stage)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  os.makedirs(out_dir, exist_ok=True)
+  curves = {}
+  for name, c, sub in plan:
+    path = os.path.join(sub, "metrics.jsonl")
+    if not os.path.exists(path):
+      continue
+    rows = [json.loads(line) for line in open(path)]
+    keys = CURVES.get(c.stage, ("loss",))
+    curves[name] = {k: [(r["step"], r[f"train/{k}"]) for r in rows if f"train/{k}" in r] for k in keys}
+  with open(os.path.join(out_dir, "training_curves.json"), "w") as f:
+    json.dump(curves, f)
+  if curves:
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), squeeze=False)
+    for ax, (name, series) in zip(axes[0], curves.items()):
+      for k, points in series.items():
+        if points:
+          ax.plot(*zip(*points), label=k)
+      ax.set_title(name, fontsize=9)
+      ax.set_xlabel("step", fontsize=8)
+      ax.legend(fontsize=6)
+      ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "training_curves.png"), dpi=90)
+    plt.close(fig)
+  return curves

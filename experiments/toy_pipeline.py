@@ -50,7 +50,7 @@ def _common(c, v, world, steps, lr):
   c.log_every = max(1, min(20, steps // 10))
   c.checkpoint_every = max(1, steps // 4)
   c.eval_every = 0
-  c.eval_at_end = True
+  c.eval_at_end = False  # the pipeline's evaluation scores every model at the end (one compile less)
   c.eval.batch_size = v["batch"]
   c.eval.sample_steps = v["euler_steps"] if c.stage == "adapt" else c.eval.sample_steps
   c.ema_decay = 0.0 if v["model"] == "tiny" else 0.99

@@ -1,0 +1,41 @@
+"""The toy pipeline: the stage chain is wired right (fast); the whole pipeline runs (slow)."""
+import json
+import os
+
+import pytest
+
+from apt2_jax import pipeline
+from experiments import toy_pipeline
+
+
+def test_stage_chain_points_each_stage_at_the_previous_one(tmp_path):
+  config = toy_pipeline.get_config("demo")
+  plan = {name: (c, sub) for name, c, sub in pipeline.stage_configs(config, str(tmp_path))}
+  assert list(plan) == list(toy_pipeline.ORDER)
+  path = lambda name: os.path.join(str(tmp_path), name)
+  assert plan["adapt"][0].init_from == path("pretrain")
+  assert plan["distill"][0].init_from == path("adapt")
+  assert plan["adversarial"][0].init_from == path("distill")
+  assert plan["adversarial"][0].adversarial.d_init_from == path("adapt")
+  assert plan["long_video"][0].init_from == path("adversarial")
+  assert plan["long_video"][0].adversarial.d_init_key == "d_params"
+  assert plan["adversarial_teacher_forcing"][0].adversarial.variant == "teacher_forcing"
+  assert not plan["adversarial_no_recycle"][0].adversarial.recycle
+  for name, (c, _) in plan.items():
+    if name != "vae":
+      assert c.vae.checkpoint == path("vae"), name
+      assert c.model.recycled_channels == (name != "pretrain"), name
+  lv = plan["long_video"][0]
+  assert lv.data.frames == 1 + 4 * lv.long_video.segment_frames * lv.long_video.num_segments
+  assert not pipeline._is_done(path("vae"), plan["vae"][0])
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end(tmp_path):
+  config = toy_pipeline.get_config("tiny")
+  pipeline.run_pipeline(config, str(tmp_path))
+  report = json.load(open(tmp_path / "report" / "report.json"))
+  assert set(report["models"]) >= {"diffusion_stage1", "distilled_1nfe", "aapt"}
+  assert (tmp_path / "report" / "training_curves.png").exists()
+  summary = json.load(open(tmp_path / "pipeline_summary.json"))
+  assert "adversarial" in summary["final_train_metrics"]
