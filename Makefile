@@ -33,7 +33,7 @@ stream: $(VENV)/.installed-core
 	$(PY) -m apt2_jax.demo --size=small --frames=120
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m "not slow and not e2e" -n $(PYTEST_WORKERS) tests
+	$(PY) -m pytest -q -m "not slow and not e2e" -n $(PYTEST_WORKERS) --durations=15 tests
 
 test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not e2e" -n $(PYTEST_WORKERS) tests

@@ -21,23 +21,32 @@ import re
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("models", None, "name=WORKDIR[:k=v,...] entries, comma separated", required=True)
-flags.DEFINE_string("vae", None, "VAE workdir (or diffusers AutoencoderKLWan folder); default: each "
-                    "run's config.vae.checkpoint")
-flags.DEFINE_enum("world", "camera", ["camera", "puppet", "bouncing"], "test world")
-flags.DEFINE_integer("num_worlds", 2, "held-out test worlds")
-flags.DEFINE_list("seconds", ["60"], "rollout duration(s) in seconds; the longest runs, each is "
-                  "summarised on its prefix")
-flags.DEFINE_float("fps", 24.0, "video frames per second")
-flags.DEFINE_integer("height", None, "pixels (default: the first model's training resolution)")
-flags.DEFINE_integer("width", None, "pixels (default: the first model's training resolution)")
-flags.DEFINE_string("out", "eval", "output directory")
-flags.DEFINE_integer("seed", 0, "noise seed (shared by all models)")
-flags.DEFINE_float("good_psnr", 20.0, "PSNR threshold (dB) of the good horizon")
-flags.DEFINE_integer("chunk_frames", 24, "latent frames per compiled DiT call")
-flags.DEFINE_float("gif_seconds", 4.0, "GIF length in seconds")
-flags.DEFINE_string("benchmark_json", None, "JSON file {model name: benchmark figures}")
-flags.DEFINE_bool("progress", True, "progress bars")
+
+
+def define_flags():
+  """Defines the command-line flags: only when run as a program (or by a test), so that
+  importing this module next to other CLIs defines nothing; names already defined are kept."""
+  def _define(fn, name, *args, **kwargs):
+    if name not in flags.FLAGS:
+      fn(name, *args, **kwargs)
+  _define(flags.DEFINE_string, "models", None, "name=WORKDIR[:k=v,...] entries, comma separated")
+  _define(flags.DEFINE_string, "vae", None, "VAE workdir (or diffusers AutoencoderKLWan folder); default: each "
+                      "run's config.vae.checkpoint")
+  _define(flags.DEFINE_enum, "world", "camera", ["camera", "puppet", "bouncing"], "test world")
+  _define(flags.DEFINE_integer, "num_worlds", 2, "held-out test worlds")
+  _define(flags.DEFINE_list, "seconds", ["60"], "rollout duration(s) in seconds; the longest runs, each is "
+                    "summarised on its prefix")
+  _define(flags.DEFINE_float, "fps", 24.0, "video frames per second")
+  _define(flags.DEFINE_integer, "height", None, "pixels (default: the first model's training resolution)")
+  _define(flags.DEFINE_integer, "width", None, "pixels (default: the first model's training resolution)")
+  _define(flags.DEFINE_string, "out", "eval", "output directory")
+  _define(flags.DEFINE_integer, "seed", 0, "noise seed (shared by all models)")
+  _define(flags.DEFINE_float, "good_psnr", 20.0, "PSNR threshold (dB) of the good horizon")
+  _define(flags.DEFINE_integer, "chunk_frames", 24, "latent frames per compiled DiT call")
+  _define(flags.DEFINE_float, "gif_seconds", 4.0, "GIF length in seconds")
+  _define(flags.DEFINE_string, "benchmark_json", None, "JSON file {model name: benchmark figures}")
+  _define(flags.DEFINE_bool, "progress", True, "progress bars")
+
 
 OPTION_KEYS = {"steps": ("num_steps", int), "num_steps": ("num_steps", int), "shift": ("shift", float),
                "guidance": ("guidance", float), "recycle": ("recycle", lambda v: v.lower() in ("1", "true", "yes")),
@@ -99,6 +108,8 @@ def parse_models(text: str) -> dict[str, dict]:
 
 
 def main(argv):
+  if not FLAGS.models:
+    raise app.UsageError("--models is required")
   del argv
   from apt2_jax import evaluation
   entries = parse_models(FLAGS.models)
@@ -113,8 +124,8 @@ def main(argv):
     specs[name] = spec
   report = evaluation.evaluate_models(
       specs, world=FLAGS.world, num_worlds=FLAGS.num_worlds,
-      seconds=[float(s) for s in FLAGS.seconds], fps=FLAGS.fps, height=FLAGS.height,
-      width=FLAGS.width, out_dir=FLAGS.out, seed=FLAGS.seed, progress=FLAGS.progress,
+      seconds=[float(s) for s in FLAGS.seconds], fps=FLAGS.fps, height=FLAGS.height or None,
+      width=FLAGS.width or None, out_dir=FLAGS.out, seed=FLAGS.seed, progress=FLAGS.progress,
       good_psnr=FLAGS.good_psnr, chunk_frames=FLAGS.chunk_frames, gif_seconds=FLAGS.gif_seconds)
   for name, model in report["models"].items():
     for duration, s in model["summary"].items():
@@ -126,4 +137,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -256,6 +256,7 @@ def test_cli_from_training_workdir(tiny_spec, tmp_path, capsys):
   out = tmp_path / "eval"
   argv = ["evaluate", f"--models=aapt={workdir}", "--seconds=0.5", f"--out={out}", "--num_worlds=1",
           "--chunk_frames=2", "--noprogress", "--gif_seconds=0.5"]
+  evaluate_cli.define_flags()
   flags.FLAGS.unparse_flags()
   flags.FLAGS(argv)
   try:

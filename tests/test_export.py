@@ -78,6 +78,7 @@ def test_sample_cli_from_bundle(bundle, tmp_path):
   mp4 = str(tmp_path / "out.mp4")
   argv = ["sample", f"--checkpoint={out}", f"--image={image}", f"--controls={controls}",
           "--num_frames=13", f"--out={mp4}"]
+  sample.define_flags()
   flags.FLAGS.unparse_flags()
   flags.FLAGS(argv)
   sample.main(argv[:1])

@@ -21,17 +21,24 @@ from absl import app, flags
 from apt2_jax import media
 from apt2_jax.inference import controls as controls_lib
 
-flags.DEFINE_string("checkpoint", None, "export bundle or training workdir", required=True)
-flags.DEFINE_string("image", None, "first frame (PNG/JPEG), resized to the model's resolution",
-                    required=True)
-flags.DEFINE_string("controls", None, "controls JSON file (see apt2_jax/inference/controls.py)")
-flags.DEFINE_integer("num_frames", 33, "video frames to write, 1 + 4k")
-flags.DEFINE_string("out", "sample.mp4", "output MP4; the GIF goes next to it")
-flags.DEFINE_string("text", "", "prompt (a controls-file step's 'text' changes it mid-video)")
-flags.DEFINE_integer("seed", 0, "noise seed")
-flags.DEFINE_float("fps", 24.0, "frame rate of the written video")
-flags.DEFINE_integer("height", 0, "override the resolution (0: the checkpoint's)")
-flags.DEFINE_integer("width", 0, "override the resolution (0: the checkpoint's)")
+
+def define_flags():
+  """Defines the command-line flags: only when run as a program (or by a test), so that
+  importing this module next to other CLIs defines nothing; names already defined are kept."""
+  def _define(fn, name, *args, **kwargs):
+    if name not in flags.FLAGS:
+      fn(name, *args, **kwargs)
+  _define(flags.DEFINE_string, "checkpoint", None, "export bundle or training workdir")
+  _define(flags.DEFINE_string, "image", None, "first frame (PNG/JPEG), resized to the model's resolution")
+  _define(flags.DEFINE_string, "controls", None, "controls JSON file (see apt2_jax/inference/controls.py)")
+  _define(flags.DEFINE_integer, "num_frames", 33, "video frames to write, 1 + 4k")
+  _define(flags.DEFINE_string, "out", "sample.mp4", "output MP4; the GIF goes next to it")
+  _define(flags.DEFINE_string, "text", "", "prompt (a controls-file step's 'text' changes it mid-video)")
+  _define(flags.DEFINE_integer, "seed", 0, "noise seed")
+  _define(flags.DEFINE_float, "fps", 24.0, "frame rate of the written video")
+  _define(flags.DEFINE_integer, "height", 0, "override the resolution (0: the checkpoint's)")
+  _define(flags.DEFINE_integer, "width", 0, "override the resolution (0: the checkpoint's)")
+
 FLAGS = flags.FLAGS
 
 
@@ -70,6 +77,10 @@ def _as_user_control(parsed, kind):
 
 
 def main(argv):
+  if not FLAGS.checkpoint:
+    raise app.UsageError("--checkpoint is required")
+  if not FLAGS.image:
+    raise app.UsageError("--image is required")
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if FLAGS.num_frames < 5 or (FLAGS.num_frames - 1) % 4:
@@ -110,4 +121,5 @@ def _control_type_of(checkpoint: str):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -33,16 +33,24 @@ import numpy as np
 
 from apt2_jax.models import vae as vae_lib
 
-_VAE = flags.DEFINE_string("vae", None, "VAE workdir or diffusers AutoencoderKLWan folder.")
-_DATASET = flags.DEFINE_string("dataset", None, "Source TFDS name (e.g. apt2_worlds/camera).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Source TFDS data_dir.")
-_SPLITS = flags.DEFINE_list("splits", ["train", "validation", "test"], "Splits to encode.")
-_VIDEO_KEY = flags.DEFINE_string("video_key", "video", "Feature holding uint8 video.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output data_dir.")
-_OUT_NAME = flags.DEFINE_string("out_name", None, "Output dataset name (TFDS name[/config]).")
-_FORMAT = flags.DEFINE_enum("format", "tfds", ["tfds", "array_record"], "Output format.")
-_BATCH = flags.DEFINE_integer("batch_size", 4, "Clips encoded together (same shapes).")
-_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Per split; 0 = all.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defines the command-line flags (only when run as a program), keeping names already defined."""
+  def _define(fn, name, *args, **kwargs):
+    if name not in flags.FLAGS:
+      fn(name, *args, **kwargs)
+  _define(flags.DEFINE_string, "vae", None, "VAE workdir or diffusers AutoencoderKLWan folder.")
+  _define(flags.DEFINE_string, "dataset", None, "Source TFDS name (e.g. apt2_worlds/camera).")
+  _define(flags.DEFINE_string, "data_dir", None, "Source TFDS data_dir.")
+  _define(flags.DEFINE_list, "splits", ["train", "validation", "test"], "Splits to encode.")
+  _define(flags.DEFINE_string, "video_key", "video", "Feature holding uint8 video.")
+  _define(flags.DEFINE_string, "out_dir", None, "Output data_dir.")
+  _define(flags.DEFINE_string, "out_name", None, "Output dataset name (TFDS name[/config]).")
+  _define(flags.DEFINE_enum, "format", "tfds", ["tfds", "array_record"], "Output format.")
+  _define(flags.DEFINE_integer, "batch_size", 4, "Clips encoded together (same shapes).")
+  _define(flags.DEFINE_integer, "max_examples", 0, "Per split; 0 = all.")
 
 
 def to_model_frames(video: np.ndarray) -> np.ndarray:
@@ -128,36 +136,37 @@ def main(argv):
   del argv
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from apt2_jax.stages.vae import load_vae  # pylint: disable=g-import-not-at-top
-  model, params = load_vae(_VAE.value)
+  model, params = load_vae(FLAGS.vae)
   params = jax.device_put(params)
-  builder = tfds.builder(_DATASET.value, data_dir=_DATA_DIR.value)
+  builder = tfds.builder(FLAGS.dataset, data_dir=FLAGS.data_dir)
   encoded = {}
-  for split in _SPLITS.value:
+  for split in FLAGS.splits:
     if split not in builder.info.splits:
       continue
     source = builder.as_data_source(split=split)
-    n = len(source) if not _MAX_EXAMPLES.value else min(len(source), _MAX_EXAMPLES.value)
+    n = len(source) if not FLAGS.max_examples else min(len(source), FLAGS.max_examples)
     examples = (source[i] for i in range(n))
-    encoded[split] = list(encode_examples(model, params, examples, _BATCH.value, _VIDEO_KEY.value))
+    encoded[split] = list(encode_examples(model, params, examples, FLAGS.batch_size, FLAGS.video_key))
     logging.info("%s: encoded %d clips", split, n)
-  metadata = {"vae": _VAE.value, "vae_config": {
+  metadata = {"vae": FLAGS.vae, "vae_config": {
       k: v for k, v in model.config.__dict__.items() if k != "dtype"}}
-  if _FORMAT.value == "array_record":
-    out = os.path.join(_OUT_DIR.value, _OUT_NAME.value.replace("/", "_"))
+  if FLAGS.format == "array_record":
+    out = os.path.join(FLAGS.out_dir, FLAGS.out_name.replace("/", "_"))
     for split, examples in encoded.items():
       write_records(os.path.join(out, f"{split}.array_record"), examples)
     with open(os.path.join(out, "metadata.json"), "w") as f:
       json.dump(metadata, f, indent=2, default=list)
     return
   first = next(iter(encoded.values()))[0]
-  name, _, config = _OUT_NAME.value.partition("/")
+  name, _, config = FLAGS.out_name.partition("/")
   tfds.dataset_builders.store_as_tfds_dataset(
-      name=name, config=config or None, version="1.0.0", data_dir=_OUT_DIR.value,
-      features=_latent_features(builder.info.features, _VIDEO_KEY.value, first["latents"].shape),
+      name=name, config=config or None, version="1.0.0", data_dir=FLAGS.out_dir,
+      features=_latent_features(builder.info.features, FLAGS.video_key, first["latents"].shape),
       split_datasets=encoded, file_format="array_record",
-      description=f"Latents of {_DATASET.value}: {json.dumps(metadata, default=list)}")
+      description=f"Latents of {FLAGS.dataset}: {json.dumps(metadata, default=list)}")
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["vae", "dataset", "out_dir", "out_name"])
   app.run(main)
