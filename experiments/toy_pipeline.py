@@ -25,10 +25,13 @@ _VARIANTS = {
                  steps=dict(vae=3, pretrain=2, adapt=2, distill=2, adversarial=2, adversarial_teacher_forcing=1,
                             adversarial_no_recycle=1, long_video=1),
                  lr=1e-3, gan_lr=1e-4, euler_steps=4, worlds=1, durations=(1.0,)),
-    "demo": dict(model="toy", vae="small", pixels=64, frames=17, segments=(4, 1, 3), batch=8, pool=48,
-                 steps=dict(vae=400, pretrain=300, adapt=300, distill=150, adversarial=80,
-                            adversarial_teacher_forcing=30, adversarial_no_recycle=30, long_video=20),
-                 lr=1e-3, gan_lr=5e-5, euler_steps=8, worlds=2, durations=(10.0,)),
+    # Sized to the 2-core CPU: XLA compiles dominate; the steps are enough to watch the losses and
+    # the realism gap move, not for quality (that is `full`).
+    "demo": dict(model="toy", vae="small", vae_base_dim=16, vae_frames=9, vae_batch=4, pixels=64, frames=9,
+                 segments=(2, 1, 3), batch=8, pool=32,
+                 steps=dict(vae=60, pretrain=60, adapt=60, distill=30, adversarial=20,
+                            adversarial_teacher_forcing=6, adversarial_no_recycle=6, long_video=4),
+                 lr=1e-3, gan_lr=5e-5, euler_steps=8, worlds=1, durations=(4.0,)),
     "full": dict(model="small", vae="small", pixels=64, frames=17, segments=(4, 1, 6), batch=16, pool=1024,
                  steps=dict(vae=6000, pretrain=8000, adapt=8000, distill=3000, adversarial=2000,
                             adversarial_teacher_forcing=2000, adversarial_no_recycle=2000, long_video=800),
@@ -73,9 +76,12 @@ def get_config(arg: str = "demo"):
 
   s = ml_collections.ConfigDict()
   vae = vae_configs.get_config(v["vae"])
+  if v.get("vae_base_dim"):
+    vae.vae.base_dim = v["vae_base_dim"]
   vae.data.source = "worlds"
-  vae.data.update(dict(world=world, height=v["pixels"], width=v["pixels"], frames=v["frames"], pool_size=v["pool"]))
-  vae.batch_size = v["batch"]
+  vae.data.update(dict(world=world, height=v["pixels"], width=v["pixels"], frames=v.get("vae_frames", v["frames"]),
+                       pool_size=v["pool"]))
+  vae.batch_size = v.get("vae_batch", v["batch"])
   vae.num_steps = v["steps"]["vae"]
   vae.checkpoint_every = max(1, vae.num_steps // 4)
   vae.log_every = max(1, min(20, vae.num_steps // 10))
