@@ -123,8 +123,8 @@ class RMSNorm(nn.Module):
     return (y * scale).astype(x.dtype)
 
 
-class SelfAttention(nn.Module):
-  """Wan2.1 self-attention (attn1): q/k/v projections, QK-RMSNorm across heads, 3D RoPE."""
+class _Projections(nn.Module):
+  """Wan2.1 attention parameters: to_q/to_k/to_v/to_out and RMSNorm of q and k across heads."""
   config: object
 
   def setup(self):
@@ -135,6 +135,10 @@ class SelfAttention(nn.Module):
     self.to_out = dense(c.dim, ("heads", "embed"), "to_out", c)
     self.norm_q = RMSNorm(c.eps)
     self.norm_k = RMSNorm(c.eps)
+
+
+class SelfAttention(_Projections):
+  """Wan2.1 self-attention (attn1): q/k/v projections, QK-RMSNorm across heads, 3D RoPE."""
 
   def __call__(self, x, spatial, *, mode: str, layer_cache=None, index=None, full_positions=None):
     """x: [B, F, P, dim]; spatial: [P, head_dim/2] spatial RoPE angles.
@@ -173,18 +177,8 @@ class SelfAttention(nn.Module):
     return out, new_cache
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
   """Wan2.1 cross-attention (attn2) from video tokens to text tokens; text never sees video."""
-  config: object
-
-  def setup(self):
-    c = self.config
-    self.to_q = dense(c.dim, ("embed", "heads"), "to_q", c)
-    self.to_k = dense(c.dim, ("embed", "heads"), "to_k", c)
-    self.to_v = dense(c.dim, ("embed", "heads"), "to_v", c)
-    self.to_out = dense(c.dim, ("heads", "embed"), "to_out", c)
-    self.norm_q = RMSNorm(c.eps)
-    self.norm_k = RMSNorm(c.eps)
 
   def text_kv(self, text):
     """text: [B, T, dim] (projected). Returns {'k', 'v'}: [B, T, H, D]."""
