@@ -28,9 +28,10 @@ demo: $(VENV)/.installed-core
 	XLA_FLAGS="$${XLA_FLAGS:---xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true}" \
 	  $(PY) -m apt2_jax.main --config=experiments/toy_pipeline.py:demo --workdir=demo_out/pipeline
 
-# Stream 120 latent frames from the random-weight `small` model and print latency / fps.
+# Stream 120 latent frames from the random-weight `small` model and print latency / fps
+# (64x64 pixels: the CPU-real-time setting; --height/--width for more).
 stream: $(VENV)/.installed-core
-	$(PY) -m apt2_jax.demo --size=small --frames=120
+	$(PY) -m apt2_jax.demo --size=small --frames=120 --height=64 --width=64
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -m "not slow and not e2e" -n $(PYTEST_WORKERS) --durations=15 tests

@@ -134,12 +134,9 @@ def stream(size="small", frames=120, height=256, width=256, vae_size=None, seed=
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "stream.json"), "w") as f:
       json.dump(result, f, indent=2)
-    try:
-      from apt2_jax import media
-      media.write_video(os.path.join(out_dir, "stream.mp4"), frames_u8, fps=24)
-      media.write_gif(os.path.join(out_dir, "stream.gif"), frames_u8[:97], fps=24)
-    except ImportError:
-      pass
+    from apt2_jax import media
+    media.write_mp4(os.path.join(out_dir, "stream.mp4"), frames_u8, fps=24)
+    media.write_gif(os.path.join(out_dir, "stream.gif"), frames_u8[:97], fps=24)
   log(f"[demo] {frames} latent frames ({1 + 4 * frames} video frames): DiT step "
       f"{result['step_latency_ms']:.1f} ms, VAE decode {result['decode_latency_ms']:.1f} ms per latent frame "
       f"-> {result['fps']:.1f} fps (DiT alone {result['dit_fps']:.1f} fps)")
