@@ -74,6 +74,21 @@ def test_adversarial_step_on_8_devices_equals_1_device(single):
                  new8[name], new1[name])
 
 
+def test_one_rollout_vjp_step_equals_rollout_per_gradient(single):
+  """micro=1 reuses one rollout for D and (by its VJP) for G; micro=2 rolls out again inside G's
+  gradient of each half batch. Same losses and the same updates (losses are batch means)."""
+  config, _, new1, metrics1 = single
+  config2 = _config(microbatches=2)
+  mesh, stage, state, batch, _ = _build(config2, jax.devices()[:1])
+  with sharding.use_mesh(mesh):
+    new2, metrics2 = jax.jit(stage.train_step)(state, stage.frozen, batch, jax.random.key(5))
+  for k in ("g_loss", "d_loss", "r1", "r2"):
+    np.testing.assert_allclose(float(metrics2[k]), float(metrics1[k]), rtol=1e-4, atol=1e-6)
+  for name in ("params", "d_params"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-3),
+                 new2[name], new1[name])
+
+
 def test_teacher_forcing_variant_recycles_real_frames():
   config = _config("tiny,variant=teacher_forcing")
   mesh, stage, state, batch, _ = _build(config, jax.devices()[:1])

@@ -146,13 +146,23 @@ class AdversarialStage(train.Stage):
   # ---------------------------------------------------------------------------------------------
   # Losses
   # ---------------------------------------------------------------------------------------------
+  def d_logits_many(self, d_params, pairs, mb):
+    """D's logits for several (judged, recycled) pairs of one batch in a single pass, the pairs
+    stacked on the batch axis (D treats rows independently), with the batch's controls, text,
+    t_d and d_eps for each. One pass instead of several keeps the compiled step small."""
+    n = len(pairs)
+    tile = lambda x: None if x is None else jnp.concatenate([x] * n, axis=0)
+    logits = self.d_logits(d_params, jnp.concatenate([p[0] for p in pairs], axis=0),
+                           jnp.concatenate([p[1] for p in pairs], axis=0),
+                           *(tile(mb[k]) for k in ("controls", "text", "t_d", "d_eps")))
+    return jnp.split(logits, n, axis=0)
+
   def d_loss_fn(self, d_params, mb, mask=None):
     a = self.config.adversarial
-    args = (mb["controls"], mb["text"], mb["t_d"], mb["d_eps"])
-    real = self.d_logits(d_params, mb["real"], mb["real_recycled"], *args)
-    fake = self.d_logits(d_params, mb["fake"], mb["fake_recycled"], *args)
-    real_p = self.d_logits(d_params, mb["real"] + self.sigma * mb["n_real"], mb["real_recycled"], *args)
-    fake_p = self.d_logits(d_params, mb["fake"] + self.sigma * mb["n_fake"], mb["fake_recycled"], *args)
+    real, fake, real_p, fake_p = self.d_logits_many(d_params, (
+        (mb["real"], mb["real_recycled"]), (mb["fake"], mb["fake_recycled"]),
+        (mb["real"] + self.sigma * mb["n_real"], mb["real_recycled"]),
+        (mb["fake"] + self.sigma * mb["n_fake"], mb["fake_recycled"])), mb)
     if mask is not None:  # long video: only the segment's new frames are judged
       real, fake, real_p, fake_p = (x[:, mask] for x in (real, fake, real_p, fake_p))
     adv = gan.discriminator_loss(real, fake, a.loss_type)
@@ -166,9 +176,9 @@ class AdversarialStage(train.Stage):
     return self._g_loss_on(d_params, mb, fake, self.fake_recycled(mb["first"], fake, mb["real_recycled"]))
 
   def _g_loss_on(self, d_params, mb, fake, fake_recycled, mask=None):
-    args = (mb["controls"], mb["text"], mb["t_d"], mb["d_eps"])
-    real = jax.lax.stop_gradient(self.d_logits(d_params, mb["real"], mb["real_recycled"], *args))
-    fake_logits = self.d_logits(d_params, fake, fake_recycled, *args)
+    real, fake_logits = self.d_logits_many(d_params, ((jax.lax.stop_gradient(mb["real"]), mb["real_recycled"]),
+                                                      (fake, fake_recycled)), mb)
+    real = jax.lax.stop_gradient(real)
     if mask is not None:
       real, fake_logits = real[:, mask], fake_logits[:, mask]
     loss = gan.generator_loss(real, fake_logits, self.config.adversarial.loss_type)
@@ -193,11 +203,18 @@ class AdversarialStage(train.Stage):
   def train_step(self, state, frozen, batch, rng):
     micro = int(self.config.get("microbatches", 1))
     mb = self.draw(frozen, batch, rng)
-    # D sees G's current samples (no gradient to G here).
-    fake, _ = self.generate(state["params"], mb["first"], mb["eps"], mb["controls"], mb["text"],
-                            mb["real_recycled"])
-    fake = jax.lax.stop_gradient(fake)
-    mb_d = dict(mb, fake=fake, fake_recycled=self.fake_recycled(mb["first"], fake, mb["real_recycled"]))
+    if micro == 1:
+      # One rollout serves both updates: D trains on its (detached) frames, then G's gradient is
+      # its loss's gradient w.r.t. those frames (under the updated D) pulled back through the same
+      # rollout's VJP. Identical to differentiating a second rollout, at one rollout's cost.
+      def frames_of(params):
+        fake, _ = self.generate(params, mb["first"], mb["eps"], mb["controls"], mb["text"], mb["real_recycled"])
+        return fake
+      fake, pullback = jax.vjp(frames_of, state["params"])
+    else:  # microbatches bound memory: each G microbatch rolls out again inside its gradient
+      fake, _ = self.generate(state["params"], mb["first"], mb["eps"], mb["controls"], mb["text"], mb["real_recycled"])
+    fake_d = jax.lax.stop_gradient(fake)
+    mb_d = dict(mb, fake=fake_d, fake_recycled=self.fake_recycled(mb["first"], fake_d, mb["real_recycled"]))
     d_params, d_opt_state = state["d_params"], state["d_opt_state"]
     for i in range(int(self.config.adversarial.d_steps)):
       if i:  # fresh D noise for the extra D steps
@@ -206,8 +223,15 @@ class AdversarialStage(train.Stage):
                     d_eps=jax.random.normal(ks[1], mb["real"].shape), n_real=jax.random.normal(ks[2], mb["real"].shape))
       d_grads, d_metrics = train.accumulate_gradients(self.d_loss_fn, d_params, mb_d, micro)
       d_params, d_opt_state, d_extra = train.apply_gradients(self.d_tx, d_params, d_opt_state, d_grads)
-    g_grads, g_metrics = train.accumulate_gradients(functools.partial(self.g_loss_fn, d_params=d_params),
-                                                    state["params"], mb, micro)
+    if micro == 1:
+      def loss_of_frames(frames):
+        return self._g_loss_on(d_params, mb, frames, self.fake_recycled(mb["first"], frames, mb["real_recycled"]))
+      (g_loss, g_metrics), g_frames = jax.value_and_grad(loss_of_frames, has_aux=True)(fake_d)
+      (g_grads,) = pullback(g_frames)
+      g_metrics = dict(g_metrics, loss=g_loss)
+    else:
+      g_grads, g_metrics = train.accumulate_gradients(functools.partial(self.g_loss_fn, d_params=d_params),
+                                                      state["params"], mb, micro)
     params, opt_state, g_extra = train.apply_gradients(self.tx, state["params"], state["opt_state"], g_grads)
     return self._finish(state, params, opt_state, d_params, d_opt_state, g_metrics, d_metrics, g_extra, d_extra)
 
