@@ -19,12 +19,14 @@ Streaming figures (one latent frame = 4 video frames per DiT step):
   nfe_speedup             peer-style block (k denoising passes + 1 clean cache-writing pass,
                           `rollout.generator_step`, num_steps=k, cache_from="clean") / 1-NFE step
   latency_growth          step at frame 1000 / step at frame 50 (positions are bounded: ~1)
-Training figures (stage 1: teacher forcing; stage 3: the generator's student-forcing step): step
-time, tokens/s per device, MFU (model FLOPs, remat not counted) and peak bytes per device from
-`memory_analysis()`.
+Training figures (stage 1: teacher forcing; stage 3: one whole AAPT step, a D update and a G
+update): step time, tokens/s per device (generated tokens for stage 3), MFU (model FLOPs, remat not
+counted) and peak bytes per device from `memory_analysis()`.
 
-The training steps are built here (`stage1_train_step`, `stage3_generator_step`) from the model,
-`rollout.rollout` and optax: the same computation as the trainers, for measurement only.
+The stage-1 step is built here (`stage1_train_step`: the teacher-forced rectified-flow loss with
+AdamW, as `stages/diffusion.py` computes it); the stage-3 step is the trainer's own
+(`stages/adversarial.AdversarialStage` under `train.guarded_step`: student-forcing rollout, the
+real discriminator with its per-frame heads, approximated R1/R2, both optimisers and the EMA).
 """
 from __future__ import annotations
 
@@ -408,46 +410,45 @@ def stage1_train_step(model, optimizer, shift: float):
   return step
 
 
-def stage3_generator_step(model, disc_model, optimizer, remat: str):
-  """Generator step of adversarial post-training with student forcing (relativistic loss).
+def stage3_config(s: "Setup", batch: int, steps: int):
+  """The stage-3 trainer config (`experiments/stage3_adversarial.py`) for the benchmark's model:
+  `steps` generated latent frames per rollout, the benchmark's mesh, rules and rollout remat."""
+  import ml_collections
+  from experiments import common, stage3_adversarial
+  c = s.config
+  base = c.size if c.size in common.SIZES else "small"
+  c3 = stage3_adversarial.get_config(base)
+  c3.model = ml_collections.ConfigDict(c.model.to_dict())
+  c3.model.recycled_channels = True
+  c3.model.control_channels = 0
+  c3.data.update(dict(source="random_latents", height=int(c.height), width=int(c.width), frames=1 + 4 * steps,
+                      control_dim=0, text_len=int(c.text_len)))
+  c3.batch_size = batch
+  c3.mesh = ml_collections.ConfigDict(dict(c.mesh))
+  c3.logical_rules = tuple(c.logical_rules)
+  c3.adversarial.rollout_remat = c.train.remat
+  c3.seed = int(c.seed)
+  return c3
 
-  G rolls out from the real first frame with its KV cache (recycled input detached, gradients
-  through the cache, remat per step); D, here the same block-causal backbone with a per-frame mean
-  of its output as the logit, judges each generated frame (noised at its own t ~ U(0, 1), noise
-  slot) given the previous frame, and the real clip likewise. L_G = softplus(D(real) - D(fake)).
 
-  batch: clip [B, S + 1, h, w, C] real, text, noise [B, S, h, w, C] for G, d_noise and d_u for D.
-  """
+def stage3_trainer_step(s: "Setup", batch: int, steps: int, h: int, w: int):
+  """(stage, jitted guarded step, abstract state with shardings, abstract batch with shardings)."""
   jax = _jax()
   import jax.numpy as jnp
-  import optax
-  from apt2_jax.models import CausalDiT, kv_cache
-  from apt2_jax.rollout import RolloutOptions, rollout
-
-  def logits(d_params, frames, recycled, batch):
-    u = batch["d_u"]
-    x_t = (1 - u[:, None, None, None, None]) * frames + u[:, None, None, None, None] * batch["d_noise"]
-    v = disc_model.apply({"params": d_params}, x_t, recycled, None, u, batch["text"], mode="block_causal")
-    return jnp.mean(v, axis=(2, 3, 4))  # [B, S]
-
-  def loss_fn(g_params, d_params, batch):
-    clip = batch["clip"]
-    b, _, h, w, _ = clip.shape
-    tkv = model.apply({"params": g_params}, batch["text"], method=CausalDiT.encode_text)
-    cache = kv_cache.init_cache(model.config, b, h, w)
-    fake, _ = rollout(model, g_params, clip[:, :1], tkv, batch["noise"], cache=cache,
-                      options=RolloutOptions(remat=remat))
-    fake_recycled = jnp.concatenate([clip[:, :1], jax.lax.stop_gradient(fake[:, :-1])], axis=1)
-    d_fake = logits(d_params, fake, fake_recycled, batch)
-    d_real = logits(d_params, clip[:, 1:], clip[:, :-1], batch)
-    return jnp.mean(jax.nn.softplus(d_real - d_fake))
-
-  def step(state, d_params, batch):
-    params, opt_state = state
-    loss, grads = jax.value_and_grad(loss_fn)(params, d_params, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
-  return step
+  from apt2_jax import sharding, train
+  from apt2_jax.stages import adversarial
+  c3 = stage3_config(s, batch, steps)
+  stage = adversarial.make_stage(c3, s.mesh)
+  abstract, shardings = train.state_shardings(stage, s.mesh, s.rules, jax.random.key(0))
+  state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+  text = jax.eval_shape(lambda: s.text(batch, jax.random.key(0)))
+  lat = (batch, steps + 1, h, w, s.model_config.latent_channels)
+  b = {"latents": jax.ShapeDtypeStruct(lat, jnp.float32, sharding=s.batch_sharding(lat)),
+       "text_tokens": jax.ShapeDtypeStruct(text.shape, text.dtype, sharding=s.batch_sharding(text.shape))}
+  fn = jax.jit(train.guarded_step(stage, c3.seed),
+               in_shardings=(shardings, {}, jax.tree.map(lambda x: x.sharding, b)),
+               out_shardings=(shardings, sharding.replicated(s.mesh)), donate_argnums=(0,))
+  return stage, fn, state, b
 
 
 def _opt_shardings(optimizer, params_abstract, p_shard, mesh):
@@ -467,12 +468,11 @@ def train_step_builders(s: Setup, batch: int, frames: int, steps: int, abstract:
   """
   jax = _jax()
   import jax.numpy as jnp
-  import optax
-  from apt2_jax.models import CausalDiT
+  from apt2_jax.models.dit import unbox
   c, mc, (h, w) = s.config, s.model_config, s.latent_hw
   ch = mc.latent_channels
   params_abstract = _unboxed(s)
-  adamw, rmsprop = _optimizer("stage1"), _optimizer("stage3")
+  adamw = _optimizer("stage1")
   text_shape = jax.eval_shape(lambda: s.text(batch, jax.random.key(0)))
   t_spec = jax.ShapeDtypeStruct(text_shape.shape, text_shape.dtype, sharding=s.batch_sharding(text_shape.shape))
 
@@ -496,15 +496,10 @@ def train_step_builders(s: Setup, batch: int, frames: int, steps: int, abstract:
                out_shardings=(sh1, None), donate_argnums=(0,))
   out["stage1"] = (f1, (st1, b1))
 
-  disc = CausalDiT(mc)
-  st3, sh3 = state_spec(rmsprop)
-  d_spec = st3[0]
-  b3 = dict(clip=spec((batch, steps + 1, h, w, ch)), noise=spec((batch, steps, h, w, ch)),
-            d_noise=spec((batch, steps, h, w, ch)), d_u=spec((batch,)), text=t_spec)
-  b3_shard = jax.tree.map(lambda x: x.sharding, b3)
-  f3 = jax.jit(stage3_generator_step(s.model, disc, rmsprop, c.train.remat),
-               in_shardings=(sh3, s.param_sharding, b3_shard), out_shardings=(sh3, None), donate_argnums=(0,))
-  out["stage3"] = (f3, (st3, d_spec, b3))
+  stage3, f3, st3, b3 = stage3_trainer_step(s, batch, steps, h, w)
+  out["stage3"] = (f3, (st3, {}, b3))
+  out["stage3_init"] = lambda seed: jax.jit(lambda r: unbox(stage3.init_state(r)),
+                                            out_shardings=jax.tree.map(lambda x: x.sharding, st3))(jax.random.key(seed))
   return out
 
 
@@ -540,22 +535,26 @@ def training_figures(s: Setup, params, peak: float) -> dict:
       fn, (state_spec, *rest) = fns[name]
       compiled = fn.lower(state_spec, *rest).compile()
       out[f"{name}_peak_bytes_per_device"] = memory_bytes(compiled)
-      p = jax.tree.map(lambda x: x.copy(), params)  # the state is donated; `params` stays
-      opt = _optimizer(name)
-      o_shard = jax.tree.map(lambda x: x.sharding, state_spec[1])
-      state = (p, jax.jit(opt.init, out_shardings=o_shard)(p))
-      inputs = [_materialise(r, c.seed + 10) if i == len(rest) - 1 else params for i, r in enumerate(rest)]
-      ms, _ = time_carry_ms(lambda st: compiled(st, *inputs)[0], state, reps=c.train.reps, warmup=1)
+      batch = _materialise(rest[-1], c.seed + 10)
       if name == "stage1":
+        p = jax.tree.map(lambda x: x.copy(), params)  # the state is donated; `params` stays
+        opt = _optimizer(name)
+        o_shard = jax.tree.map(lambda x: x.sharding, state_spec[1])
+        state = (p, jax.jit(opt.init, out_shardings=o_shard)(p))
+        run_step = lambda st: compiled(st, batch)[0]
         fl = flops.stage1_train_flops(mc, batch=tb, frames=frames, tokens=s.tokens, text_len=c.text_len)
         tokens = tb * frames * s.tokens
-      else:
-        fl = flops.stage3_generator_flops(mc, mc, batch=tb, steps=steps, tokens=s.tokens, text_len=c.text_len)
+      else:  # the trainer's state: G, D, both optimisers, EMA, counters (random init)
+        state = fns["stage3_init"](c.seed)
+        run_step = lambda st: compiled(st, {}, batch)[0]
+        fl = flops.stage3_step_flops(mc, batch=tb, steps=steps, tokens=s.tokens, text_len=c.text_len)
         tokens = tb * steps * s.tokens
+      ms, _ = time_carry_ms(run_step, state, reps=c.train.reps, warmup=1)
       out[f"{name}_step_ms"] = ms
       out[f"{name}_flops"] = fl
       out[f"{name}_tokens_per_s_per_device"] = tokens / (ms / 1e3) / ndev
       out[f"{name}_mfu"] = fl / (ms / 1e3) / peak
+    out["stage3_step"] = "stages/adversarial.py: 1 D update (4 clips: real, fake, perturbed) + 1 G update"
   return out
 
 
@@ -649,8 +648,8 @@ def aot_case(name: str, case: dict, *, size: str = "apt2_8b", mfu: float = 0.4, 
         fl = flops.stage1_train_flops(mc, batch=case["batch"], frames=case["frames"], tokens=s.tokens,
                                       text_len=config.text_len)
       else:
-        fl = flops.stage3_generator_flops(mc, mc, batch=case["batch"], steps=case["frames"],
-                                          tokens=s.tokens, text_len=config.text_len)
+        fl = flops.stage3_step_flops(mc, batch=case["batch"], steps=case["frames"], tokens=s.tokens,
+                                     text_len=config.text_len)
       row["frames"] = case["frames"]
   row["compile_s"] = time.perf_counter() - t0
   row["flops_per_step"] = fl
@@ -766,7 +765,7 @@ _TABLE_ROWS = [
     ("NFE speedup", "{nfe_speedup:.2f}x  (peer block, k={peer_steps}: {peer_block_latency_ms:.2f} ms)"),
     ("stage-1 step", "{stage1_step_ms:.1f} ms, {stage1_tokens_per_s_per_device:,.0f} tokens/s/device, "
                      "MFU {stage1_mfu:.3f}, peak {stage1_peak_bytes_per_device:,} B/device"),
-    ("stage-3 G step", "{stage3_step_ms:.1f} ms, {stage3_tokens_per_s_per_device:,.0f} tokens/s/device, "
+    ("stage-3 step", "{stage3_step_ms:.1f} ms, {stage3_tokens_per_s_per_device:,.0f} tokens/s/device, "
                        "MFU {stage3_mfu:.3f}, peak {stage3_peak_bytes_per_device:,} B/device"),
 ]
 

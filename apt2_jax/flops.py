@@ -127,13 +127,19 @@ def rollout_flops(config, *, batch: int, steps: int, tokens: int, text_len: int,
              for i in range(steps))
 
 
-def stage3_generator_flops(config, disc_config, *, batch: int, steps: int, tokens: int, text_len: int) -> int:
-  """Generator step of stage 3: student-forcing rollout (forward + backward = 3x), the
-  discriminator on the fake clip (forward + backward to its inputs = 2x) and on the real clip
-  (forward only), over `steps + 1` frames (the first frame and the rollout), plus the prompt's
-  text keys/values (3x: gradients reach the generator's text projections)."""
+def stage3_step_flops(config, *, batch: int, steps: int, tokens: int, text_len: int, d_steps: int = 1,
+                      d_head_flops: int = 0) -> int:
+  """One AAPT step of `stages/adversarial.py` (discriminator = the same backbone):
+
+  G: the student-forcing rollout of `steps` frames, forward + backward (3x), and the prompt's
+     text keys/values (3x);
+  D update (`d_steps` times): real, fake and their two perturbed copies (approximated R1/R2), each
+     a block-causal pass over the `steps` judged frames, forward + backward (4 x 3x);
+  G update through D: the real clip forward (1x) and the fake clip forward + backward to its
+     inputs (2x; D's weights get no gradient there).
+  """
   g = 3 * rollout_flops(config, batch=batch, steps=steps, tokens=tokens, text_len=text_len)
   g += 3 * text_kv_flops(config, batch=batch, text_len=text_len)
-  d_fwd = forward_flops(disc_config, batch=batch, frames=steps + 1, tokens=tokens, text_len=text_len,
-                        mode="block_causal")["total"]
-  return g + 3 * d_fwd
+  d_fwd = forward_flops(config, batch=batch, frames=steps, tokens=tokens, text_len=text_len,
+                        mode="block_causal")["total"] + d_head_flops
+  return int(g + (12 * d_steps + 3) * d_fwd)

@@ -99,7 +99,7 @@ def run_pipeline(config, workdir: str) -> dict:
   report = {}
   if config.evaluation.enabled:
     _log(f"evaluation on {config.evaluation.num_worlds} held-out {config.world} worlds, "
-         f"{config.evaluation.seconds:g} s rollouts; {(time.time() - start) / 60:.1f} min elapsed")
+         f"{', '.join(f'{float(d):g}' for d in config.evaluation.durations)} s rollouts; {(time.time() - start) / 60:.1f} min elapsed")
     t0 = time.time()
     report = evaluate(config, workdir)
     timings["evaluation"] = time.time() - t0

@@ -37,7 +37,7 @@ def _check(result, devices):
   assert result["cache_window_frames"] == result["window"] + 2
   json.dumps(result)  # JSON-serialisable
   table = benchmark.table(result)
-  for row in ("step latency", "fps", "MFU", "cache speedup", "NFE speedup", "stage-1 step", "stage-3 G step"):
+  for row in ("step latency", "fps", "MFU", "cache speedup", "NFE speedup", "stage-1 step", "stage-3 step"):
     assert row in table
 
 
