@@ -262,6 +262,19 @@ def guarded_step(stage: Stage, seed: int):
   return step
 
 
+def pre_encode(stage: Stage, iterator, config):
+  """`config.data.pre_encode`: encode the rendered pool once with the stage's frozen VAE."""
+  inputs = getattr(stage, "inputs", None)
+  if not hasattr(iterator, "encode_pool") or inputs is None or getattr(inputs, "vae", None) is None:
+    raise ValueError(f"config.data.pre_encode needs config.data.source='worlds' (got {config.data.source!r}) "
+                     "and a stage that encodes video with a frozen VAE")
+  t0 = time.perf_counter()
+  encode = jax.jit(inputs.encode)
+  iterator.encode_pool(lambda video: encode(stage.frozen, video), int(config.batch_size))
+  logging.info("pre-encoded the %s clip pool with the frozen VAE in %.1f s", config.data.world,
+               time.perf_counter() - t0)
+
+
 def batch_shardings(batch, mesh):
   return {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
 
@@ -353,6 +366,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     init_rng = jax.random.key(config.seed)
     abstract, shardings = state_shardings(stage, mesh, rules, init_rng)
     train_iter = stage_data.make_iterator(config, "train")
+    if config.data.get("pre_encode", False):
+      pre_encode(stage, train_iter, config)
     manager = checkpointing.make_manager(
         workdir, save_every=config.checkpoint_every, keep=config.get("keep_checkpoints", 3),
         async_save=config.get("async_checkpointing", True))

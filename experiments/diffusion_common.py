@@ -17,7 +17,9 @@ Each stage file (`stage0_pretrain.py`, `stage1_adapt.py`, `stage2_distill.py`) s
   flow.shift                  s of the time shift s t / (1 + (s - 1) t)
   data                        source ("pipeline" | "random_latents"), world, frames (1 + 4k video
                               frames), height, width (video pixels), control_dim, text_len,
-                              pool_size (clips rendered by the "worlds" source)
+                              pool_size (clips rendered by the "worlds" source), pre_encode
+                              ("worlds" only: encode the pool with the frozen VAE once at start
+                              and train on its latents, instead of encoding every batch)
   vae                         size and checkpoint (a `vae` stage workdir; "" = random VAE, smoke only)
   log_every, eval_every       metric and evaluation periods (steps); eval_at_end
   checkpoint_every, keep_checkpoints, async_checkpointing
@@ -68,7 +70,7 @@ def base_config(stage: str, size: str, world: str = "camera") -> ml_collections.
 
   c.data = ml_collections.ConfigDict(dict(
       source="pipeline", world=world, frames=frames, height=height, width=width,
-      control_dim=CONTROL_DIM[world], text_len=16, pool_size=64))
+      control_dim=CONTROL_DIM[world], text_len=16, pool_size=64, pre_encode=False))
   c.vae = ml_collections.ConfigDict(dict(size="tiny" if size == "tiny" else "small" if toy else "wan",
                                          checkpoint=""))
 

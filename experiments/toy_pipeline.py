@@ -48,7 +48,8 @@ def _common(c, v, world, steps, lr):
   c.optimizer.learning_rate = lr
   c.optimizer.warmup_steps = min(50, steps // 10)
   # A pool of rendered world clips, cycled: rendering on the fly is the slow path on a CPU.
-  c.data.update(dict(source="worlds", world=world, height=v["pixels"], width=v["pixels"], pool_size=v["pool"]))
+  c.data.update(dict(source="worlds", world=world, height=v["pixels"], width=v["pixels"], pool_size=v["pool"],
+                     pre_encode=True))  # the frozen VAE encodes the pool once, not every batch
   c.vae.size = v["vae"]
   c.log_every = max(1, min(20, steps // 10))
   c.checkpoint_every = max(1, steps // 4)

@@ -39,3 +39,27 @@ def test_tiny_pipeline_end_to_end(tmp_path):
   assert (tmp_path / "report" / "training_curves.png").exists()
   summary = json.load(open(tmp_path / "pipeline_summary.json"))
   assert "adversarial" in summary["final_train_metrics"]
+
+
+def test_pre_encoded_pool_gives_the_latents_of_encoding_each_batch():
+  import jax
+  import numpy as np
+  from apt2_jax import sharding, train
+  from apt2_jax.stages import data as stage_data, diffusion
+  config = toy_pipeline.get_config("tiny").stages.adapt
+  config.data.pool_size, config.batch_size = 3, 2  # batches wrap around the pool
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1])
+  stage = diffusion.make_stage(config, mesh)
+  on_the_fly = stage_data.make_iterator(config, "train")
+  encoded = stage_data.make_iterator(config, "train")
+  train.pre_encode(stage, encoded, config)
+  assert "video" not in encoded.peek() and "latents" in encoded.peek()
+  for _ in range(3):
+    a, b = next(on_the_fly), next(encoded)
+    want, _, _ = stage.inputs(stage.frozen, a)
+    got, _, _ = stage.inputs(stage.frozen, b)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_array_equal(a["text_tokens"], b["text_tokens"])
+  config.data.source = "random_latents"
+  with pytest.raises(ValueError, match="pre_encode needs config.data.source='worlds'"):
+    train.pre_encode(stage, stage_data.make_iterator(config, "train"), config)

@@ -95,15 +95,18 @@ class LatentInputs:
   def frozen(self):
     return {"vae": self.vae_params} if self.vae is not None else {}
 
+  def encode(self, frozen, video):
+    """Video `[B, T, H, W, 3]` (uint8, or float in [-1, 1]) -> normalised latents (the VAE mean)."""
+    video = video.astype(jnp.float32) / 127.5 - 1.0 if video.dtype == jnp.uint8 else video.astype(jnp.float32)
+    mean, _ = self.vae.apply(frozen["vae"], video, method=vae_lib.VAE.encode)
+    return jax.lax.stop_gradient(vae_lib.normalize_latents(mean, self.vae.config))
+
   def __call__(self, frozen, batch):
     """-> (latents [B, F, h, w, C] float32, controls [B, F, h, w, Cc] or None, text tokens)."""
     if "latents" in batch:
       latents = batch["latents"].astype(jnp.float32)
     else:
-      video = batch["video"]  # [B, T, H, W, 3]: uint8 (world clips) or float in [-1, 1] (grain)
-      video = video.astype(jnp.float32) / 127.5 - 1.0 if video.dtype == jnp.uint8 else video.astype(jnp.float32)
-      mean, _ = self.vae.apply(frozen["vae"], video, method=vae_lib.VAE.encode)
-      latents = jax.lax.stop_gradient(vae_lib.normalize_latents(mean, self.vae.config))
+      latents = self.encode(frozen, batch["video"])
     controls = None
     if self.model_config.control_channels:
       _, f, h, w, _ = latents.shape

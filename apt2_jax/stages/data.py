@@ -98,8 +98,15 @@ class WorldClips(RandomLatents):
     self.pool = {k: np.stack([c[k] for c in clips]) for k in ("video", "controls", "text_tokens")}
     self.pool["text_tokens"] = self.pool["text_tokens"][:, :d.get("text_len", 16)]
 
+  def encode_pool(self, encode, chunk: int):
+    """Replaces the pool's `video` by `latents = encode(video chunk)`, `chunk` clips at a time
+    (`config.data.pre_encode`): the frozen VAE runs once per clip instead of once per batch."""
+    video = self.pool.pop("video")
+    parts = [np.asarray(encode(video[i:i + chunk])) for i in range(0, len(video), chunk)]
+    self.pool["latents"] = np.concatenate(parts).astype(np.float32)
+
   def _draw(self, n):
-    size = len(self.pool["video"])
+    size = len(next(iter(self.pool.values())))
     order = []
     start = n * self.batch
     for i in range(start, start + self.batch):
