@@ -427,6 +427,10 @@ def stage3_config(s: "Setup", batch: int, steps: int):
   c3.mesh = ml_collections.ConfigDict(dict(c.mesh))
   c3.logical_rules = tuple(c.logical_rules)
   c3.adversarial.rollout_remat = c.train.remat
+  # D's block-causal passes over 4 clips (real, fake, perturbed) dominate the step's memory: its
+  # blocks are rematerialised like the rollout's (small, 256x256, 8 frames: 31 GB of temporaries
+  # without, 3.9 GB with).
+  c3.model.remat_policy = c.train.remat
   c3.seed = int(c.seed)
   return c3
 
@@ -738,16 +742,24 @@ def run(config) -> dict:
       latent=f"{s.latent_hw[1]}x{s.latent_hw[0]}", tokens_per_frame=s.tokens, window=mc.window,
       params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(_unboxed(s)))),
       dtype=mc.dtype)
+  t0 = time.perf_counter()
+  progress = lambda what: print(f"[benchmark {time.perf_counter() - t0:6.0f} s] {what}", flush=True)
+  progress(f"{config.size}: {result['params']:,} parameters on {result['device_count']} "
+           f"{result['platform']} device(s); measuring peak FLOP/s")
   peak, source = peak_flops(s.mesh, mc.dtype, config.peak_matmul)
   result.update(peak_flops=peak, peak_source=source)
   params = init_sharded_params(s, config.seed)
+  progress("streaming: cached step, latency growth, no-cache recompute, peer block")
   stream, fns, inputs = streaming_figures(s, params, peak)
   result.update(stream)
+  progress(f"VAE decode ({config.vae_size}) and first frame; DiT step {stream['step_latency_ms']:.2f} ms")
   result.update(vae_figures(s, params, fns, inputs))
   result["fps"] = VIDEO_FRAMES_PER_LATENT / ((result["step_latency_ms"] + result["decode_latency_ms"]) / 1e3)
   result["fps_dit_only"] = VIDEO_FRAMES_PER_LATENT / (result["step_latency_ms"] / 1e3)
   if config.train.enabled:
+    progress("training: stage-1 and stage-3 steps (compile, then timed)")
     result.update(training_figures(s, params, peak))
+  progress("done")
   return result
 
 

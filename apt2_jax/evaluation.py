@@ -977,4 +977,30 @@ def evaluate_models(models: Mapping[str, ModelSpec], *, world: str = "camera", n
   report = _jsonable(report)
   with open(os.path.join(out_dir, "report.json"), "w") as f:
     json.dump(report, f, indent=1)
+  text = summary_table(report)
+  with open(os.path.join(out_dir, "summary.md"), "w") as f:
+    f.write(text + "\n")
+  if progress:
+    print(text, flush=True)
   return report
+
+
+def summary_table(report: Mapping[str, Any]) -> str:
+  """A Markdown table of each model's summary per duration (means over the held-out worlds)."""
+  cfg = report["config"]
+  head = ("| model | duration | PSNR mean | PSNR first 10 s | PSNR last 10 s | PSNR visible | SSIM mean | "
+          f"good horizon (s, PSNR >= {cfg['good_psnr']:g}) | control error px (oracle motion px) | fps |")
+  lines = [f"{cfg['world']} world, {cfg['num_worlds']} held-out world(s), {cfg['width']}x{cfg['height']}, "
+           f"{cfg['fps']:g} fps", "", head, "|" + "---|" * (head.count("|") - 1)]
+  fmt = lambda x, f="{:.2f}": "n/a" if x is None else f.format(x)
+  for name, m in report["models"].items():
+    for dur, sm in m["summary"].items():
+      ps, ss = sm.get("psnr", {}), sm.get("ssim", {})
+      ce, om = sm.get("control_error_px"), sm.get("oracle_motion_px")
+      horizon = ps.get("good_horizon_s")
+      horizon = "n/a" if horizon is None else f"{horizon:.1f}" + ("+" if ps.get("good_horizon_reached_end") else "")
+      control = "n/a" if not ce else f"{fmt(ce.get('mean'))} ({fmt(om.get('mean') if om else None)})"
+      lines.append(f"| {name} | {dur} | {fmt(ps.get('mean'))} | {fmt(ps.get('first_10s'))} | {fmt(ps.get('last_10s'))} | "
+                   f"{fmt(sm.get('psnr_visible', {}).get('mean'))} | {fmt(ss.get('mean'), '{:.3f}')} | {horizon} | "
+                   f"{control} | {fmt(m['throughput'].get('frames_per_s'), '{:.1f}')} |")
+  return "\n".join(lines)
