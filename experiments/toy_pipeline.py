@@ -2,8 +2,10 @@
 each stage starting from the previous one's checkpoint, then the evaluation against the oracle.
 
 Variants (the config argument):
-  tiny  the end-to-end test: tiny model, 32x32 pixels, a few steps per stage (about a minute)
-  demo  `make demo`: the `toy` model (~3M parameters), 64x64 pixels; under 20 minutes on 2 CPU cores
+  tiny  the end-to-end test: tiny model, 32x32 pixels, a few steps per stage (measured: 6 min on
+        2 idle CPU cores, almost all of it XLA compiles of the 8 stage steps and the evaluation)
+  demo  `make demo`: the `toy` model (~3M parameters), 64x64 pixels; target under 20 minutes on 2 CPU
+        cores, not met yet: its small VAE trains at ~10.5 s/step there, ~10 min for the VAE stage
   full  the `small` model (~30M parameters), 64x64 pixels, long enough for the drift curves and
         control errors to mean something: about 10 hours on 2 CPU cores, well under 1 hour on 1 GPU
 
