@@ -564,7 +564,9 @@ def training_figures(s: Setup, params, peak: float) -> dict:
 
 def _optimizer(name: str):
   import optax
-  return optax.adamw(1e-5, weight_decay=0.01) if name == "stage1" else optax.adam(3e-6, b1=0.0, b2=0.9)
+  if name != "stage1":  # stage 3 uses the trainer's own optimisers (stage3_config)
+    raise ValueError(f"no benchmark-local optimiser for {name!r}")
+  return optax.adamw(1e-5, weight_decay=0.01)
 
 
 # ------------------------------------------------------------------------------------------------

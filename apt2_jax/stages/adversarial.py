@@ -176,7 +176,7 @@ class AdversarialStage(train.Stage):
     return self._g_loss_on(d_params, mb, fake, self.fake_recycled(mb["first"], fake, mb["real_recycled"]))
 
   def _g_loss_on(self, d_params, mb, fake, fake_recycled, mask=None):
-    real, fake_logits = self.d_logits_many(d_params, ((jax.lax.stop_gradient(mb["real"]), mb["real_recycled"]),
+    real, fake_logits = self.d_logits_many(d_params, ((mb["real"], mb["real_recycled"]),
                                                       (fake, fake_recycled)), mb)
     real = jax.lax.stop_gradient(real)
     if mask is not None:
