@@ -172,6 +172,23 @@ def _conv(x: Array, kernel: Array, bias: Array, strides, padding) -> Array:
   return y.reshape(batch_shape + y.shape[1:])
 
 
+def _causal_conv3d(x: Array, kernel: Array, bias: Array, strides, pad_hw) -> Array:
+  """Valid-in-time, 'same'-in-space 3D convolution as one 2D convolution per output frame.
+
+  The `kt` input frames each output frame sees are stacked on channels, and the kernel reshaped
+  to `[kh, kw, kt * Cin, Cout]`: the same sums as the 3D convolution, but XLA's 2D convolutions
+  (and their gradients) run several times faster than its 3D ones on CPU, at the cost of a `kt`
+  times larger input buffer.
+  """
+  kt, kh, kw, cin, cout = kernel.shape
+  st, sh, sw = strides
+  t_out = (x.shape[1] - kt) // st + 1
+  frames = [x[:, dt:dt + st * (t_out - 1) + 1:st] for dt in range(kt)]
+  stacked = frames[0] if kt == 1 else jnp.concatenate(frames, axis=-1)  # [B, T', H, W, kt*Cin]
+  k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * cin, cout)
+  return _conv(stacked, k2, bias, (sh, sw), ((pad_hw[0], pad_hw[0]), (pad_hw[1], pad_hw[1])))
+
+
 class CausalConv3d(nn.Module):
   """3D convolution, causal in time, 'same' in space.
 
@@ -201,8 +218,7 @@ class CausalConv3d(nn.Module):
       new_cache = x[:, x.shape[1] - cache_t:]
     if x.shape[1] < kt:  # too little time for one output step (a chunk of a single frame)
       return jnp.zeros(x.shape[:1] + (0,) + x.shape[2:4] + (self.features,), x.dtype), new_cache
-    y = _conv(x, kernel, bias, self.strides,
-              ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)))
+    y = _causal_conv3d(x, kernel, bias, self.strides, (kh // 2, kw // 2))
     return y, new_cache
 
 
