@@ -44,6 +44,8 @@ def test_vae_stage_trains_resumes_and_distills(tmp_path):
   last = stage.train_vae(config, workdir)
   assert last["l1"] < first["l1"]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "6"
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:  # log_every 1: steps 1-6, resumed at 4
+    assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]
   with open(os.path.join(workdir, "vae_config.json")) as f:
     saved = json.load(f)
   assert len(saved["vae"]["latents_std"]) == 4 and min(saved["vae"]["latents_std"]) > 0

@@ -340,6 +340,8 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
   start = int(state["step"])
   data = batches(config, seed=config.seed + start)
   metrics = {}
+  from apt2_jax.train import MetricWriter  # the shared trainer's metrics.jsonl + TensorBoard
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   t0 = time.time()
   for step in range(start, config.num_steps):
     video = jax.device_put(next(data), batch_sharding)
@@ -348,6 +350,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
     done = step + 1
     if done % config.log_every == 0 or done == config.num_steps:
       metrics = {k: float(v) for k, v in metrics.items()}
+      writer.write(done, metrics)
       rate = (done - start) / max(time.time() - t0, 1e-9)
       eta = (config.num_steps - done) / max(rate, 1e-9)
       logging.info("step %d/%d  %s  (%.2f steps/s, ETA %.0f s)", done, config.num_steps,
@@ -356,6 +359,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
       manager.save(done, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
   manager.close()
+  writer.close()
 
   # Latent statistics of the trained encoder, for `normalize_latents`.
   params = _merge(state["params"], frozen)
