@@ -206,6 +206,20 @@ def accumulate_gradients(loss_fn: Callable, params, batch, num_microbatches: int
   return grads, jax.tree.map(lambda m: m * scale, metrics)
 
 
+def unalias(state):
+  """Copies every leaf that is the same array as an earlier leaf (e.g. `ema_params = params` after
+  loading a checkpoint): the step donates the state, and XLA refuses to donate one buffer twice."""
+  seen = set()
+
+  def fresh(x):
+    if isinstance(x, jax.Array) and id(x) in seen:
+      return jnp.copy(x)
+    seen.add(id(x))
+    return x
+
+  return jax.tree.map(fresh, state)
+
+
 def ema_update(ema, params, decay: float):
   return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)
 
@@ -382,7 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state = init(init_rng)
       if config.get("init_from", ""):
         state = stage.load_pretrained(state)
-        state = jax.device_put(state, shardings)
+        state = unalias(jax.device_put(state, shardings))
       start = 0
     start = int(jax.device_get(state["step"]))
 

@@ -45,7 +45,8 @@ def test_adapt_one_step_and_cfg_sampling_eval(adapt_workdir):
 
 def test_distill_one_step_from_adapt(adapt_workdir, tmp_path):
   workdir, _ = adapt_workdir
-  config = tiny_config(stage2_distill, num_steps=1, eval_at_end=True, init_from=workdir)
+  config = tiny_config(stage2_distill, num_steps=1, eval_at_end=True, init_from=workdir,
+                       ema_decay=0.99)  # ema_params = the loaded params: unaliased before donation
   out = train.train_and_evaluate(config, str(tmp_path))
   assert _finite(out["train"]) and _finite(out["eval"]) and "one_step_rollout_mse" in out["eval"]
   assert checkpointing.load_config(str(tmp_path)).init_from == workdir
