@@ -4,10 +4,11 @@ each stage starting from the previous one's checkpoint, then the evaluation agai
 Variants (the config argument):
   tiny  the end-to-end test: tiny model, 32x32 pixels, a few steps per stage (measured: 6 min on
         2 idle CPU cores, almost all of it XLA compiles of the 8 stage steps and the evaluation)
-  demo  `make demo`: the `toy` model (~3M parameters), 64x64 pixels; target under 20 minutes on 2 CPU
-        cores, not met yet: its small VAE trains at ~10.5 s/step there, ~10 min for the VAE stage
-  full  the `small` model (~30M parameters), 64x64 pixels, long enough for the drift curves and
-        control errors to mean something: about 10 hours on 2 CPU cores, well under 1 hour on 1 GPU
+  demo  `make demo`: the `toy` DiT (4 blocks, width 128), small VAE (base width 16), 64x64 pixels,
+        tens of steps per stage: measured 8.0 min on 2 CPU cores (VAE 2.5 min); a smoke run of the
+        whole chain, far too short to learn the world
+  full  the same models trained long enough to learn the world, evaluated on 2 held-out worlds with
+        1- and 5-minute rollouts: ~1.5 hours on 2 CPU cores
 
   python -m apt2_jax.main --config=experiments/toy_pipeline.py:demo --workdir=demo_out/pipeline
   python -m apt2_jax.main --config=experiments/toy_pipeline.py:full --workdir=runs/toy_full
@@ -29,15 +30,18 @@ _VARIANTS = {
                  lr=1e-3, gan_lr=1e-4, euler_steps=4, worlds=1, durations=(1.0,)),
     # Sized to the 2-core CPU: XLA compiles dominate; the steps are enough to watch the losses and
     # the realism gap move, not for quality (that is `full`).
-    "demo": dict(model="toy", vae="small", vae_base_dim=16, vae_frames=9, vae_batch=4, pixels=64, frames=9,
+    "demo": dict(model="toy", vae="small", vae_base_dim=16, vae_frames=9, vae_batch=4, pixels=64, frames=17,
                  segments=(2, 1, 3), batch=8, pool=32,
                  steps=dict(vae=60, pretrain=60, adapt=60, distill=30, adversarial=20,
                             adversarial_teacher_forcing=6, adversarial_no_recycle=6, long_video=4),
-                 lr=1e-3, gan_lr=5e-5, euler_steps=8, worlds=1, durations=(4.0,)),
-    "full": dict(model="small", vae="small", pixels=64, frames=17, segments=(4, 1, 6), batch=16, pool=1024,
-                 steps=dict(vae=6000, pretrain=8000, adapt=8000, distill=3000, adversarial=2000,
-                            adversarial_teacher_forcing=2000, adversarial_no_recycle=2000, long_video=800),
-                 lr=3e-4, gan_lr=2e-5, euler_steps=32, worlds=4, durations=(60.0, 300.0)),
+                 vae_lr=1e-3, lr=1e-3, gan_lr=5e-5, euler_steps=8, worlds=1, durations=(4.0,)),
+    # Sized to ~1.5 hours on 2 CPU cores (VAE ~15 min, DiT stages ~45 min, evaluation ~25 min):
+    # long enough for the VAE and the DiT to learn the world, so the drift curves compare models.
+    "full": dict(model="toy", vae="small", vae_base_dim=16, vae_frames=5, vae_batch=4, vae_lr=1e-3,
+                 pixels=64, frames=17, segments=(2, 1, 4), batch=8, pool=256,
+                 steps=dict(vae=700, pretrain=2500, adapt=2000, distill=800, adversarial=150,
+                            adversarial_teacher_forcing=150, adversarial_no_recycle=150, long_video=60),
+                 lr=1e-3, gan_lr=5e-5, euler_steps=8, worlds=2, durations=(60.0, 300.0)),
 }
 
 
@@ -51,7 +55,7 @@ def _common(c, v, world, steps, lr):
   c.optimizer.warmup_steps = min(50, steps // 10)
   # A pool of rendered world clips, cycled: rendering on the fly is the slow path on a CPU.
   c.data.update(dict(source="worlds", world=world, height=v["pixels"], width=v["pixels"], pool_size=v["pool"],
-                     pre_encode=True))  # the frozen VAE encodes the pool once, not every batch
+                     frames=v["frames"], pre_encode=True))  # the frozen VAE encodes the pool once, not every batch
   c.vae.size = v["vae"]
   c.log_every = max(1, min(20, steps // 10))
   c.checkpoint_every = max(1, steps // 4)
@@ -86,6 +90,8 @@ def get_config(arg: str = "demo"):
                        pool_size=v["pool"]))
   vae.batch_size = v.get("vae_batch", v["batch"])
   vae.num_steps = v["steps"]["vae"]
+  vae.optimizer.learning_rate = v.get("vae_lr", vae.optimizer.learning_rate)
+  vae.optimizer.warmup_steps = min(50, vae.num_steps // 10)
   vae.checkpoint_every = max(1, vae.num_steps // 4)
   vae.log_every = max(1, min(20, vae.num_steps // 10))
   s.vae = vae
