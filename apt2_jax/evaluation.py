@@ -46,6 +46,11 @@ duration when it never does, with `good_horizon_reached_end`). With several `sec
 rollout of the longest duration is run and each shorter duration is summarised on its prefix
 (the controls and the noise of a shorter run are a prefix of the longer one's).
 
+References (`report["references"]`, and a line under the summary table): `vae_reconstruction`,
+PSNR/SSIM of the VAE's whole-clip reconstruction of the oracle's first `REFERENCE_SECONDS` (the
+ceiling of any model decoded by this VAE), and `frozen_frame0`, the curves of a "model" that
+repeats frame 0 (the floor of one that ignores the controls; drawn in the drift plots).
+
 Throughput: each sampler is compiled ahead of time (`jit(...).lower(...).compile()`), then the
 DiT chunks and the VAE decode steps are timed with `block_until_ready` on one stream (batch 1):
 `dit_step_s` and `decode_step_s` (including the copy of the 4 frames to the host) per latent
@@ -791,6 +796,32 @@ def _mean_curves(per_world: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.
   return out
 
 
+REFERENCE_SECONDS = 4.0   # the VAE-reconstruction reference covers the first 4 s of each world
+
+
+def vae_reconstruction(spec: ModelSpec, frames: np.ndarray) -> np.ndarray:
+  """uint8 `[1+4k, H, W, 3]` -> the VAE's whole-clip reconstruction (posterior mean), uint8."""
+  vae = vae_lib.VAE(spec.vae_config)
+  video = jnp.asarray(frames, jnp.float32)[None] / 127.5 - 1.0
+  fn = jax.jit(lambda p, v: vae.apply(p, vae.apply(p, v, method=vae_lib.VAE.encode)[0],
+                                      method=vae_lib.VAE.decode))
+  out = fn(spec.vae_params, video)[0]
+  return np.asarray(jnp.round((jnp.clip(out, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8))
+
+
+def frozen_frame_curves(oracle: np.ndarray, chunk: int = 96) -> dict[str, np.ndarray]:
+  """PSNR/SSIM of a "model" that repeats frame 0 forever: the floor a generator that ignores the
+  controls reaches, and what the drift curves should beat once the camera has moved."""
+  first = np.asarray(oracle[0])
+  curves = {"psnr": [], "ssim": []}
+  for a in range(0, len(oracle), chunk):
+    ref = np.asarray(oracle[a:a + chunk])
+    same = np.broadcast_to(first, ref.shape)
+    curves["psnr"].append(psnr(same, ref, cap=PSNR_CAP))
+    curves["ssim"].append(ssim(same, ref))
+  return {k: np.concatenate(v) for k, v in curves.items()}
+
+
 def evaluate_models(models: Mapping[str, ModelSpec], *, world: str = "camera", num_worlds: int = 2,
                     seconds: float | Sequence[float] = 60.0, fps: float = 24.0,
                     height: Optional[int] = None, width: Optional[int] = None,
@@ -837,6 +868,7 @@ def evaluate_models(models: Mapping[str, ModelSpec], *, world: str = "camera", n
   samplers = {name: Sampler(spec, height, width, chunk_frames) for name, spec in models.items()}
   results = {name: [] for name in models}
   gif_frames = max(2, int(round(gif_seconds * fps)))
+  references = {"vae_reconstruction": [], "frozen_frame0": []}
   scratch = tempfile.mkdtemp(prefix="oracle_", dir=out_dir)
   try:
     for tw in tests:
@@ -854,6 +886,15 @@ def evaluate_models(models: Mapping[str, ModelSpec], *, world: str = "camera", n
           visible[a:z] = visible_mask(env, tw.controls, tw.seed, a, z)
           b.update(z - a)
       background = world_background(env, tw.seed)
+      # ---- references: the VAE's reconstruction of the oracle (the ceiling of any model behind
+      # this VAE) and a frozen frame 0 (the floor of a model that ignores the controls)
+      n_ref = min(num_frames, 1 + FRAMES_PER_LATENT * max(1, int(REFERENCE_SECONDS * fps) // FRAMES_PER_LATENT))
+      ref_frames = np.array(oracle[:n_ref])
+      recon = vae_reconstruction(first, ref_frames)
+      references["vae_reconstruction"].append(
+          {"psnr": float(np.mean(psnr(recon, ref_frames, cap=PSNR_CAP))),
+           "ssim": float(np.mean(ssim(recon, ref_frames))), "frames": int(n_ref)})
+      references["frozen_frame0"].append(frozen_frame_curves(oracle))
       oracle_motion = np.array([phase_correlation(oracle[4 * j - 4], oracle[4 * j])
                                 for j in range(1, latent_steps + 1)]) if world == "camera" else None
       panels = {"oracle": [np.array(oracle[:gif_frames])]}
@@ -956,11 +997,22 @@ def evaluate_models(models: Mapping[str, ModelSpec], *, world: str = "camera", n
         "worlds": per_world,
     }
 
-  plots = {"drift_psnr": plot_curves(os.path.join(out_dir, "drift_psnr.png"), mean_curves,
+  vae_ref = references["vae_reconstruction"]
+  frozen = _mean_curves(references["frozen_frame0"])
+  report["references"] = {
+      "vae_reconstruction": {"psnr": float(np.mean([r["psnr"] for r in vae_ref])),
+                             "ssim": float(np.mean([r["ssim"] for r in vae_ref])),
+                             "seconds": (vae_ref[0]["frames"] - 1) / fps, "worlds": vae_ref},
+      "frozen_frame0": {"summary": {f"{d:g}s": summarize(frozen, fps, good_psnr,
+                                                         min(num_frames, 1 + FRAMES_PER_LATENT * math.ceil(d * fps / FRAMES_PER_LATENT)))
+                                    for d in durations},
+                        "mean_curves": frozen}}
+  with_floor = {**mean_curves, "frozen frame 0 (reference)": frozen}
+  plots = {"drift_psnr": plot_curves(os.path.join(out_dir, "drift_psnr.png"), with_floor,
                                      ("psnr", "psnr_visible"), fps, "PSNR (dB)",
                                      f"{world}: PSNR vs oracle (solid: all, dashed: visible in frame 0)",
                                      average=FRAMES_PER_LATENT),
-           "drift_ssim": plot_curves(os.path.join(out_dir, "drift_ssim.png"), mean_curves,
+           "drift_ssim": plot_curves(os.path.join(out_dir, "drift_ssim.png"), with_floor,
                                      ("ssim", "ssim_visible"), fps, "SSIM",
                                      f"{world}: SSIM vs oracle (solid: all, dashed: visible in frame 0)",
                                      average=FRAMES_PER_LATENT)}
@@ -1003,4 +1055,12 @@ def summary_table(report: Mapping[str, Any]) -> str:
       lines.append(f"| {name} | {dur} | {fmt(ps.get('mean'))} | {fmt(ps.get('first_10s'))} | {fmt(ps.get('last_10s'))} | "
                    f"{fmt(sm.get('psnr_visible', {}).get('mean'))} | {fmt(ss.get('mean'), '{:.3f}')} | {horizon} | "
                    f"{control} | {fmt(m['throughput'].get('frames_per_s'), '{:.1f}')} |")
+  refs = report.get("references")
+  if refs:
+    v = refs["vae_reconstruction"]
+    lines += ["", f"References: the VAE's reconstruction of the oracle (first {v['seconds']:g} s, the ceiling of "
+              f"any model behind this VAE): PSNR {v['psnr']:.2f}, SSIM {v['ssim']:.3f}. Frozen frame 0 (a model "
+              "that ignores the controls): " + "; ".join(
+                  f"{d}: PSNR {fmt(sm['psnr']['mean'])}, first 10 s {fmt(sm['psnr']['first_10s'])}, "
+                  f"SSIM {fmt(sm['ssim']['mean'], '{:.3f}')}" for d, sm in refs["frozen_frame0"]["summary"].items()) + "."]
   return "\n".join(lines)

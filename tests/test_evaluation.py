@@ -219,6 +219,16 @@ def test_evaluate_models_report(tiny_spec, tmp_path):
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
   assert (tmp_path / "videos" / "world0_all.gif").exists()
   assert not [p for p in os.listdir(tmp_path) if p.startswith("oracle_")]  # scratch removed
+  # References: the VAE's reconstruction of the oracle (finite, below the cap) and a frozen frame 0
+  # (exact at t = 0, then below the cap as the camera moves).
+  refs = report["references"]
+  (v,) = refs["vae_reconstruction"]["worlds"]
+  assert v["frames"] == 13 and 0 < refs["vae_reconstruction"]["psnr"] < 100
+  frozen = refs["frozen_frame0"]
+  assert frozen["mean_curves"]["psnr"][0] == evaluation.PSNR_CAP and frozen["mean_curves"]["ssim"][0] == 1.0
+  assert np.all(np.asarray(frozen["mean_curves"]["psnr"][1:]) < evaluation.PSNR_CAP)
+  assert set(frozen["summary"]) == {"0.25s", "0.5s"}
+  assert "Frozen frame 0" in (tmp_path / "summary.md").read_text()
 
 
 def test_cli_parse_models():
