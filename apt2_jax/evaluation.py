@@ -94,6 +94,7 @@ FIGURE_THRESHOLD = 48       # puppet figure mask: sum over RGB of |frame - backg
 GIF_MAX_BYTES = 1_000_000
 FRAMES_PER_LATENT = vae_lib.TEMPORAL_FACTOR
 SUMMARY_WINDOW_S = 10.0
+RELATIVE_HORIZON_DB = 3.0   # `horizon_vs_vae_s`: PSNR within this many dB of the VAE's ceiling
 
 
 # ================================================================================================
@@ -673,10 +674,12 @@ def _nanmean(x) -> Optional[float]:
 
 
 def summarize(curves: Mapping[str, np.ndarray], fps: float, good_psnr: float,
-              video_frames: Optional[int] = None) -> dict:
+              video_frames: Optional[int] = None, relative_psnr: Optional[float] = None) -> dict:
   """Per-curve means (all, first 10 s, last 10 s) over the first `video_frames` frames, and the
   good horizon of `psnr` (and `psnr_visible`). Latent-step curves (`control_error_px`,
-  `oracle_motion_px`) are cut to the matching number of latent steps."""
+  `oracle_motion_px`) are cut to the matching number of latent steps. With `relative_psnr` (the
+  VAE's reconstruction PSNR minus `RELATIVE_HORIZON_DB`), `psnr` also gets `horizon_vs_vae_s`:
+  the good horizon at that threshold, meaningful when the VAE itself stays under `good_psnr`."""
   out = {}
   n = video_frames or len(curves["psnr"])
   duration = n / fps
@@ -693,6 +696,11 @@ def summarize(curves: Mapping[str, np.ndarray], fps: float, good_psnr: float,
       seconds, reached = good_horizon(np.asarray(curves[name])[:n], fps, good_psnr)
       out[name]["good_horizon_s"] = seconds
       out[name]["good_horizon_reached_end"] = reached
+  if relative_psnr is not None and "psnr" in curves:
+    seconds, reached = good_horizon(np.asarray(curves["psnr"])[:n], fps, relative_psnr)
+    out["psnr"]["horizon_vs_vae_s"] = seconds
+    out["psnr"]["horizon_vs_vae_reached_end"] = reached
+    out["psnr"]["horizon_vs_vae_threshold"] = float(relative_psnr)
   out["duration_s"] = duration
   return out
 
@@ -978,11 +986,13 @@ def evaluate_models(models: Mapping[str, ModelSpec], *, world: str = "camera", n
                        "definitions": __doc__.split("Metrics", 1)[1].split("Throughput")[0].strip()},
             "models": {}}
   mean_curves = {}
+  vae_ref = references["vae_reconstruction"]
+  relative = float(np.mean([r["psnr"] for r in vae_ref])) - RELATIVE_HORIZON_DB
+  frames_of = lambda d: min(num_frames, 1 + FRAMES_PER_LATENT * math.ceil(d * fps / FRAMES_PER_LATENT))
   for name, spec in models.items():
     per_world = results[name]
     for e in per_world:
-      e["summary"] = {f"{d:g}s": summarize(e["curves"], fps, good_psnr,
-                                           min(num_frames, 1 + FRAMES_PER_LATENT * math.ceil(d * fps / FRAMES_PER_LATENT)))
+      e["summary"] = {f"{d:g}s": summarize(e["curves"], fps, good_psnr, frames_of(d), relative)
                       for d in durations}
     mean_curves[name] = _mean_curves([e["curves"] for e in per_world])
     throughput = samplers[name].throughput()
@@ -990,21 +1000,18 @@ def evaluate_models(models: Mapping[str, ModelSpec], *, world: str = "camera", n
         "sampler": spec.describe(),
         "throughput": throughput,
         "benchmark": spec.benchmark,
-        "summary": {f"{d:g}s": summarize(mean_curves[name], fps, good_psnr,
-                                         min(num_frames, 1 + FRAMES_PER_LATENT * math.ceil(d * fps / FRAMES_PER_LATENT)))
+        "summary": {f"{d:g}s": summarize(mean_curves[name], fps, good_psnr, frames_of(d), relative)
                     for d in durations},
         "mean_curves": mean_curves[name],
         "worlds": per_world,
     }
 
-  vae_ref = references["vae_reconstruction"]
   frozen = _mean_curves(references["frozen_frame0"])
   report["references"] = {
       "vae_reconstruction": {"psnr": float(np.mean([r["psnr"] for r in vae_ref])),
                              "ssim": float(np.mean([r["ssim"] for r in vae_ref])),
                              "seconds": (vae_ref[0]["frames"] - 1) / fps, "worlds": vae_ref},
-      "frozen_frame0": {"summary": {f"{d:g}s": summarize(frozen, fps, good_psnr,
-                                                         min(num_frames, 1 + FRAMES_PER_LATENT * math.ceil(d * fps / FRAMES_PER_LATENT)))
+      "frozen_frame0": {"summary": {f"{d:g}s": summarize(frozen, fps, good_psnr, frames_of(d), relative)
                                     for d in durations},
                         "mean_curves": frozen}}
   with_floor = {**mean_curves, "frozen frame 0 (reference)": frozen}
@@ -1041,7 +1048,8 @@ def summary_table(report: Mapping[str, Any]) -> str:
   """A Markdown table of each model's summary per duration (means over the held-out worlds)."""
   cfg = report["config"]
   head = ("| model | duration | PSNR mean | PSNR first 10 s | PSNR last 10 s | PSNR visible | SSIM mean | "
-          f"good horizon (s, PSNR >= {cfg['good_psnr']:g}) | control error px (oracle motion px) | fps |")
+          f"good horizon (s, PSNR >= {cfg['good_psnr']:g}) | horizon vs VAE (s, PSNR >= VAE - {RELATIVE_HORIZON_DB:g}) | "
+          "control error px (oracle motion px) | fps |")
   lines = [f"{cfg['world']} world, {cfg['num_worlds']} held-out world(s), {cfg['width']}x{cfg['height']}, "
            f"{cfg['fps']:g} fps", "", head, "|" + "---|" * (head.count("|") - 1)]
   fmt = lambda x, f="{:.2f}": "n/a" if x is None else f.format(x)
@@ -1052,9 +1060,11 @@ def summary_table(report: Mapping[str, Any]) -> str:
       horizon = ps.get("good_horizon_s")
       horizon = "n/a" if horizon is None else f"{horizon:.1f}" + ("+" if ps.get("good_horizon_reached_end") else "")
       control = "n/a" if not ce else f"{fmt(ce.get('mean'))} ({fmt(om.get('mean') if om else None)})"
+      rel = ps.get("horizon_vs_vae_s")
+      rel = "n/a" if rel is None else f"{rel:.1f}" + ("+" if ps.get("horizon_vs_vae_reached_end") else "")
       lines.append(f"| {name} | {dur} | {fmt(ps.get('mean'))} | {fmt(ps.get('first_10s'))} | {fmt(ps.get('last_10s'))} | "
                    f"{fmt(sm.get('psnr_visible', {}).get('mean'))} | {fmt(ss.get('mean'), '{:.3f}')} | {horizon} | "
-                   f"{control} | {fmt(m['throughput'].get('frames_per_s'), '{:.1f}')} |")
+                   f"{rel} | {control} | {fmt(m['throughput'].get('frames_per_s'), '{:.1f}')} |")
   refs = report.get("references")
   if refs:
     v = refs["vae_reconstruction"]
@@ -1062,5 +1072,6 @@ def summary_table(report: Mapping[str, Any]) -> str:
               f"any model behind this VAE): PSNR {v['psnr']:.2f}, SSIM {v['ssim']:.3f}. Frozen frame 0 (a model "
               "that ignores the controls): " + "; ".join(
                   f"{d}: PSNR {fmt(sm['psnr']['mean'])}, first 10 s {fmt(sm['psnr']['first_10s'])}, "
-                  f"SSIM {fmt(sm['ssim']['mean'], '{:.3f}')}" for d, sm in refs["frozen_frame0"]["summary"].items()) + "."]
+                  f"SSIM {fmt(sm['ssim']['mean'], '{:.3f}')}, horizon vs VAE {fmt(sm['psnr'].get('horizon_vs_vae_s'), '{:.1f}')} s"
+                  for d, sm in refs["frozen_frame0"]["summary"].items()) + "."]
   return "\n".join(lines)

@@ -39,8 +39,8 @@ _VARIANTS = {
     # long enough for the VAE and the DiT to learn the world, so the drift curves compare models.
     "full": dict(model="toy", vae="small", vae_base_dim=16, vae_frames=5, vae_batch=4, vae_lr=1e-3,
                  pixels=64, frames=17, segments=(2, 1, 4), batch=8, pool=256,
-                 steps=dict(vae=700, pretrain=2500, adapt=2000, distill=800, adversarial=150,
-                            adversarial_teacher_forcing=150, adversarial_no_recycle=150, long_video=60),
+                 steps=dict(vae=700, pretrain=2500, adapt=8000, distill=1500, adversarial=300,
+                            adversarial_teacher_forcing=300, adversarial_no_recycle=300, long_video=100),
                  lr=1e-3, gan_lr=5e-5, euler_steps=8, worlds=2, durations=(60.0, 300.0)),
 }
 

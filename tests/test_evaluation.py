@@ -229,6 +229,11 @@ def test_evaluate_models_report(tiny_spec, tmp_path):
   assert np.all(np.asarray(frozen["mean_curves"]["psnr"][1:]) < evaluation.PSNR_CAP)
   assert set(frozen["summary"]) == {"0.25s", "0.5s"}
   assert "Frozen frame 0" in (tmp_path / "summary.md").read_text()
+  # The horizon against the VAE's ceiling: its threshold is the reconstruction PSNR minus 3 dB.
+  ps = report["models"]["one_step"]["summary"]["0.5s"]["psnr"]
+  assert ps["horizon_vs_vae_threshold"] == pytest.approx(refs["vae_reconstruction"]["psnr"] - 3.0, abs=1e-3)
+  assert 0 <= ps["horizon_vs_vae_s"] <= 13 / fps + 1e-3
+  assert frozen["summary"]["0.5s"]["psnr"]["horizon_vs_vae_s"] > 0  # frame 0 itself is exact
 
 
 def test_cli_parse_models():
