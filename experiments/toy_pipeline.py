@@ -7,8 +7,9 @@ Variants (the config argument):
   demo  `make demo`: the `toy` DiT (4 blocks, width 128), small VAE (base width 16), 64x64 pixels,
         tens of steps per stage: measured 8.0 min on 2 CPU cores (VAE 2.5 min); a smoke run of the
         whole chain, far too short to learn the world
-  full  the same models trained long enough to learn the world, evaluated on 2 held-out worlds with
-        1- and 5-minute rollouts: ~1.5 hours on 2 CPU cores
+  full  the same models trained for thousands of steps, evaluated on 2 held-out worlds with 1- and
+        5-minute rollouts: ~75 minutes on 2 CPU cores (VAE 11, DiT stages ~40, evaluation 22);
+        results in README.md and docs/toy_full/
 
   python -m apt2_jax.main --config=experiments/toy_pipeline.py:demo --workdir=demo_out/pipeline
   python -m apt2_jax.main --config=experiments/toy_pipeline.py:full --workdir=runs/toy_full
@@ -35,8 +36,7 @@ _VARIANTS = {
                  steps=dict(vae=60, pretrain=60, adapt=60, distill=30, adversarial=20,
                             adversarial_teacher_forcing=6, adversarial_no_recycle=6, long_video=4),
                  vae_lr=1e-3, lr=1e-3, gan_lr=5e-5, euler_steps=8, worlds=1, durations=(4.0,)),
-    # Sized to ~1.5 hours on 2 CPU cores (VAE ~15 min, DiT stages ~45 min, evaluation ~25 min):
-    # long enough for the VAE and the DiT to learn the world, so the drift curves compare models.
+    # Sized to ~75 minutes on 2 CPU cores (measured: VAE 11 min, DiT stages ~40, evaluation 22).
     "full": dict(model="toy", vae="small", vae_base_dim=16, vae_frames=5, vae_batch=4, vae_lr=1e-3,
                  pixels=64, frames=17, segments=(2, 1, 4), batch=8, pool=256,
                  steps=dict(vae=700, pretrain=2500, adapt=8000, distill=1500, adversarial=300,
