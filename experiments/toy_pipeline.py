@@ -5,7 +5,7 @@ Variants (the config argument):
   tiny  the end-to-end test: tiny model, 32x32 pixels, a few steps per stage (measured: 6 min on
         2 idle CPU cores, almost all of it XLA compiles of the 8 stage steps and the evaluation)
   demo  `make demo`: the `toy` DiT (4 blocks, width 128), small VAE (base width 16), 64x64 pixels,
-        tens of steps per stage: measured 8.0 min on 2 CPU cores (VAE 2.5 min); a smoke run of the
+        tens of steps per stage: measured 8-10 min on 2 CPU cores (VAE 2.5 min); a smoke run of the
         whole chain, far too short to learn the world
   full  the same models trained for thousands of steps, evaluated on 2 held-out worlds with 1- and
         5-minute rollouts: ~75 minutes on 2 CPU cores (VAE 11, DiT stages ~40, evaluation 22);
