@@ -193,9 +193,7 @@ def make_setup(config, devices=None) -> Setup:
   mc = DiTConfig.from_dict(config.model)
   model = CausalDiT(mc)
   if devices is None:
-    devices = jax.devices() if config.num_devices == 0 else jax.devices()[:config.num_devices]
-    if config.num_devices > len(jax.devices()):
-      raise ValueError(f"config.num_devices={config.num_devices} but only {len(jax.devices())} devices exist")
+    devices = sharding.config_devices(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config)
   boxed = jax.eval_shape(lambda: init_params(model, jax.random.key(0), boxed=True))

@@ -64,6 +64,21 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
+def config_devices(config) -> list:
+  """The devices a run uses: the first `config.num_devices` (0 or absent = all of them).
+
+  Multi-host runs use all devices (every process must take part in the mesh).
+  """
+  n = int(config.get("num_devices", 0) or 0) if hasattr(config, "get") else 0
+  devices = jax.devices()
+  if n < 0 or n > len(devices):
+    raise ValueError(f"config.num_devices={n} but {len(devices)} devices exist (0 = all)")
+  if n and jax.process_count() > 1 and n != len(devices):
+    raise ValueError(f"config.num_devices={n}: a {jax.process_count()}-process run must use all "
+                     f"{len(devices)} devices (set 0)")
+  return devices[:n] if n else devices
+
+
 def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
   """A mesh over `devices` (default: all) with the four named axes, all of `AxisType.Auto`."""
   devices = list(devices if devices is not None else jax.devices())

@@ -92,7 +92,7 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
     raise ValueError(f"config.stage={stage!r} is not one of {list(ALL_STAGES)}")
   if stage in ("vae", "vae_distill"):
     return
-  num_devices = jax.device_count() if num_devices is None else num_devices
+  num_devices = len(sharding.config_devices(config)) if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
   shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
   batch_ways = shape["data"] * shape["fsdp"]
@@ -369,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, sharding.config_devices(config))
   rules = sharding.rules_from_config(config)
   primary = jax.process_index() == 0
   from apt2_jax.stages import data as stage_data

@@ -7,6 +7,7 @@ Each stage file (`stage0_pretrain.py`, `stage1_adapt.py`, `stage2_distill.py`) s
   stage, seed                 stage name (train.ALL_STAGES); the run's seed (init, data, steps)
   model                       `DiTConfig` fields (experiments/common.py sizes)
   mesh, logical_rules         {data, fsdp, tensor, sequence} (one may be -1); sharding table
+  num_devices                 the mesh spans the first N devices (0 = all; tests and debugging)
   batch_size, microbatches    global batch; gradient accumulation over that many microbatches
   num_steps                   total optimiser steps (the schedule's length)
   optimizer                   name, learning_rate, schedule, warmup_steps, end_factor, b1, b2, eps,
@@ -55,6 +56,7 @@ def base_config(stage: str, size: str, world: str = "camera") -> ml_collections.
   c.model = common.model_config(size, control_channels=4 * CONTROL_DIM[world])
   c.mesh = common.mesh_config(data=-1, fsdp=1) if toy else common.mesh_config(data=1, fsdp=-1)
   c.logical_rules = common.logical_rules()
+  c.num_devices = 0  # 0 = all devices
 
   c.batch_size = batch
   c.microbatches = 1

@@ -25,7 +25,9 @@ ORDER = ("vae", "pretrain", "adapt", "distill", "adversarial", "adversarial_teac
 # variant: model size, VAE size, pixels, video frames of the short clips, long-video segments
 # (segment latent frames, overlap, number), batch, steps per stage, evaluation
 _VARIANTS = {
+    # One device and one checkpoint per stage: the test of the chain, where compiles are the cost.
     "tiny": dict(model="tiny", vae="tiny", pixels=32, frames=9, segments=(2, 1, 2), batch=8, pool=8,
+                 devices=1, checkpoints=1,
                  steps=dict(vae=3, pretrain=2, adapt=2, distill=2, adversarial=2, adversarial_teacher_forcing=1,
                             adversarial_no_recycle=1, long_video=1),
                  lr=1e-3, gan_lr=1e-4, euler_steps=4, worlds=1, durations=(1.0,)),
@@ -49,6 +51,7 @@ def _common(c, v, world, steps, lr):
   c.model = diffusion_common.common.model_config(v["model"], control_channels=c.model.control_channels,
                                                  recycled_channels=c.model.recycled_channels)
   c.mesh = diffusion_common.common.mesh_config(data=-1, fsdp=1)
+  c.num_devices = v.get("devices", 0)
   c.batch_size = v["batch"]
   c.num_steps = steps
   c.optimizer.learning_rate = lr
@@ -58,7 +61,7 @@ def _common(c, v, world, steps, lr):
                      frames=v["frames"], pre_encode=True))  # the frozen VAE encodes the pool once, not every batch
   c.vae.size = v["vae"]
   c.log_every = max(1, min(20, steps // 10))
-  c.checkpoint_every = max(1, steps // 4)
+  c.checkpoint_every = max(1, steps // v.get("checkpoints", 4))
   c.eval_every = 0
   c.eval_at_end = False  # the pipeline's evaluation scores every model at the end (one compile less)
   c.eval.batch_size = v["batch"]
@@ -92,7 +95,8 @@ def get_config(arg: str = "demo"):
   vae.num_steps = v["steps"]["vae"]
   vae.optimizer.learning_rate = v.get("vae_lr", vae.optimizer.learning_rate)
   vae.optimizer.warmup_steps = min(50, vae.num_steps // 10)
-  vae.checkpoint_every = max(1, vae.num_steps // 4)
+  vae.num_devices = v.get("devices", 0)
+  vae.checkpoint_every = max(1, vae.num_steps // v.get("checkpoints", 4))
   vae.log_every = max(1, min(20, vae.num_steps // 10))
   s.vae = vae
 

@@ -35,6 +35,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "vae_distill" if size == "slim_decoder" else "vae"
   c.seed = 0
+  c.num_devices = 0  # data parallel over the first N devices that divide the batch (0 = all)
   # `config.vae`: a named size plus any `VAEConfig` field (e.g. --config.vae.remat=True).
   c.vae = ml_collections.ConfigDict({"size": size})
   c.init_from = ""   # stage vae: start from a diffusers AutoencoderKLWan folder or a workdir

@@ -30,7 +30,6 @@ def test_stage_chain_points_each_stage_at_the_previous_one(tmp_path):
   assert not pipeline._is_done(path("vae"), plan["vae"][0])
 
 
-@pytest.mark.slow
 def test_tiny_pipeline_end_to_end(tmp_path):
   config = toy_pipeline.get_config("tiny")
   pipeline.run_pipeline(config, str(tmp_path))

@@ -307,6 +307,9 @@ class LongVideoStage(AdversarialStage):
       raise ValueError("config.long_video.segment_frames and num_segments must be >= 1")
     if not 1 <= self.overlap <= self.seg:
       raise ValueError(f"config.long_video.overlap_frames={self.overlap} must be in [1, segment_frames={self.seg}]")
+    # D's context before segment 0 (the first frame) is as wide as the overlap after it when the
+    # overlap is 1: every segment then has the same shapes and one scanned program serves all.
+    self.fold_segments = self.overlap == 1
     if config.adversarial.variant != "student_forcing":
       raise ValueError("long_video training needs config.adversarial.variant='student_forcing'")
     f, _, _ = stage_data.latent_shape(config)
@@ -373,21 +376,26 @@ class LongVideoStage(AdversarialStage):
     b, _, h, w, _ = latents.shape
     cache = kv_cache.init_cache(self.model_config, b, h, w)
     first = latents[:, :1]
-    # Segment 0 continues from the real first frame (D context: the first frame).
-    g_acc, d_acc, metrics, cache, last, context = self._segment(
-        params, d_params, self._segment_inputs(latents, controls, text, rng, 0, True), cache, first, first)
 
-    if self.num_segments > 1:
-      def body(carry, k):
-        g_acc, d_acc, cache, last, context = carry
-        start = k * self.seg
-        seg_in = self._segment_inputs(latents, controls, text, rng, start, False)
-        g, d, m, cache, last, context = self._segment(params, d_params, seg_in, cache, last, context)
-        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, d_acc, d), cache, last, context), m
+    def body(carry, k):
+      g_acc, d_acc, cache, last, context = carry
+      seg_in = self._segment_inputs(latents, controls, text, rng, k * self.seg, False)
+      g, d, m, cache, last, context = self._segment(params, d_params, seg_in, cache, last, context)
+      return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, d_acc, d), cache, last, context), m
 
+    if self.fold_segments:  # one segment program instead of two: half the compile
+      zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
       (g_acc, d_acc, cache, last, context), seg_metrics = jax.lax.scan(
-          body, (g_acc, d_acc, cache, last, context), jnp.arange(1, self.num_segments))
-      metrics = jax.tree.map(lambda a, s: (a + jnp.sum(s)) / self.num_segments, metrics, seg_metrics)
+          body, (zeros(params), zeros(d_params), cache, first, first), jnp.arange(self.num_segments))
+      metrics = jax.tree.map(lambda s: jnp.sum(s) / self.num_segments, seg_metrics)
+    else:
+      # Segment 0 continues from the real first frame (D context: the first frame).
+      g_acc, d_acc, metrics, cache, last, context = self._segment(
+          params, d_params, self._segment_inputs(latents, controls, text, rng, 0, True), cache, first, first)
+      if self.num_segments > 1:
+        (g_acc, d_acc, cache, last, context), seg_metrics = jax.lax.scan(
+            body, (g_acc, d_acc, cache, last, context), jnp.arange(1, self.num_segments))
+        metrics = jax.tree.map(lambda a, s: (a + jnp.sum(s)) / self.num_segments, metrics, seg_metrics)
     scale = 1.0 / self.num_segments
     g_grads = jax.tree.map(lambda g: g * scale, g_acc)
     d_grads = jax.tree.map(lambda g: g * scale, d_acc)

@@ -32,6 +32,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from apt2_jax import sharding
 from apt2_jax.models import vae as vae_lib
 
 STAGES = ("vae", "vae_distill")
@@ -285,7 +286,8 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
     trainable, frozen = params, {}
 
   # Data parallel: the batch is split over as many devices as divide it; parameters replicated.
-  devices = jax.devices()[:math.gcd(config.batch_size, jax.device_count())]
+  devices = sharding.config_devices(config)
+  devices = devices[:math.gcd(config.batch_size, len(devices))]
   mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=devices)
   replicated = NamedSharding(mesh, P())
