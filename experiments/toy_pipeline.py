@@ -25,8 +25,9 @@ ORDER = ("vae", "pretrain", "adapt", "distill", "adversarial", "adversarial_teac
 # variant: model size, VAE size, pixels, video frames of the short clips, long-video segments
 # (segment latent frames, overlap, number), batch, steps per stage, evaluation
 _VARIANTS = {
-    # One device and one checkpoint per stage: the test of the chain, where compiles are the cost.
-    "tiny": dict(model="tiny", vae="tiny", pixels=32, frames=9, segments=(2, 1, 2), batch=8, pool=8,
+    # One device, one DiT block and one checkpoint per stage: the test of the chain, where XLA
+    # compiles are the cost (a second block adds ~30% to each stage-3 compile).
+    "tiny": dict(model="tiny", layers=1, vae="tiny", pixels=32, frames=9, segments=(2, 1, 2), batch=8, pool=8,
                  devices=1, checkpoints=1,
                  steps=dict(vae=3, pretrain=2, adapt=2, distill=2, adversarial=2, adversarial_teacher_forcing=1,
                             adversarial_no_recycle=1, long_video=1),
@@ -50,6 +51,8 @@ _VARIANTS = {
 def _common(c, v, world, steps, lr):
   c.model = diffusion_common.common.model_config(v["model"], control_channels=c.model.control_channels,
                                                  recycled_channels=c.model.recycled_channels)
+  if v.get("layers"):
+    c.model.num_layers = v["layers"]
   c.mesh = diffusion_common.common.mesh_config(data=-1, fsdp=1)
   c.num_devices = v.get("devices", 0)
   c.batch_size = v["batch"]

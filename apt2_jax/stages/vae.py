@@ -196,8 +196,15 @@ def _config_from_json(d: dict[str, Any]) -> vae_lib.VAEConfig:
   return vae_lib.VAEConfig(**d)
 
 
+# (workdir, step, step directory mtime, overrides) -> (VAE, host copy of its params): a pipeline
+# loads the same frozen VAE in every stage and in the evaluation.
+_LOADED: dict = {}
+
+
 def load_vae(path: str, **overrides):
-  """(VAE, params) from a `vae`/`vae_distill` workdir or a diffusers `AutoencoderKLWan` folder."""
+  """(VAE, params) from a `vae`/`vae_distill` workdir or a diffusers `AutoencoderKLWan` folder.
+
+  Workdir loads are cached per checkpoint step (host copies; every call returns fresh arrays)."""
   config_path = os.path.join(path, "vae_config.json")
   if not os.path.exists(config_path):
     from apt2_jax.convert import wan_vae  # pylint: disable=g-import-not-at-top
@@ -207,11 +214,14 @@ def load_vae(path: str, **overrides):
     saved = json.load(f)
   cfg = dataclasses.replace(_config_from_json(saved["vae"]), **overrides)
   model = vae_lib.VAE(cfg)
-  params = vae_lib.init_params(model, jax.random.key(0), 16, 16)["params"]
-  with ocp.CheckpointManager(os.path.join(os.path.abspath(path), "checkpoints")) as manager:
+  directory = os.path.join(os.path.abspath(path), "checkpoints")
+  with ocp.CheckpointManager(directory) as manager:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {path}/checkpoints")
+    key = (directory, step, os.path.getmtime(os.path.join(directory, str(step))), tuple(sorted(overrides.items())))
+    if key in _LOADED:
+      return model, jax.tree.map(jnp.asarray, _LOADED[key])
     # Restored as saved (no target: the optimizer state is not needed here).
     restored = manager.restore(step, args=ocp.args.StandardRestore())
   frozen = saved.get("frozen_from")
@@ -219,9 +229,10 @@ def load_vae(path: str, **overrides):
     _, teacher_params = load_vae(frozen)
     params = {**teacher_params["params"], **restored["params"]}
   else:
-    params = {**params, **restored["params"]}
-  params = jax.tree.map(jnp.asarray, params)
-  return model, {"params": params}
+    params = {**vae_lib.init_params(model, jax.random.key(0), 16, 16)["params"], **restored["params"]}
+  params = {"params": jax.tree.map(np.asarray, params)}
+  _LOADED[key] = params
+  return model, jax.tree.map(jnp.asarray, params)
 
 
 def measure_latent_stats(model, params, videos) -> tuple[tuple[float, ...], tuple[float, ...]]:
