@@ -807,13 +807,18 @@ def _mean_curves(per_world: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.
 REFERENCE_SECONDS = 4.0   # the VAE-reconstruction reference covers the first 4 s of each world
 
 
+@functools.lru_cache(maxsize=4)
+def _reconstruct_function(vae_config: vae_lib.VAEConfig):
+  """One jitted encode+decode per VAE config (compiled once for all held-out worlds)."""
+  vae = vae_lib.VAE(vae_config)
+  return jax.jit(lambda p, v: vae.apply(p, vae.apply(p, v, method=vae_lib.VAE.encode)[0],
+                                        method=vae_lib.VAE.decode))
+
+
 def vae_reconstruction(spec: ModelSpec, frames: np.ndarray) -> np.ndarray:
   """uint8 `[1+4k, H, W, 3]` -> the VAE's whole-clip reconstruction (posterior mean), uint8."""
-  vae = vae_lib.VAE(spec.vae_config)
   video = jnp.asarray(frames, jnp.float32)[None] / 127.5 - 1.0
-  fn = jax.jit(lambda p, v: vae.apply(p, vae.apply(p, v, method=vae_lib.VAE.encode)[0],
-                                      method=vae_lib.VAE.decode))
-  out = fn(spec.vae_params, video)[0]
+  out = _reconstruct_function(spec.vae_config)(spec.vae_params, video)[0]
   return np.asarray(jnp.round((jnp.clip(out, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8))
 
 
