@@ -2,8 +2,9 @@
 each stage starting from the previous one's checkpoint, then the evaluation against the oracle.
 
 Variants (the config argument):
-  tiny  the end-to-end test: tiny model, 32x32 pixels, a few steps per stage (measured: 6 min on
-        2 idle CPU cores, almost all of it XLA compiles of the 8 stage steps and the evaluation)
+  tiny  the end-to-end test: tiny 1-block model on 1 device, 32x32 pixels, 1-3 steps per stage
+        (measured: ~2 min on 2 idle CPU cores, ~3.5 min in `make test` beside the other worker;
+        nearly all of it XLA compiles: 8 stage steps, their initialisations, the evaluation)
   demo  `make demo`: the `toy` DiT (4 blocks, width 128), small VAE (base width 16), 64x64 pixels,
         tens of steps per stage: measured 8-10 min on 2 CPU cores (VAE 2.5 min); a smoke run of the
         whole chain, far too short to learn the world
