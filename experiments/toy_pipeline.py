@@ -6,7 +6,7 @@ Variants (the config argument):
         (measured: ~2 min on 2 idle CPU cores, ~3.5 min in `make test` beside the other worker;
         nearly all of it XLA compiles: 8 stage steps, their initialisations, the evaluation)
   demo  `make demo`: the `toy` DiT (4 blocks, width 128), small VAE (base width 16), 64x64 pixels,
-        tens of steps per stage: measured 8-10 min on 2 CPU cores (VAE 2.5 min); a smoke run of the
+        tens of steps per stage: measured 8-10 min on 2 CPU cores (VAE 2.5-4 min); a smoke run of the
         whole chain, far too short to learn the world
   full  the same models trained for thousands of steps, evaluated on 2 held-out worlds with 1- and
         5-minute rollouts: ~75 minutes on 2 CPU cores (VAE 11, DiT stages ~40, evaluation 22);

@@ -7,7 +7,8 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile many small programs and run each a few times: cheap XLA CPU compiles (see
-# apt2_jax/xla_flags.py; the stage-3 train step compiles in 8 s instead of 23 s).
+# apt2_jax/xla_flags.py; the stage-3 train step compiles in 8 s instead of 23 s). The repository
+# root goes on sys.path first: for that module and for `experiments/` (configs, imported by tests).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from apt2_jax import xla_flags  # noqa: E402  (does not import jax)
 
@@ -25,10 +26,6 @@ import pytest  # noqa: E402
 def devices():
   assert len(jax.devices()) == 8, jax.devices()
   return jax.devices()
-
-
-# `experiments/` (configs) is imported by tests as a package from the repository root (on
-# sys.path since the top of this file).
 
 
 @pytest.fixture(scope="session")
