@@ -188,7 +188,7 @@ def make_setup(config, devices=None) -> Setup:
   jax = _jax()
   from apt2_jax import sharding
   from apt2_jax.models import CausalDiT, DiTConfig, init_params
-  from experiments.benchmark import validate
+  from apt2_jax.configs.benchmark import validate
   validate(config)
   mc = DiTConfig.from_dict(config.model)
   model = CausalDiT(mc)
@@ -409,13 +409,13 @@ def stage1_train_step(model, optimizer, shift: float):
 
 
 def stage3_config(s: "Setup", batch: int, steps: int):
-  """The stage-3 trainer config (`experiments/stage3_adversarial.py`) for the benchmark's model:
+  """The stage-3 trainer config (`apt2_jax.configs.adversarial`) for the benchmark's model:
   `steps` generated latent frames per rollout, the benchmark's mesh, rules and rollout remat."""
   import ml_collections
-  from experiments import common, stage3_adversarial
+  from apt2_jax.configs import adversarial, sizes
   c = s.config
-  base = c.size if c.size in common.SIZES else "small"
-  c3 = stage3_adversarial.get_config(base)
+  base = c.size if c.size in sizes.SIZES else "small"
+  c3 = adversarial.adversarial_config(base)
   c3.model = ml_collections.ConfigDict(c.model.to_dict())
   c3.model.recycled_channels = True
   c3.model.control_channels = 0
@@ -593,7 +593,7 @@ AOT_CASES = {
 
 def aot_config(case: dict, size: str = "apt2_8b", **model_overrides):
   """The benchmark config of one AOT case (`AOT_CASES` entry)."""
-  from experiments import benchmark as bench_cfg
+  from apt2_jax.configs import benchmark as bench_cfg
   config = bench_cfg.get_config(size)
   config.height, config.width = case["height"], case["width"]
   config.model.window = case["window"]
@@ -805,7 +805,6 @@ def main(argv):
   if FLAGS.cpu_devices:
     import jax
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-  sys.path.insert(0, os.getcwd())  # `experiments/` is imported from the repository root
   if FLAGS.aot or FLAGS.aot_cases:
     names = [n for n in FLAGS.aot_cases.split(",") if n] or None
     unknown = sorted(set(names or ()) - set(AOT_CASES))
@@ -824,6 +823,9 @@ def main(argv):
     _write(result, FLAGS.json_out)
     return
   config = _CONFIG.value
+  if config is None:  # no --config: the package's default, from any directory
+    from apt2_jax.configs import benchmark as bench_cfg
+    config = bench_cfg.get_config("small")
   result = run(config)
   print(table(result))
   _write(result, FLAGS.json_out)
@@ -831,7 +833,8 @@ def main(argv):
 
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/benchmark.py:<size>",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/benchmark.py:<size> "
+                                          "(default: apt2_jax.configs.benchmark, small)",
                                           lock_config=True)
 
 if __name__ == "__main__":

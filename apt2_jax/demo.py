@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app, flags
@@ -23,19 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("size", "small", "model size (experiments/common.py)")
+flags.DEFINE_string("size", "small", "model size (apt2_jax/configs/sizes.py)")
 flags.DEFINE_integer("frames", 120, "latent frames to stream (4 video frames each)")
 flags.DEFINE_integer("height", 256, "pixels")
 flags.DEFINE_integer("width", 256, "pixels")
 flags.DEFINE_string("vae_size", None, "VAE size (default: tiny for the tiny model, else small)")
 flags.DEFINE_string("out_dir", "demo_out/stream", "where the MP4/GIF and timings JSON go")
 flags.DEFINE_integer("seed", 0, "noise seed")
-
-
-def _repo_root_on_path():
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if os.path.isdir(os.path.join(root, "experiments")) and root not in sys.path:
-    sys.path.insert(0, root)
 
 
 def first_frame_image(height: int, width: int) -> np.ndarray:
@@ -53,13 +46,12 @@ def first_frame_image(height: int, width: int) -> np.ndarray:
 def stream(size="small", frames=120, height=256, width=256, vae_size=None, seed=0, out_dir=None,
            log=lambda s: print(s, flush=True)):
   """Runs the stream; returns a dict of timings (and writes media when `out_dir` is set)."""
-  _repo_root_on_path()
-  from experiments import common
+  from apt2_jax.configs import sizes
   from apt2_jax.models import CausalDiT, DiTConfig, init_params, kv_cache
   from apt2_jax.models import vae as vae_lib
   from apt2_jax.rollout import generator_step
 
-  dit_config = DiTConfig.from_dict(common.model_config(size))
+  dit_config = DiTConfig.from_dict(sizes.model_config(size))
   vae_config = vae_lib.vae_config(vae_size or ("tiny" if size == "tiny" else "small"),
                                   z_dim=dit_config.latent_channels)
   if height % 16 or width % 16:

@@ -430,17 +430,17 @@ def _bones():
 
 
 def build_generator(checkpoint: str, size: str, control: str, height: int, width: int):
-  """From a checkpoint, or random weights of an `experiments/common.py` size."""
+  """From a checkpoint, or random weights of an `apt2_jax.configs.sizes` size."""
   from apt2_jax.inference.streaming import StreamingGenerator
   if checkpoint:
     kwargs = {k: v for k, v in (("height", height), ("width", width)) if v}
     return StreamingGenerator.from_checkpoint(checkpoint, **kwargs)
-  from experiments import common
+  from apt2_jax.configs import sizes
   from apt2_jax.models import DiTConfig
   from apt2_jax.models import vae as vae_lib
-  # The trainer's layout: the 4 video frames' controls per latent frame (experiments/).
+  # The trainer's layout: the 4 video frames' controls per latent frame (apt2_jax.configs.diffusion).
   channels = {"none": 0, "camera": 4 * 5, "pose": 4 * 2 * controls_lib.NUM_KEYPOINTS}[control]
-  config = DiTConfig.from_dict(common.model_config(size, control_channels=channels))
+  config = DiTConfig.from_dict(sizes.model_config(size, control_channels=channels))
   vae_size = "tiny" if size == "tiny" else "small"
   return StreamingGenerator.random(config, vae_lib.vae_config(vae_size), control_type=control,
                                    height=height or 64, width=width or 64)
@@ -468,7 +468,7 @@ def main(argv):
 def _define_flags():
   from absl import flags
   flags.DEFINE_string("checkpoint", "", "export bundle or training workdir (empty: random weights)")
-  flags.DEFINE_string("size", "small", "model size for random weights (experiments/common.py)")
+  flags.DEFINE_string("size", "small", "model size for random weights (apt2_jax/configs/sizes.py)")
   flags.DEFINE_enum("control", "camera", ["none", "camera", "pose"], "control of random weights")
   flags.DEFINE_integer("height", 0, "pixel height (0: the checkpoint's, or 64)")
   flags.DEFINE_integer("width", 0, "pixel width (0: the checkpoint's, or 64)")

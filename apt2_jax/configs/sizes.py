@@ -1,0 +1,53 @@
+"""Model sizes, mesh and logical rules: the shared pieces of every config.
+
+Sizes (the `<size>` of `get_config("<size>")` in every stage file):
+  tiny      tests: 2 blocks, width 48, 4 latent channels; compiles in seconds on CPU
+  toy       `make demo`'s pipeline: 4 blocks, width 128
+  small     the toy pipeline and CPU streaming: 12 blocks, width 384 (~30M parameters)
+  wan_1_3b  Wan2.1 1.3B dimensions (30 blocks, width 1536): starts from public Wan2.1 weights
+  apt2_8b   the paper's scale: 36 blocks, about 8B parameters
+"""
+from __future__ import annotations
+
+import ml_collections
+
+SIZES = ("tiny", "toy", "small", "wan_1_3b", "apt2_8b")
+
+_MODEL_SIZES = {
+    "tiny": dict(latent_channels=4, dim=48, ffn_dim=96, num_heads=2, num_layers=2, text_dim=32,
+                 freq_dim=32, window=3, caption_vocab_size=128, caption_dim=32, caption_layers=1),
+    # The `make demo` pipeline: trains every stage on a CPU in minutes (~3M parameters).
+    "toy": dict(latent_channels=16, dim=128, ffn_dim=512, num_heads=2, num_layers=4, text_dim=64,
+                freq_dim=64, window=6, caption_vocab_size=128, caption_dim=64, caption_layers=1),
+    "small": dict(latent_channels=16, dim=384, ffn_dim=1536, num_heads=6, num_layers=12, text_dim=256,
+                  freq_dim=256, window=8, caption_vocab_size=128, caption_dim=128, caption_layers=2),
+    # Wan2.1 T2V 1.3B: text from precomputed 4096-d umT5 embeddings. N = 30 latent frames (5 s).
+    "wan_1_3b": dict(latent_channels=16, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
+                     text_dim=4096, freq_dim=256, window=30, caption_vocab_size=0),
+    # The paper's 8B: 36 blocks; width 3584 with 28 heads of 128 channels.
+    "apt2_8b": dict(latent_channels=16, dim=3584, ffn_dim=16384, num_heads=28, num_layers=36,
+                    text_dim=4096, freq_dim=256, window=30, caption_vocab_size=0, dtype="bfloat16",
+                    remat_policy="full"),
+}
+
+
+def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
+  """The `config.model` block for a size; fields are those of `apt2_jax.models.DiTConfig`."""
+  if size not in _MODEL_SIZES:
+    raise ValueError(f"unknown model size {size!r}; choose one of {SIZES}")
+  d = dict(control_channels=0, recycled_channels=True, patch_size=(1, 2, 2), eps=1e-6, rope_theta=10000.0, dtype="float32",
+           param_dtype="float32", remat_policy="none", attention_impl=None, query_chunk=0,
+           caption_dim=128, caption_layers=2, caption_max_len=32)
+  d.update(_MODEL_SIZES[size])
+  d.update(overrides)
+  return ml_collections.ConfigDict(d)
+
+
+def mesh_config(data=-1, fsdp=1, tensor=1, sequence=1) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, sequence=sequence))
+
+
+def logical_rules():
+  """The logical-axis table (see `apt2_jax/sharding.py`), copied into each config."""
+  from apt2_jax import sharding  # imports JAX: only when a config is built
+  return tuple(sharding.LOGICAL_RULES)
