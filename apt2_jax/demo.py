@@ -45,11 +45,16 @@ def first_frame_image(height: int, width: int) -> np.ndarray:
 
 def stream(size="small", frames=120, height=256, width=256, vae_size=None, seed=0, out_dir=None,
            log=lambda s: print(s, flush=True)):
-  """Runs the stream; returns a dict of timings (and writes media when `out_dir` is set)."""
+  """Runs the stream; returns a dict of timings (and writes media when `out_dir` is set).
+
+  The computation is `apt2_jax.generation.stream`'s jitted `step` and `decode` (the functions
+  every generator uses), timed separately with `block_until_ready`.
+  """
+  from apt2_jax import generation
   from apt2_jax.configs import sizes
-  from apt2_jax.models import CausalDiT, DiTConfig, init_params, kv_cache
+  from apt2_jax.generation import stream as stream_lib
+  from apt2_jax.models import DiTConfig
   from apt2_jax.models import vae as vae_lib
-  from apt2_jax.rollout import generator_step
 
   dit_config = DiTConfig.from_dict(sizes.model_config(size))
   vae_config = vae_lib.vae_config(vae_size or ("tiny" if size == "tiny" else "small"),
@@ -57,49 +62,32 @@ def stream(size="small", frames=120, height=256, width=256, vae_size=None, seed=
   if height % 16 or width % 16:
     raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
   h, w = height // 8, width // 8
-  dit, vae = CausalDiT(dit_config), vae_lib.VAE(vae_config)
-  k_dit, k_vae, k_noise = jax.random.split(jax.random.key(seed), 3)
   t0 = time.perf_counter()
-  params = init_params(dit, k_dit)
-  vae_params = vae_lib.init_params(vae, k_vae, height, width)
-  log(f"[demo] {size} generator: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f}M parameters, "
+  gen = generation.random_generator(dit_config, vae_config, seed=seed)
+  fns = stream_lib.compiled(gen.spec())
+  log(f"[demo] {size} generator: {sum(x.size for x in jax.tree.leaves(gen.params)) / 1e6:.1f}M parameters, "
       f"VAE {vae_config.base_dim}-base; {height}x{width} pixels -> {h}x{w} latent, "
       f"window N={dit_config.window}; init {time.perf_counter() - t0:.1f}s")
 
-  image = first_frame_image(height, width)
-  video0 = jnp.asarray(image, jnp.float32)[None, None] / 127.5 - 1.0
-  mean, _ = jax.jit(lambda p, v: vae.apply(p, v, method=vae_lib.VAE.encode))(vae_params, video0)
-  first = vae_lib.normalize_latents(mean, vae_config)  # latent frame 0: [1, 1, h, w, C]
-  text = jnp.asarray([[3, 5, 7, 0, 0, 0, 0, 0]], jnp.int32) if dit_config.caption_vocab_size else \
+  image = jnp.asarray(first_frame_image(height, width))[None]
+  prompt = jnp.asarray([[3, 5, 7, 0, 0, 0, 0, 0]], jnp.int32) if dit_config.caption_vocab_size else \
       jnp.zeros((1, 8, dit_config.text_dim))
-  text_kv = jax.jit(lambda p, t: dit.apply({"params": p}, t, method=CausalDiT.encode_text))(params, text)
-  control = (jnp.zeros((1, 1, h, w, dit_config.control_channels)) if dit_config.control_channels else None)
-
-  @jax.jit
-  def dit_step(params, cache, recycled, i):
-    eps = jax.random.normal(jax.random.fold_in(k_noise, i), recycled.shape)
-    return generator_step(dit, params, cache, text_kv, eps, recycled, control)
-  dit_step = jax.jit(dit_step.__wrapped__, donate_argnums=(1,))
-
-  cache = kv_cache.init_cache(dit_config, 1, h, w)
-  dcache = vae_lib.init_decode_cache(vae, 1, h, w)
-  # Frame 0: decode the user's frame itself (1 video frame); then 4 video frames per step.
+  # Frame 0: encode and decode the user's frame itself (1 video frame); then 4 video frames per step.
   t0 = time.perf_counter()
-  out0, dcache = vae_lib.decode_step(vae, vae_params, dcache, vae_lib.denormalize_latents(first, vae_config), True)
-  out0.block_until_ready()
+  frame0, state, dcache = fns.start(gen.vae_params, image, jnp.int32(seed))
+  frame0.block_until_ready()
   first_latency = time.perf_counter() - t0
+  text_kv = fns.text(gen.params, prompt)
 
-  video, step_ms, decode_ms = [np.asarray(out0[0])], [], []
-  recycled = first
+  video, step_ms, decode_ms = [np.asarray(frame0[0])], [], []
   for i in range(frames):
     t0 = time.perf_counter()
-    x, cache = dit_step(params, cache, recycled, i)
+    x, state = fns.step(gen.params, state, text_kv, None)
     x.block_until_ready()
     t1 = time.perf_counter()
-    rgb, dcache = vae_lib.decode_step(vae, vae_params, dcache, vae_lib.denormalize_latents(x, vae_config), False)
+    rgb, dcache = fns.decode(gen.vae_params, dcache, x)
     rgb = np.asarray(rgb[0])
     t2 = time.perf_counter()
-    recycled = x
     step_ms.append((t1 - t0) * 1e3)
     decode_ms.append((t2 - t1) * 1e3)
     video.append(rgb)
@@ -115,12 +103,12 @@ def stream(size="small", frames=120, height=256, width=256, vae_size=None, seed=
       "step_latency_ms": float(np.median(step_ms[steady])),
       "decode_latency_ms": float(np.median(decode_ms[steady])),
       "first_step_ms_with_compile": float(step_ms[0]),
-      "first_frame_decode_ms_with_compile": first_latency * 1e3,
+      "first_frame_ms_with_compile": first_latency * 1e3,
       "device": jax.devices()[0].device_kind, "jax": jax.__version__,
   }
   result["fps"] = 4000.0 / (result["step_latency_ms"] + result["decode_latency_ms"])
   result["dit_fps"] = 4000.0 / result["step_latency_ms"]
-  frames_u8 = np.clip((np.concatenate(video, 0) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+  frames_u8 = np.concatenate(video, 0)
   assert frames_u8.shape[0] == 1 + 4 * frames
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
@@ -129,6 +117,7 @@ def stream(size="small", frames=120, height=256, width=256, vae_size=None, seed=
     from apt2_jax import media
     media.write_mp4(os.path.join(out_dir, "stream.mp4"), frames_u8, fps=24)
     media.write_gif(os.path.join(out_dir, "stream.gif"), frames_u8[:97], fps=24)
+    log(f"[demo] wrote {os.path.join(out_dir, 'stream.mp4')}, stream.gif and stream.json")
   log(f"[demo] {frames} latent frames ({1 + 4 * frames} video frames): DiT step "
       f"{result['step_latency_ms']:.1f} ms, VAE decode {result['decode_latency_ms']:.1f} ms per latent frame "
       f"-> {result['fps']:.1f} fps (DiT alone {result['dit_fps']:.1f} fps)")

@@ -112,12 +112,12 @@ def main(argv):
 
 
 def _control_type_of(checkpoint: str):
+  """The control type recorded in an export bundle, read without loading it (None otherwise)."""
+  from apt2_jax.generation import bundle
   try:
-    from apt2_jax import export
-    meta = export.read_meta(checkpoint)
-  except (FileNotFoundError, ValueError):
+    return bundle.read_meta(checkpoint)["control_type"]
+  except (FileNotFoundError, ValueError, KeyError):
     return None
-  return controls_lib.control_type(meta["model"], meta.get("control_type"))
 
 
 if __name__ == "__main__":

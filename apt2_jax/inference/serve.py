@@ -438,8 +438,9 @@ def build_generator(checkpoint: str, size: str, control: str, height: int, width
   from apt2_jax.configs import sizes
   from apt2_jax.models import DiTConfig
   from apt2_jax.models import vae as vae_lib
-  # The trainer's layout: the 4 video frames' controls per latent frame (apt2_jax.configs.diffusion).
-  channels = {"none": 0, "camera": 4 * 5, "pose": 4 * 2 * controls_lib.NUM_KEYPOINTS}[control]
+  from apt2_jax import controls as encodings
+  # The layout new models train with: camera ray maps, pose keypoint maps (`apt2_jax.controls`).
+  channels = encodings.control_channels(encodings.default_encoding(control), encodings.CONTROL_DIM[control])
   config = DiTConfig.from_dict(sizes.model_config(size, control_channels=channels))
   vae_size = "tiny" if size == "tiny" else "small"
   return StreamingGenerator.random(config, vae_lib.vae_config(vae_size), control_type=control,

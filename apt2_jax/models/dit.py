@@ -89,6 +89,12 @@ class DiTConfig:
   def head_dim(self) -> int:
     return self.dim // self.num_heads
 
+  def to_dict(self) -> dict:
+    """JSON-able fields (`from_dict` inverts it)."""
+    d = dataclasses.asdict(self)
+    d["patch_size"] = list(d["patch_size"])
+    return d
+
   @classmethod
   def from_dict(cls, d) -> "DiTConfig":
     d = dict(d)
