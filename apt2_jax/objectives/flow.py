@@ -1,6 +1,6 @@
 """Rectified flow: time shift, noising, velocity target, teacher-forced loss, Euler schedule.
 
-Convention (DESIGN.md section 1): `x_t = (1 - t) x_0 + t eps`, the model predicts `v = eps - x_0`,
+Convention (the AAPT paper's rectified flow): `x_t = (1 - t) x_0 + t eps`, the model predicts `v = eps - x_0`,
 so `dx_t/dt = v`, t = 1 is pure noise and `x_0 = x_t - t v`. Sampling integrates from t = 1 to 0.
 
 Teacher forcing with recycled frames. A clip of F latent frames `x_0 .. x_{F-1}` gives F - 1

@@ -135,7 +135,7 @@ def _latent_features(source_features, video_key: str, latent_shape):
 def main(argv):
   del argv
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from apt2_jax.stages.vae import load_vae  # pylint: disable=g-import-not-at-top
+  from apt2_jax.generation.vae import load_vae  # pylint: disable=g-import-not-at-top
   model, params = load_vae(FLAGS.vae)
   params = jax.device_put(params)
   builder = tfds.builder(FLAGS.dataset, data_dir=FLAGS.data_dir)
