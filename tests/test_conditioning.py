@@ -1,37 +1,42 @@
-"""Camera ray maps: still camera is zero, unit std on the world's trajectories, shared layout."""
+"""Model conditioning pieces: timestep embedding, caption encoder (controls: tests/test_controls.py)."""
+import types
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from apt2_jax import controls
 from apt2_jax.models import conditioning
 
 
-def test_still_camera_gives_zero_maps_and_pan_moves_directions():
-  maps = np.asarray(conditioning.camera_ray_maps(jnp.zeros((2, 5)), 4, 6))
-  assert maps.shape == (2, 4, 6, 6)
-  np.testing.assert_allclose(maps, 0.0, atol=1e-6)
-  pan = np.asarray(conditioning.camera_ray_maps(jnp.array([[0.05, 0, 0, 0, 0]]), 4, 6, normalize=False))[0]
-  np.testing.assert_allclose(pan[..., :3], 0.0, atol=1e-7)        # rotation only: no origin shift
-  assert np.all(np.abs(pan[..., 3]) > 0.02)                        # x direction changes everywhere
-  fwd = np.asarray(conditioning.camera_ray_maps(jnp.array([[0, 0, 0, 0.5, 0]]), 4, 6, normalize=False))[0]
-  np.testing.assert_allclose(fwd[..., :3], np.broadcast_to([0, 0, 0.5], fwd[..., :3].shape), atol=1e-6)
+def test_timestep_embedding_is_cos_then_sin():
+  t = jnp.array([0.0, 250.0, 1000.0])
+  emb = np.asarray(conditioning.timestep_embedding(t, 8))
+  assert emb.shape == (3, 8) and emb.dtype == np.float32
+  np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])
+  freqs = np.exp(-np.log(10000.0) * np.arange(4) / 4)
+  np.testing.assert_allclose(emb[1], np.concatenate([np.cos(250 * freqs), np.sin(250 * freqs)]),
+                             rtol=1e-5, atol=1e-5)
 
 
-def test_ray_maps_have_unit_std_on_world_trajectories():
-  from apt2_jax.data import worlds
-  world = worlds.make_world("camera", worlds.WorldConfig(height=32, width=32, num_frames=33))
-  rng = np.random.default_rng(1)
-  controls = np.concatenate([world.random_controls(rng, 33)[1:] for _ in range(60)])
-  std = np.asarray(conditioning.camera_ray_maps(controls, 4, 4)).reshape(-1, 6).std(0)
-  assert np.all((0.5 < std) & (std < 1.6)), std
+def test_caption_encoder_zeroes_padding():
+  config = types.SimpleNamespace(caption_dim=16, caption_vocab_size=10, caption_max_len=6,
+                                 caption_layers=1, text_dim=8)
+  encoder = conditioning.CaptionEncoder(config)
+  tokens = jnp.array([[3, 4, 5, 0, 0], [1, 0, 0, 0, 0]], jnp.int32)
+  params = encoder.init(jax.random.key(0), tokens)
+  out = np.asarray(encoder.apply(params, tokens))
+  assert out.shape == (2, 5, 8)
+  np.testing.assert_array_equal(out[0, 3:], 0.0)
+  np.testing.assert_array_equal(out[1, 1:], 0.0)
+  assert np.abs(out[0, :3]).min() > 0
+  with pytest.raises(ValueError, match="longer than model.caption_max_len"):
+    encoder.apply(params, jnp.ones((1, 7), jnp.int32))
 
 
-def test_latent_control_layouts():
-  controls = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 5)) * 0.02, jnp.float32)
-  raw = conditioning.latent_control_maps(controls, 3, 2, 2, "raw")
-  assert raw.shape == (2, 3, 2, 2, 20)
-  np.testing.assert_allclose(raw[:, 0], 0.0)
-  np.testing.assert_allclose(raw[0, 1, 0, 0], np.asarray(controls[0, 1:5]).reshape(-1), rtol=1e-6)
-  rays = conditioning.latent_control_maps(controls, 3, 2, 2, "rays")
-  assert rays.shape == (2, 3, 2, 2, 24)
-  np.testing.assert_allclose(rays[1, 2, ..., 6:12], conditioning.camera_ray_maps(controls[1, 6], 2, 2), rtol=1e-5)
-  assert conditioning.control_channels("rays", 5) == 24 and conditioning.control_channels("raw", 30) == 120
+def test_control_aliases_are_the_one_encoding():
+  # alias until callers move (stages.common): the same functions, not copies.
+  assert conditioning.latent_control_maps is controls.latent_control_maps
+  assert conditioning.control_channels is controls.control_channels
+  assert conditioning.camera_ray_maps is controls.camera_ray_maps

@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
+from apt2_jax import controls
 from apt2_jax.data import builders
 from apt2_jax.data import captions
-from apt2_jax.data import controls
+from apt2_jax.data import controls as data_controls
 from apt2_jax.data import pipeline
 from apt2_jax.data import worlds
 
@@ -61,8 +62,8 @@ def test_oracle_follows_new_controls():
   video = world.render(other, 11)
   np.testing.assert_array_equal(video[0], example['video'][0])
   assert np.abs(video[-1].astype(float) - example['video'][-1]).mean() > 1.0
-  keys = np.stack([controls.camera_control_from_keys(set())] +
-                  [controls.camera_control_from_keys({'w', 'd'})] * 4)
+  keys = np.stack([controls.camera_control_from_keys([])] +
+                  [controls.camera_control_from_keys(['w', 'd'])] * 4)
   assert world.render(keys, 11).shape == (5, 16, 16, 3)
 
 
@@ -103,53 +104,19 @@ def test_held_out_pools_are_disjoint():
 # Controls
 # ---------------------------------------------------------------------------------------------
 
-def test_camera_ray_maps_unit_std():
-  world = worlds.make_world('camera')
-  rng = np.random.default_rng(0)
-  trajectories = [world.random_controls(rng, 33, seed=worlds.split_seed('train', i))
-                  for i in range(12)]
-  maps = np.concatenate([controls.camera_ray_maps(c[1:], 8, 8) for c in trajectories])
-  std = maps.reshape(-1, 6).std(0)
-  assert 0.6 < std[2] < 1.6, std                    # origin along the optical axis
-  np.testing.assert_array_less(np.abs(std[3:] - 1), 0.3)
-  identity = controls.camera_ray_maps(np.zeros((1, 5)), 8, 8)
-  np.testing.assert_array_equal(identity[..., :3], 0)
-
-
-def test_latent_controls_grouping():
-  maps = np.arange(9, dtype=np.float32).reshape(9, 1, 1, 1) * np.ones((9, 2, 3, 2))
-  grouped = controls.latent_controls(maps)
-  assert grouped.shape == (3, 2, 3, 8)
-  np.testing.assert_array_equal(grouped[0, 0, 0], [0] * 8)
-  np.testing.assert_array_equal(grouped[1, 0, 0], [1, 1, 2, 2, 3, 3, 4, 4])
-  np.testing.assert_array_equal(grouped[2, 0, 0], [5, 5, 6, 6, 7, 7, 8, 8])
-  assert [controls.control_channels(w) for w in worlds.WORLD_NAMES] == [24, 64, 0]
-  camera = controls.control_maps('camera', np.zeros((9, 5)), 4, 4)
-  puppet = controls.control_maps('puppet', np.full((9, 30), 0.5), 4, 4)
-  assert camera.shape == (3, 4, 4, 24) and puppet.shape == (3, 4, 4, 64)
-
-
-def test_pose_maps_peak_at_keypoints():
-  keypoints = np.zeros((1, 15, 2))
-  keypoints[0, 3] = (0.25, 0.75)
-  maps = controls.pose_maps(keypoints, 16, 16)
-  assert maps.shape == (1, 16, 16, 16)
-  assert np.unravel_index(maps[0, ..., 3].argmax(), (16, 16)) in {(11, 3), (11, 4), (12, 3),
-                                                                  (12, 4)}
-
-
 def test_validate_controls_and_keys():
   with pytest.raises(ValueError, match=r'controls\[2, 1\] \(tilt\)'):
     bad = np.zeros((3, 5))
     bad[2, 1] = 0.5
-    controls.validate_controls(bad, 'camera')
+    data_controls.validate_controls(bad, 'camera')
   with pytest.raises(ValueError, match='nan|outside'):
-    controls.validate_controls(np.full((1, 30), np.nan), 'puppet')
-  key = controls.camera_control_from_keys({'W', 'a', 'q', '+'})
-  pan, tilt, zoom, forward, roll = key
-  assert forward > 0 and pan < 0 and roll < 0 and zoom > 0 and tilt == 0
-  np.testing.assert_array_equal(controls.camera_control_from_keys({'w', 's'}), 0)
-  controls.validate_controls(key[None], 'camera')
+    data_controls.validate_controls(np.full((1, 30), np.nan), 'puppet')
+  assert data_controls.control_names('puppet')[:2] == ('head.x', 'head.y')
+  # The strongest key combinations are valid camera controls of the world.
+  keys = [controls.camera_control_from_keys(k) for k in (['w', 'd', 'arrowup', 'e', '+'],
+                                                        ['s', 'a', 'arrowdown', 'q', '-'])]
+  data_controls.validate_controls(np.stack(keys), 'camera')
+  data_controls.validate_controls(controls.REST_POSE.reshape(1, 30), 'puppet')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,11 +205,9 @@ def _check_batch(batch, world, b=2, t=9, size=16):
   np.testing.assert_array_equal(batch['first_frame'], batch['video'][:, 0])
   assert batch['text_tokens'].shape == (b, captions.MAX_LEN)
   assert batch['text_tokens'].dtype == np.int32
-  channels = controls.control_channels(world)
-  if channels:
-    assert batch['control_maps'].shape == (b, 1 + (t - 1) // 4, size // 8, size // 8, channels)
-  else:
-    assert 'control_maps' not in batch
+  dim = controls.CONTROL_DIM[controls.WORLD_CONTROL_TYPES[world]]
+  assert batch['controls'].shape == (b, t, dim) and batch['controls'].dtype == np.float32
+  assert 'control_maps' not in batch  # the trainer encodes raw controls (apt2_jax.controls)
 
 
 def _tiny_config(world, **overrides):
@@ -296,7 +261,7 @@ def test_to_global_batch(devices):
   global_batch = pipeline.to_global_batch(batch, mesh)
   assert global_batch['video'].shape == batch['video'].shape
   assert global_batch['video'].sharding.spec == jax.sharding.PartitionSpec(('data',))
-  np.testing.assert_array_equal(np.asarray(global_batch['control_maps']), batch['control_maps'])
+  np.testing.assert_array_equal(np.asarray(global_batch['controls']), batch['controls'])
 
 
 def test_validate_data_config():

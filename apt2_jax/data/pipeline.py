@@ -5,17 +5,17 @@
   batch = next(it)                   # dict of numpy arrays, see below
   global_batch = to_global_batch(batch, mesh)
 
-Batch (per process; B = data_config.batch_size, F = 1 + (T-1)//4 latent frames):
+Batch (per process; B = data_config.batch_size, T = data_config.num_frames):
   video        float32 [B, T, H, W, 3] in [-1, 1]
   first_frame  float32 [B, H, W, 3] in [-1, 1] (= video[:, 0])
-  controls     float32 [B, T, D] raw per-frame controls (camera: relative pose, frame 0 zeros)
-  control_maps float32 [B, F, H/8, W/8, control_channels(world)]; absent for bouncing/local
+  controls     float32 [B, T, D] raw per-frame controls (camera: relative pose, frame 0 zeros);
+               the trainer encodes them into control channels (`apt2_jax.controls`)
   text_tokens  int32 [B, captions.MAX_LEN]
   caption_id   int32 [B] (-1: caption outside the fixed vocabulary)
   seed         int64 [B]
 
 Pipeline: source -> per-process slice -> shuffle (reshuffled every epoch) -> repeat -> random
-temporal crop -> normalise + control maps -> batch -> threaded read-ahead (-> optional worker
+temporal crop -> normalise -> batch -> threaded read-ahead (-> optional worker
 processes). Everything is seeded, so a restored iterator continues exactly.
 
 Saving the iterator with orbax: add `grain.checkpoint.CheckpointSave(iterator)` to the
@@ -33,7 +33,6 @@ import ml_collections
 import numpy as np
 
 from apt2_jax.data import captions
-from apt2_jax.data import controls as controls_lib
 from apt2_jax.data import worlds
 
 _SIZES = {
@@ -154,13 +153,7 @@ class _TemporalCrop(grain.transforms.RandomMap):
 
 
 class _ToModelInputs(grain.transforms.Map):
-  """Normalises frames to [-1, 1], computes latent-resolution control maps, drops strings."""
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.world = config.world
-    self.latent_size = (config.height // config.latent_downsample,
-                        config.width // config.latent_downsample)
-    self.temporal_stride = config.temporal_stride
+  """Normalises frames to [-1, 1], drops strings."""
 
   def map(self, record):
     video = np.asarray(record['video'], np.float32) / 127.5 - 1.0
@@ -173,9 +166,6 @@ class _ToModelInputs(grain.transforms.Map):
         'caption_id': np.int32(record['caption_id']),
         'seed': np.int64(record['seed']),
     }
-    if self.world in ('camera', 'puppet'):
-      out['control_maps'] = controls_lib.control_maps(self.world, controls, *self.latent_size,
-                                                      self.temporal_stride)
     return out
 
 
@@ -203,7 +193,7 @@ def make_dataset(data_config: ml_collections.ConfigDict, split: str = 'train', *
   ds = ds.repeat(data_config.num_epochs or None)
   ds = ds.random_map(_TemporalCrop(data_config.num_frames, data_config.world,
                                    data_config.temporal_crop == 'random'))
-  ds = ds.map(_ToModelInputs(data_config))
+  ds = ds.map(_ToModelInputs())
   ds = ds.batch(data_config.batch_size, drop_remainder=True)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=data_config.read_threads,

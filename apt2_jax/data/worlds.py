@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from apt2_jax import controls as controls_lib
 from apt2_jax.data import captions
 from apt2_jax.data import textures
 
@@ -206,7 +207,7 @@ def _pick_textures(rng: np.random.Generator, seed: int, count: int) -> list[str]
 # Camera world
 # =============================================================================================
 
-CAMERA_CONTROLS = ('pan', 'tilt', 'zoom', 'forward', 'roll')
+CAMERA_CONTROLS = controls_lib.CAMERA_CONTROLS  # ('pan', 'tilt', 'zoom', 'forward', 'roll')
 """Relative camera control of frame t, in the camera frame of frame t-1 (x right, y down, z along
 the optical axis):
 
@@ -220,8 +221,9 @@ Composition: `R_t = R_{t-1} Ry(pan) Rx(tilt) Rz(roll)`, `p_t = p_{t-1} + forward
 `log_f_t = log_f_{t-1} + zoom`. Frame 0's control is all zeros (identity).
 """
 
-# Per-frame bounds of the relative camera controls; also the outlier threshold of the sampler.
-CAMERA_CONTROL_LIMITS = np.array([0.15, 0.15, 0.1, 0.25, 0.15], np.float32)
+# Per-frame bounds of the relative camera controls (`apt2_jax.controls.CAMERA_LIMITS`:
+# 0.15, 0.15, 0.1, 0.25, 0.15); also the outlier threshold of the sampler.
+CAMERA_CONTROL_LIMITS = controls_lib.CAMERA_LIMITS
 
 _CAMERA_TRAJECTORY_MEANS = {
     # pan, tilt, zoom, forward, roll (multiples of the std; sign drawn at random)

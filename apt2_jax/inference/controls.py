@@ -1,22 +1,16 @@
-"""User controls -> the model's control channels; keyboard mapping; the controls-file format.
+"""User controls: parsing and validation of one step's control and of a controls file.
 
-One place decides how a user's control becomes the DiT's per-latent-pixel control input, so that
-the sampler, the server and the trainer agree (`control_type`, `control_maps`).
+How a control becomes the model's control channels is `apt2_jax.controls` (the one encoding the
+trainer, the stream and the server share); this module turns what a user sends into the
+per-video-frame controls that encoding takes, and names the bad entry when it is malformed.
 
-Control types (`control_type(model_config)`) and the model's control input per latent frame:
-  "none"    `control_channels == 0` (image-to-video, e.g. the bouncing world).
-  "camera"  the 4 video frames' relative poses `[4, 5]` (pan, tilt, zoom, forward, roll),
-            concatenated to 20 channels and broadcast over the latent pixels: the trainer's layout
-            (`apt2_jax.stages.common.latent_controls`, `control_channels = 4 * 5`); or, with
-            `control_channels = 24`, the per-pixel ray maps (origin, direction) of each of the 4
-            frames (`control_encoding="rays"` in training, `conditioning.camera_ray_maps`).
-  "pose"    the 4 video frames' keypoints `[4, 15, 2]` (x / width, y / height), concatenated to
-            120 channels and broadcast (the trainer's layout, `4 * 30`); or, with 15 channels, one
-            Gaussian map per keypoint.
+Control types (`control_type(model_config)`, from `model.control_channels`, see
+`apt2_jax.controls.encoding_from_channels`): "none" (0 channels), "camera" (20 raw, 24 "rays"),
+"pose" (120 raw, 60 "keypoint_maps").
 
 A user control for one step (one latent frame = 4 video frames) is one of
-  None                                  no motion (camera) / hold the last pose (pose);
-  {"keys": ["w", "ArrowLeft", ...]}     camera keys held during the step (see `KEY_BINDINGS`);
+  None                                  no motion (camera) / the rest pose (pose);
+  {"keys": ["w", "ArrowLeft", ...]}     camera keys held during the step (`KEY_BINDINGS`);
   {"camera": [pan, tilt, zoom, forward, roll]}  explicit relative pose per video frame, or
                                         [4, 5]: one row per video frame of the step;
   {"keypoints": [[x, y] * 15]}          puppet keypoints in [0, 1], or [4, 15, 2] per video frame.
@@ -38,41 +32,17 @@ A bare list `[...]` is the same as `{"steps": [...]}`. Errors name the bad entry
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from apt2_jax.models import conditioning
+from apt2_jax import controls as encoding_lib
+# Re-exported for the sampler and the server (`KEY_BINDINGS`, `REST_POSE` go to the browser page).
+from apt2_jax.controls import (CAMERA_CONTROLS, CAMERA_LIMITS, CONTROL_TYPES, KEY_BINDINGS,
+                               NUM_KEYPOINTS, REST_POSE, WORLD_CONTROL_TYPES)
 
-CONTROL_TYPES = ("none", "camera", "pose")
-FRAMES_PER_STEP = 4  # video frames per latent frame
-
-CAMERA_CONTROLS = ("pan", "tilt", "zoom", "forward", "roll")
-# Per-video-frame bounds of the relative camera control (apt2_jax.data.worlds.CAMERA_CONTROL_LIMITS).
-CAMERA_LIMITS = np.array([0.15, 0.15, 0.1, 0.25, 0.15], np.float32)
-NUM_KEYPOINTS = 15
+FRAMES_PER_STEP = encoding_lib.FRAMES_PER_LATENT  # video frames per latent frame (per step)
 KEYPOINT_RANGE = (0.0, 1.0)
-# Ray maps: ray origin (3) and direction (3) of each of the 4 video frames of a latent frame
-# (`conditioning.latent_control_maps(..., "rays")`, the trainer's `control_encoding="rays"`).
-CAMERA_CHANNELS = FRAMES_PER_STEP * conditioning.RAY_CHANNELS
-
-# Keyboard -> per-video-frame relative camera motion (a fraction of the limits). Keys follow the
-# browser's `KeyboardEvent.key`, lower-cased for letters.
-KEY_BINDINGS = {
-    "w": ("forward", +0.5), "s": ("forward", -0.5),
-    "a": ("pan", -0.4), "d": ("pan", +0.4),
-    "arrowleft": ("pan", -0.4), "arrowright": ("pan", +0.4),
-    "arrowup": ("tilt", +0.4), "arrowdown": ("tilt", -0.4),
-    "q": ("roll", -0.4), "e": ("roll", +0.4),
-    "+": ("zoom", +0.5), "=": ("zoom", +0.5), "-": ("zoom", -0.5), "_": ("zoom", -0.5),
-}
-
-# Rest pose of the puppet (x, y in [0, 1], y down), in `worlds.PUPPET_KEYPOINTS` order.
-REST_POSE = np.array([
-    [0.50, 0.22], [0.50, 0.32], [0.42, 0.34], [0.38, 0.46], [0.36, 0.58],
-    [0.58, 0.34], [0.62, 0.46], [0.64, 0.58], [0.50, 0.58], [0.45, 0.60],
-    [0.44, 0.74], [0.44, 0.88], [0.55, 0.60], [0.56, 0.74], [0.56, 0.88]], np.float32)
 
 
 class ControlError(ValueError):
@@ -82,12 +52,6 @@ class ControlError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # Control type of a model
 # ------------------------------------------------------------------------------------------------
-
-
-# control_channels -> control type, for the layouts `control_maps` builds.
-_TYPE_OF_CHANNELS = {0: "none", FRAMES_PER_STEP * 5: "camera", CAMERA_CHANNELS: "camera",
-                     FRAMES_PER_STEP * 2 * NUM_KEYPOINTS: "pose", NUM_KEYPOINTS: "pose"}
-WORLD_CONTROL_TYPES = {"camera": "camera", "puppet": "pose", "bouncing": "none"}
 
 
 def control_type(model_config, explicit: Optional[str] = None) -> str:
@@ -100,10 +64,10 @@ def control_type(model_config, explicit: Optional[str] = None) -> str:
     if (explicit == "none") != (channels == 0):
       raise ValueError(f"control_type={explicit!r} does not fit model.control_channels={channels}")
     return explicit
-  if channels not in _TYPE_OF_CHANNELS:
-    raise ValueError(f"model.control_channels={channels} is no known control layout "
-                     f"({sorted(_TYPE_OF_CHANNELS)}); pass control_type explicitly")
-  return _TYPE_OF_CHANNELS[channels]
+  try:
+    return encoding_lib.encoding_from_channels(channels)[0]
+  except ValueError as e:
+    raise ValueError(f"{e}; pass control_type explicitly") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,18 +86,14 @@ def _floats(value, where: str, shape_desc: str) -> np.ndarray:
 
 
 def camera_control_from_keys(keys: Sequence[str], where: str = "keys") -> np.ndarray:
-  """Held keys -> relative camera control per video frame, float32 [5]."""
+  """Held keys -> relative camera control per video frame, float32 [5]
+  (`apt2_jax.controls.camera_control_from_keys`); raises `ControlError` naming a bad key."""
   if isinstance(keys, str) or not isinstance(keys, (list, tuple)):
     raise ControlError(f"{where}: expected a list of key names, got {keys!r:.80}")
-  control = np.zeros(len(CAMERA_CONTROLS), np.float32)
-  for j, key in enumerate(keys):
-    if not isinstance(key, str) or key.lower() not in KEY_BINDINGS:
-      raise ControlError(f"{where}[{j}]: unknown key {key!r:.40}; known keys: "
-                         f"{sorted(KEY_BINDINGS)}")
-    name, fraction = KEY_BINDINGS[key.lower()]
-    i = CAMERA_CONTROLS.index(name)
-    control[i] += fraction * CAMERA_LIMITS[i]
-  return np.clip(control, -CAMERA_LIMITS, CAMERA_LIMITS)
+  try:
+    return encoding_lib.camera_control_from_keys(keys, where)
+  except ValueError as e:
+    raise ControlError(str(e)) from None
 
 
 def _camera(value, where: str) -> np.ndarray:
@@ -211,60 +171,28 @@ def parse_control(control: Any, kind: str, where: str = "control") -> Optional[n
 # ------------------------------------------------------------------------------------------------
 
 
-def _rotation(pan, tilt, roll):
-  cy, sy = math.cos(pan), math.sin(pan)
-  cx, sx = math.cos(tilt), math.sin(tilt)
-  cz, sz = math.cos(roll), math.sin(roll)
-  ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-  rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-  rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-  return ry @ rx @ rz
-
-
-def _pose_maps(keypoints: np.ndarray, height: int, width: int, channels: int, sigma: float = 0.75):
-  """Fallback keypoint maps: float32 [h, w, channels], one Gaussian per keypoint (last frame)."""
-  kp = np.asarray(keypoints, np.float32)[-1]  # the step's last video frame
-  ys = (np.arange(height) + 0.5)[:, None, None]
-  xs = (np.arange(width) + 0.5)[None, :, None]
-  d2 = (xs - kp[:, 0] * width) ** 2 + (ys - kp[:, 1] * height) ** 2
-  maps = np.exp(-d2 / (2 * sigma ** 2)).astype(np.float32)  # [h, w, 15]
-  if channels != maps.shape[-1]:
-    out = np.zeros((height, width, channels), np.float32)
-    n = min(channels, maps.shape[-1])
-    out[..., :n] = maps[..., :n]
-    maps = out
-  return maps
-
-
 def control_maps(kind: str, control: Optional[np.ndarray], latent_hw: tuple[int, int],
                  channels: int) -> Optional[np.ndarray]:
   """The model's control input for one step: float32 [h, w, channels] (None for "none").
 
   `control` is `parse_control`'s output (already validated): camera [4, 5], pose [4, 15, 2];
-  None means no motion for a camera and the rest pose for a puppet. With `channels = 4 * D`
-  (D = 5 camera, 30 pose) this is exactly the trainer's `stages.common.latent_controls` for the
-  latent frame that covers these 4 video frames (tests/test_inference.py checks it).
+  None means no motion for a camera and the rest pose for a puppet. The encoding follows from
+  `channels` (`apt2_jax.controls.encoding_from_channels`) and the maps are
+  `apt2_jax.controls.frame_group_maps` of the step's 4 video frames, in numpy: exactly the
+  trainer's maps for the latent frame that covers these 4 video frames.
   """
   if kind == "none":
     if channels:
       raise ValueError(f"control type 'none' but model.control_channels={channels}")
     return None
-  h, w = latent_hw
+  _, encoding = encoding_lib.encoding_from_channels(channels, kind)
   if kind == "camera" and control is None:
-    control = np.zeros((FRAMES_PER_STEP, 5), np.float32)
+    control = np.zeros((FRAMES_PER_STEP, len(CAMERA_CONTROLS)), np.float32)
   if kind == "pose" and control is None:
     control = np.broadcast_to(REST_POSE, (FRAMES_PER_STEP, NUM_KEYPOINTS, 2))
   flat = np.asarray(control, np.float32).reshape(FRAMES_PER_STEP, -1)  # [4, D]
-  if channels == flat.size:  # the trainer's layout: the 4 frames' controls, concatenated
-    return np.ascontiguousarray(np.broadcast_to(flat.reshape(-1), (h, w, channels)))
-  if kind == "camera" and channels == CAMERA_CHANNELS:  # the 4 frames' ray maps, as in training
-    rays = np.asarray(conditioning.camera_ray_maps(flat, h, w), np.float32)  # [4, h, w, 6]
-    return np.ascontiguousarray(np.moveaxis(rays, 0, -2).reshape(h, w, channels))
-  if kind == "pose" and channels == NUM_KEYPOINTS:
-    return _pose_maps(flat.reshape(FRAMES_PER_STEP, NUM_KEYPOINTS, 2), h, w, channels)
-  raise ValueError(f"no {kind} control layout with {channels} channels (model.control_channels); "
-                   f"known: {4 * flat.shape[1]} (per-frame controls)"
-                   f"{', 24 (ray maps)' if kind == 'camera' else ', 15 (keypoint maps)'}")
+  maps = encoding_lib.frame_group_maps(flat, *latent_hw, encoding, xp=np)
+  return np.ascontiguousarray(maps, np.float32)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from apt2_jax.models.attention import dense
+# The control encoding lives in `apt2_jax.controls`.
+from apt2_jax.controls import camera_ray_maps  # alias until callers move
+from apt2_jax.controls import control_channels  # alias until callers move
+from apt2_jax.controls import latent_control_maps  # alias until callers move
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -79,102 +83,3 @@ class CaptionEncoder(nn.Module):
     x = nn.LayerNorm(name="final_norm")(x)
     x = nn.Dense(c.text_dim, name="out_proj")(x)
     return jnp.where(mask[..., None], x, 0.0)
-
-
-# ================================================================================================
-# Camera control as per-pixel rays (AAPT: ray origin and direction relative to the previous frame)
-# ================================================================================================
-
-# Fixed normalisation (measured on the camera world's training trajectories,
-# `tests/test_conditioning.py` re-measures them): each channel group is divided by the standard
-# deviation it has over those trajectories, so the control channels have unit std at training and
-# inference alike. Directions are taken relative to the no-motion ray, so a still camera is zero.
-RAY_ORIGIN_STD = (0.00071, 0.00041, 0.0296)     # per channel x, y, z (camera frame)
-RAY_DIRECTION_STD = (0.0211, 0.0128, 0.0081)
-CAMERA_FOV_DEG = 60.0
-RAY_CHANNELS = 6
-
-
-def _rot(axis: int, a):
-  c, s = jnp.cos(a), jnp.sin(a)
-  o, z = jnp.ones_like(a), jnp.zeros_like(a)
-  if axis == 0:
-    rows = [[o, z, z], [z, c, -s], [z, s, c]]
-  elif axis == 1:
-    rows = [[c, z, s], [z, o, z], [-s, z, c]]
-  else:
-    rows = [[c, -s, z], [s, c, z], [z, z, o]]
-  return jnp.stack([jnp.stack(r, -1) for r in rows], -2)
-
-
-def camera_ray_maps(relative, height: int, width: int, fov_deg: float = CAMERA_FOV_DEG, normalize=True):
-  """Per-pixel rays of each frame, expressed in the previous frame's camera.
-
-  Args:
-    relative: [..., 5] relative camera controls (pan, tilt, zoom, forward, roll) of each frame with
-      respect to the previous one (`apt2_jax.data.worlds.compose_camera`'s parameterisation:
-      rotation `Ry(pan) Rx(tilt) Rz(roll)`, then a move of `forward` along the new optical axis,
-      log focal length changed by `zoom`).
-    height, width: the grid of pixel centres (e.g. the latent resolution).
-  Returns:
-    float32 [..., height, width, 6]: ray origin (3) and unit ray direction minus the still
-    camera's (3), each scaled to unit std (`normalize`).
-  """
-  relative = jnp.asarray(relative, jnp.float32)
-  pan, tilt, zoom, forward, roll = [relative[..., i] for i in range(5)]
-  rotation = _rot(1, pan) @ _rot(0, tilt) @ _rot(2, roll)  # [..., 3, 3]
-  focal = 0.5 * width / jnp.tan(jnp.deg2rad(fov_deg) / 2)
-  y, x = jnp.meshgrid(jnp.arange(height) + 0.5 - height / 2, jnp.arange(width) + 0.5 - width / 2, indexing="ij")
-  scale = jnp.exp(zoom)[..., None, None]
-  rays = jnp.stack(jnp.broadcast_arrays(x / (focal * scale), y / (focal * scale), jnp.ones_like(x * scale)), -1)
-  rays = rays / jnp.linalg.norm(rays, axis=-1, keepdims=True)
-  still = jnp.stack([x / focal, y / focal, jnp.ones_like(x)], -1)
-  still = still / jnp.linalg.norm(still, axis=-1, keepdims=True)
-  direction = jnp.einsum("...ij,...hwj->...hwi", rotation, rays) - still
-  origin = forward[..., None] * rotation[..., :, 2]  # [..., 3]
-  origin = jnp.broadcast_to(origin[..., None, None, :], direction.shape)
-  if normalize:
-    origin = origin / jnp.asarray(RAY_ORIGIN_STD, jnp.float32)
-    direction = direction / jnp.asarray(RAY_DIRECTION_STD, jnp.float32)
-  return jnp.concatenate([origin, direction], axis=-1)
-
-
-CONTROL_ENCODINGS = ("raw", "rays")
-FRAMES_PER_LATENT = 4
-
-
-def control_channels(encoding: str, control_dim: int) -> int:
-  """Channels of the model's control input for per-video-frame controls of width `control_dim`."""
-  if encoding == "raw":
-    return FRAMES_PER_LATENT * control_dim
-  if encoding == "rays":
-    if control_dim != 5:
-      raise ValueError(f"control_encoding='rays' needs 5-d camera controls, got control_dim={control_dim}")
-    return FRAMES_PER_LATENT * RAY_CHANNELS
-  raise ValueError(f"control_encoding={encoding!r} is not one of {CONTROL_ENCODINGS}")
-
-
-def latent_control_maps(controls, latent_frames: int, height: int, width: int, encoding: str = "raw"):
-  """Per-video-frame controls `[B, T, D]` -> the model's control channels `[B, F, h, w, Cc]`.
-
-  Latent frame j >= 1 covers video frames 4j-3 .. 4j; their 4 controls are concatenated (camera
-  controls are relative to the previous frame, so all 4 are needed): as raw values broadcast over
-  the latent pixels (`raw`, Cc = 4 D), or as per-pixel ray maps (`rays`, camera only, Cc = 4 x 6).
-  Latent frame 0 (the first image) has no motion: zeros. This is the one definition the trainer,
-  the evaluation and the streaming generator share.
-  """
-  b, t, d = controls.shape
-  if t != 1 + FRAMES_PER_LATENT * (latent_frames - 1):
-    raise ValueError(f"controls cover {t} video frames, the clip has {latent_frames} latent frames")
-  later = controls[:, 1:].reshape(b, latent_frames - 1, FRAMES_PER_LATENT, d)
-  if encoding == "raw":
-    maps = jnp.broadcast_to(later.reshape(b, latent_frames - 1, 1, 1, FRAMES_PER_LATENT * d),
-                            (b, latent_frames - 1, height, width, FRAMES_PER_LATENT * d))
-  elif encoding == "rays":
-    control_channels("rays", d)
-    rays = camera_ray_maps(later, height, width)  # [B, F-1, 4, h, w, 6]
-    maps = jnp.moveaxis(rays, 2, -2).reshape(b, latent_frames - 1, height, width, FRAMES_PER_LATENT * RAY_CHANNELS)
-  else:
-    raise ValueError(f"control_encoding={encoding!r} is not one of {CONTROL_ENCODINGS}")
-  zeros = jnp.zeros((b, 1) + maps.shape[2:], maps.dtype)
-  return jnp.concatenate([zeros, maps.astype(jnp.float32)], axis=1)
