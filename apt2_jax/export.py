@@ -124,7 +124,7 @@ class ExportedStreamer:
   """
 
   def __init__(self, directory: str):
-    from apt2_jax.inference.streaming import ControlInput
+    from apt2_jax.inference.controls import ControlInput
     self.meta = meta = read_meta(directory)
     missing = [n for n in FUNCTIONS if n not in meta["files"]]
     if missing:

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from apt2_jax import media
+from apt2_jax import controls as encodings
 from apt2_jax.inference import ControlError, StreamingGenerator, controls, stream_noise
 from apt2_jax.models import kv_cache
 from apt2_jax.models import vae as vae_lib
 from apt2_jax.rollout import rollout
-from experiments import common
+from apt2_jax.configs import sizes
 
 from apt2_jax.models import DiTConfig
 
@@ -23,7 +24,7 @@ SEED = 5
 def tiny_generator(control_channels=20, **kwargs):
   """Tiny camera generator at 32x32 (the trainer's control layout, 4 x 5 channels); compiled
   functions are shared by every test module."""
-  config = DiTConfig.from_dict(common.model_config("tiny", control_channels=control_channels))
+  config = DiTConfig.from_dict(sizes.model_config("tiny", control_channels=control_channels))
   return StreamingGenerator.random(config, vae_lib.vae_config("tiny"), seed=0, height=H, width=W,
                                    **kwargs)
 
@@ -61,9 +62,8 @@ def _rollout(gen, first, text_kv, controls_seq, start=0, cache=None):
   c = gen.dit_config
   noise = jnp.concatenate([stream_noise(SEED, start + i, first.shape)
                            for i in range(len(controls_seq))], 1)
-  maps = jnp.stack([controls.control_maps("camera", controls.parse_control(u, "camera"),
-                                          gen.latent_hw, c.control_channels)
-                    for u in controls_seq])[None]
+  raw = np.concatenate([gen.control_input(u) for u in controls_seq])  # [S, 4, D]
+  maps = encodings.frame_group_maps(jnp.asarray(raw), *gen.latent_hw, gen.spec.control_encoding)[None]
   cache = kv_cache.init_cache(c, 1, *gen.latent_hw) if cache is None else cache
   return _jit_rollout(gen.model, gen.params, first, text_kv, noise, maps, cache)
 
@@ -79,7 +79,7 @@ def test_stream_equals_scan_rollout_and_positions_stay_bounded(gen):
   assert frames.shape == (1, 1 + 4 * len(KEYS), H, W, 3) and frames.dtype == np.uint8
   assert n + 1 <= gen.cache_index <= 2 * n
   # One compilation each for the whole stream (no retracing as the index wraps or controls vary).
-  assert gen._fns.dit_step._cache_size() == 1 and gen._fns.decode._cache_size() == 1
+  assert gen._fns.step._cache_size() == 1 and gen._fns.decode._cache_size() == 1
   expected, _ = _rollout(gen, first, text_kv, KEYS)
   np.testing.assert_allclose(latents, np.asarray(expected), atol=2e-5, rtol=0)
   # The streamed decode equals the whole-clip decode of the rollout's latents.
@@ -138,27 +138,29 @@ def test_parse_control_errors_name_the_entry(control, kind, message):
 
 
 def test_keys_and_control_maps_match_the_trainer():
-  from apt2_jax.stages.common import latent_controls
+  """The stream's raw controls [B, 4, D] encode (inside the step) to the trainer's maps."""
   c = controls.parse_control({"keys": ["w", "d", "+"]}, "camera")
   assert c.shape == (4, 5)
   np.testing.assert_allclose(c[0], [0.4 * 0.15, 0, 0.5 * 0.1, 0.5 * 0.25, 0], rtol=1e-6)
-  # The per-frame layout is the trainer's: latent frame 1 of a 5-frame clip with these controls.
-  for kind, control, d in (("camera", c, 5), ("pose", np.stack([controls.REST_POSE + 0.01 * i for i in range(4)]), 30)):
-    maps = controls.control_maps(kind, control, (4, 6), 4 * d)
-    clip = np.concatenate([np.zeros((1, d)), np.asarray(control).reshape(4, d)])[None]
-    want = np.asarray(latent_controls(jnp.asarray(clip, jnp.float32), 2, 4, 6))[0, 1]
-    np.testing.assert_array_equal(maps, want)
-  # Ray maps (4 frames x 6 channels): the trainer's control_encoding="rays".
-  rays = controls.control_maps("camera", c, (4, 4), 24)
-  still = controls.control_maps("camera", None, (4, 4), 24)
-  assert rays.shape == still.shape == (4, 4, 24)
-  np.testing.assert_allclose(still, 0.0, atol=1e-6)  # no motion: zero origin, unchanged rays
-  assert np.abs(rays).max() > 0.1
-  clip = np.concatenate([np.zeros((1, 5)), np.asarray(c)])[None]
-  want = np.asarray(latent_controls(jnp.asarray(clip, jnp.float32), 2, 4, 4, "rays"))[0, 1]
-  np.testing.assert_allclose(rays, want, rtol=1e-5, atol=1e-6)
-  pose = controls.control_maps("pose", None, (8, 8), 60)  # keypoint maps, 4 frames x 15
-  assert pose.shape == (8, 8, 60) and pose.max() > 1.0
+  pose = np.stack([controls.REST_POSE + 0.01 * i for i in range(4)])
+  # Latent frame 1 of a 5-frame clip with these controls, as the trainer encodes it.
+  for kind, user, d, encoding in (("camera", {"camera": c}, 5, "raw"), ("pose", {"keypoints": pose}, 30, "raw"),
+                                  ("camera", {"camera": c}, 5, "rays"),
+                                  ("pose", {"keypoints": pose}, 30, "keypoint_maps")):
+    raw = controls.ControlInput(kind, d, batch=2)(user)
+    assert raw.shape == (2, 4, d)
+    maps = encodings.frame_group_maps(raw[0], 4, 6, encoding, xp=np)
+    clip = np.concatenate([np.zeros((1, d)), raw[0]])[None]
+    want = np.asarray(encodings.latent_control_maps(jnp.asarray(clip, jnp.float32), 2, 4, 6, encoding))[0, 1]
+    np.testing.assert_allclose(maps, want, rtol=1e-5, atol=1e-6)
+  # No control: a still camera (zero ray maps), the last pose held (the rest pose at first).
+  still = encodings.frame_group_maps(controls.ControlInput("camera", 5, 1)(None)[0], 4, 4, "rays", xp=np)
+  np.testing.assert_allclose(still, 0.0, atol=1e-6)
+  held = controls.ControlInput("pose", 30, 1)
+  np.testing.assert_array_equal(held(None)[0], np.broadcast_to(controls.REST_POSE.reshape(-1), (4, 30)))
+  held({"keypoints": pose})
+  np.testing.assert_array_equal(held(None)[0], pose.reshape(4, 30))
+  assert controls.ControlInput("none", 0, 1)(None) is None
   assert [controls.control_type({"control_channels": n}) for n in (0, 20, 24, 120, 60)] == [
       "none", "camera", "camera", "pose", "pose"]
   with pytest.raises(ValueError, match="control_channels=7 is no known control layout"):

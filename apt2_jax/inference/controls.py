@@ -171,28 +171,38 @@ def parse_control(control: Any, kind: str, where: str = "control") -> Optional[n
 # ------------------------------------------------------------------------------------------------
 
 
-def control_maps(kind: str, control: Optional[np.ndarray], latent_hw: tuple[int, int],
-                 channels: int) -> Optional[np.ndarray]:
-  """The model's control input for one step: float32 [h, w, channels] (None for "none").
+class ControlInput:
+  """A user's control for one step -> the raw controls `[B, 4, D]` the stream step takes.
 
-  `control` is `parse_control`'s output (already validated): camera [4, 5], pose [4, 15, 2];
-  None means no motion for a camera and the rest pose for a puppet. The encoding follows from
-  `channels` (`apt2_jax.controls.encoding_from_channels`) and the maps are
-  `apt2_jax.controls.frame_group_maps` of the step's 4 video frames, in numpy: exactly the
-  trainer's maps for the latent frame that covers these 4 video frames.
+  Validation is `parse_control` (a malformed control raises `ControlError` and changes nothing).
+  No control means no motion for a camera and the last pose held for a puppet (the rest pose
+  before any was given). The stream step encodes the raw controls into the model's control
+  channels (`apt2_jax.controls.frame_group_maps`, the trainer's code). Shared by
+  `StreamingGenerator` and the exported bundle's `ExportedStreamer`.
   """
-  if kind == "none":
-    if channels:
-      raise ValueError(f"control type 'none' but model.control_channels={channels}")
-    return None
-  _, encoding = encoding_lib.encoding_from_channels(channels, kind)
-  if kind == "camera" and control is None:
-    control = np.zeros((FRAMES_PER_STEP, len(CAMERA_CONTROLS)), np.float32)
-  if kind == "pose" and control is None:
-    control = np.broadcast_to(REST_POSE, (FRAMES_PER_STEP, NUM_KEYPOINTS, 2))
-  flat = np.asarray(control, np.float32).reshape(FRAMES_PER_STEP, -1)  # [4, D]
-  maps = encoding_lib.frame_group_maps(flat, *latent_hw, encoding, xp=np)
-  return np.ascontiguousarray(maps, np.float32)
+
+  def __init__(self, kind: str, control_dim: int, batch: int):
+    self.kind, self.control_dim, self.batch = kind, int(control_dim), int(batch)
+    self.last = None
+
+  def reset(self):
+    self.last = None
+
+  def __call__(self, control) -> Optional[np.ndarray]:
+    parsed = parse_control(control, self.kind)
+    if self.kind == "none":
+      return None
+    if parsed is None and self.kind == "pose":
+      parsed = self.last
+    if parsed is None:
+      parsed = (np.zeros((FRAMES_PER_STEP, len(CAMERA_CONTROLS)), np.float32) if self.kind == "camera"
+                else np.broadcast_to(REST_POSE, (FRAMES_PER_STEP, NUM_KEYPOINTS, 2)))
+    if self.kind == "pose":
+      self.last = parsed
+    raw = np.asarray(parsed, np.float32).reshape(FRAMES_PER_STEP, -1)
+    if raw.shape[1] != self.control_dim:
+      raise ControlError(f"control: {raw.shape[1]} values per video frame, the model takes {self.control_dim}")
+    return np.ascontiguousarray(np.broadcast_to(raw, (self.batch,) + raw.shape))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@
 
 A thin, stateful wrapper: loading is `apt2_jax.generation.load`, every computation is one of the
 jitted `apt2_jax.generation.stream` functions (shared by every generator of the same spec, so a
-`fork` compiles nothing), and this class only validates user input (`ControlInput`, images,
-prompts) and holds the stream state between calls.
+`fork` compiles nothing), and this class only validates user input (images,
+prompts; `inference.controls.ControlInput`) and holds the stream state between calls.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from apt2_jax import controls as control_encoding
 from apt2_jax import generation
 from apt2_jax.generation import stream
 from apt2_jax.inference import controls as controls_lib
@@ -28,40 +27,6 @@ from apt2_jax.rollout import RolloutOptions
 
 FRAMES_PER_STEP = stream.FRAMES_PER_STEP
 stream_noise = stream.noise   # the stream's noise convention (step i: normal(fold_in(key(seed), i)))
-
-
-class ControlInput:
-  """A user's control for one step -> the raw controls `[B, 4, D]` the stream step takes.
-
-  Validation is `inference.controls.parse_control` (a malformed control raises `ControlError`
-  and changes nothing). No control means no motion for a camera and the last pose held for a
-  puppet (the rest pose before any was given). Shared by `StreamingGenerator` and the exported
-  bundle's `ExportedStreamer`.
-  """
-
-  def __init__(self, control_type: str, control_dim: int, batch: int):
-    self.control_type, self.control_dim, self.batch = control_type, int(control_dim), int(batch)
-    self.last = None
-
-  def reset(self):
-    self.last = None
-
-  def __call__(self, control) -> Optional[np.ndarray]:
-    if self.control_type == "none":
-      controls_lib.parse_control(control, "none")  # rejects any given control
-      return None
-    parsed = controls_lib.parse_control(control, self.control_type)
-    if parsed is None and self.control_type == "pose":
-      parsed = self.last
-    if parsed is None:
-      parsed = (np.zeros((FRAMES_PER_STEP, 5), np.float32) if self.control_type == "camera"
-                else np.broadcast_to(control_encoding.REST_POSE, (FRAMES_PER_STEP,) + control_encoding.REST_POSE.shape))
-    self.last = parsed if self.control_type == "pose" else None
-    raw = np.asarray(parsed, np.float32).reshape(FRAMES_PER_STEP, -1)
-    if raw.shape[1] != self.control_dim:
-      raise controls_lib.ControlError(f"control: {raw.shape[1]} values per video frame, the model takes "
-                                      f"{self.control_dim}")
-    return np.ascontiguousarray(np.broadcast_to(raw, (self.batch,) + raw.shape))
 
 
 class StreamingGenerator:
@@ -88,7 +53,7 @@ class StreamingGenerator:
     self.latent_hw = (height // vae_lib.SPATIAL_FACTOR, width // vae_lib.SPATIAL_FACTOR)
     self.text_len = text_len or generator.text_len
     self._fns = stream.compiled(self.spec)
-    self._controls = ControlInput(generator.control_type, generator.control_dim, self.batch)
+    self._controls = controls_lib.ControlInput(generator.control_type, generator.control_dim, self.batch)
     self._state = self._decode_cache = self._text_kv = None
     self.frames_generated = 0
     self.text = None
