@@ -1,6 +1,6 @@
 """Evaluation: metric functions on known inputs, the oracle helpers, chunked streaming == one
-rollout, and a tiny end-to-end `evaluate_models` (random tiny DiT + tiny VAE, 32x32, 3 latent
-frames)."""
+rollout == the `StreamingGenerator` step by step, and a tiny end-to-end `evaluate_models` (random
+tiny DiT + tiny VAE, 32x32, 3 latent frames)."""
 import json
 import os
 
@@ -130,54 +130,77 @@ def test_puppet_figure_metrics():
 
 @pytest.fixture(scope="module")
 def tiny_spec():
-  from experiments import common
-  from apt2_jax.inference.streaming import random_dit_params
+  from apt2_jax import generation
+  from apt2_jax.configs import sizes
   from apt2_jax.models import DiTConfig
   from apt2_jax.models import vae as vae_lib
-  config = DiTConfig.from_dict(common.model_config("tiny", control_channels=20, caption_vocab_size=64))
-  params = random_dit_params(config, 0)
+  config = DiTConfig.from_dict(sizes.model_config("tiny", control_channels=20, caption_vocab_size=64))
+  params = generation.random_dit_params(config, 0)
   vae_config = vae_lib.vae_config("tiny")
   vae_params = vae_lib.init_params(vae_lib.VAE(vae_config), jax.random.key(1), H, W)
-  return evaluation.ModelSpec(config, params, vae_config, vae_params, height=H, width=W)
+  generator = generation.Generator(config, params, vae_config, vae_params, control_type="camera",
+                                   control_encoding="raw", control_dim=5, height=H, width=W)
+  return evaluation.ModelSpec(generator)
 
 
-def _check_chunked_equals_stream_sample(spec, camera_world):
-  from apt2_jax.stages import common
+def _chunked_rollout(spec, camera_world, steps=3):
+  """The evaluation's stream of `steps` latent frames in chunks of 2 (the last one padded):
+  (sampler, frame 0, tokens, latents [1, steps, h, w, C], decoded frames [steps, 4, H, W, 3])."""
   world, seed, controls = camera_world
-  steps = 3
-  sampler = evaluation.Sampler(spec, H, W, chunk_frames=2)   # 2 chunks, the last one padded
+  sampler = evaluation.Sampler(spec, H, W, chunk_frames=2)
   frame0 = world.render(controls[:1], seed)[0]
   tokens = np.arange(2, 18, dtype=np.int32)
   sampler.start(frame0, tokens, seed=7)
-  latents, done = [], 0
+  latents, videos, done = [], [], 0
   while done < steps:
     n = min(2, steps - done)
-    ctrl = evaluation.model_controls(spec, "camera", controls, done + 1, done + 3, (sampler.h, sampler.w))
-    list(sampler.chunk(ctrl, n))
+    videos += list(sampler.chunk(sampler.controls(controls, done + 1, done + 3), n))
     latents.append(sampler.last_latents[:, :n])
     done += n
-  latents = jnp.concatenate(latents, axis=1)
+  return sampler, frame0, tokens, jnp.concatenate(latents, axis=1), np.stack(videos)
 
+
+def _check_chunked_equals_one_rollout(spec, camera_world):
+  from apt2_jax.generation import stream
+  _, _, controls = camera_world
+  steps = 3
+  sampler, frame0, tokens, latents, _ = _chunked_rollout(spec, camera_world, steps)
   latent0 = sampler.encode(frame0)
-  ctrl = common.latent_controls(jnp.asarray(controls)[None], steps + 1, sampler.h, sampler.w)[:, 1:]
-  noise = evaluation.stream_noise(7, 0, steps, (1, 1, sampler.h, sampler.w, 4))
-  want = common.stream_sample(spec.dit_config, spec.params, latent0, jnp.asarray(tokens)[None], ctrl,
-                              noise, spec.options, guidance=spec.guidance)
+  raw = jnp.asarray(controls[1:1 + 4 * steps]).reshape(1, steps, 4, -1)
+  noise = stream.noise_block(7, 0, steps, (1, 1, sampler.h, sampler.w, 4))
+  want = stream.generate(sampler.spec, spec.params, latent0, jnp.asarray(tokens)[None], raw, noise)
   np.testing.assert_allclose(latents, want, atol=2e-5)
   t = sampler.throughput()
   assert t["dit_step_s"] > 0 and t["decode_step_s"] > 0
 
 
-def test_chunked_stream_equals_stream_sample(tiny_spec, camera_world):
-  """Two chunks carrying the KV cache (the last one padded) == one `stream_sample` rollout."""
-  _check_chunked_equals_stream_sample(tiny_spec, camera_world)
+def test_chunked_stream_equals_one_rollout(tiny_spec, camera_world):
+  """Two chunks carrying the KV cache (the last one padded) == one uninterrupted rollout."""
+  _check_chunked_equals_one_rollout(tiny_spec, camera_world)
 
 
 @pytest.mark.slow
-def test_chunked_guided_multistep_no_recycling_equals_stream_sample(tiny_spec, camera_world):
+def test_chunked_guided_multistep_no_recycling_equals_one_rollout(tiny_spec, camera_world):
   import dataclasses
   spec = dataclasses.replace(tiny_spec, num_steps=2, shift=3.0, guidance=2.0, recycle=False)
-  _check_chunked_equals_stream_sample(spec, camera_world)
+  _check_chunked_equals_one_rollout(spec, camera_world)
+
+
+def test_chunked_rollout_equals_streaming_generator(tiny_spec, camera_world):
+  """The evaluation's chunked stream == `StreamingGenerator` step by step (same first frame, seed,
+  prompt and controls): the evaluation measures what users stream."""
+  from apt2_jax.inference import StreamingGenerator
+  _, _, controls = camera_world
+  steps = 3
+  _, frame0, tokens, latents, videos = _chunked_rollout(tiny_spec, camera_world, steps)
+  gen = StreamingGenerator(tiny_spec.generator, height=H, width=W)
+  gen.start(frame0, text=tokens, seed=7)
+  want, frames = [], []
+  for j in range(1, steps + 1):
+    frames.append(gen.step({"camera": controls[4 * j - 3:4 * j + 1]})[0])
+    want.append(gen.last_latent)
+  np.testing.assert_allclose(latents, np.concatenate(want, axis=1), atol=2e-5)
+  assert np.abs(videos.astype(int) - np.stack(frames).astype(int)).max() <= 1
 
 
 def test_evaluate_models_report(tiny_spec, tmp_path):
@@ -186,7 +209,7 @@ def test_evaluate_models_report(tiny_spec, tmp_path):
   # no-recycling samplers compile their own: tests marked slow).
   other = jax.tree.map(lambda x: x * 0.8, tiny_spec.params)
   models = {"one_step": tiny_spec,
-            "other": dataclasses.replace(tiny_spec, params=other, benchmark={"frames_per_s": 1.0})}
+            "other": dataclasses.replace(tiny_spec.with_params(other), benchmark={"frames_per_s": 1.0})}
   fps = 24.0
   report = evaluation.evaluate_models(models, world="camera", num_worlds=1, seconds=[0.25, 0.5],
                                       fps=fps, out_dir=str(tmp_path), progress=False, chunk_frames=2,
@@ -255,9 +278,9 @@ def test_cli_from_training_workdir(tiny_spec, tmp_path, capsys):
   import ml_collections
   from absl import flags
   from apt2_jax import checkpointing
-  from experiments import common
+  from apt2_jax.configs import sizes
   config = ml_collections.ConfigDict({
-      "model": dict(common.model_config("tiny", control_channels=20, caption_vocab_size=64)),
+      "model": dict(sizes.model_config("tiny", control_channels=20, caption_vocab_size=64)),
       "vae": {"size": "tiny", "checkpoint": ""},
       "data": {"world": "camera", "height": H, "width": W, "text_len": 16}})
   workdir = str(tmp_path / "run")
