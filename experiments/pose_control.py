@@ -3,12 +3,13 @@
 The control of each video frame is the puppet's 15 keypoints (x, y in [0, 1]); a latent frame
 takes the keypoints of its 4 video frames as 4 x 30 per-pixel channels. New control channels are
 randomly initialised when starting from a checkpoint without them. Argument: `<stage>,<size>`.
+Built by `apt2_jax/configs/control.py` on the stage builders.
 
   python -m apt2_jax.main --config=experiments/pose_control.py:adapt,small --workdir=/tmp/pose_s1 \\
       --config.vae.checkpoint=/tmp/vae_small --config.init_from=/tmp/s0_puppet
 """
-from experiments import camera_control
+from apt2_jax.configs import control
 
 
 def get_config(arg: str = "adapt,small"):
-  return camera_control.chain_config(arg, "puppet", "raw", 4 * 30)
+  return control.chain_config(arg, world="puppet", encoding="raw", control_channels=4 * 30)

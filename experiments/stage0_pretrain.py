@@ -1,7 +1,8 @@
 """Stage 0: bidirectional video diffusion (rectified flow) from scratch, full attention.
 
 For users without a pretrained video model, and for the toy pipeline. The model is the same DiT
-with plain input `[noise | control]` (`model.recycled_channels=False`), mode "full".
+with plain input `[noise | control]` (`model.recycled_channels=False`), mode "full". Fields:
+`apt2_jax/configs/diffusion.py`; sizes: `apt2_jax/configs/sizes.py`.
 
   python -m apt2_jax.main --config=experiments/stage0_pretrain.py:small --workdir=/tmp/s0_small \\
       --config.vae.checkpoint=/tmp/vae_small
@@ -10,12 +11,8 @@ with plain input `[noise | control]` (`model.recycled_channels=False`), mode "fu
       --config.data.source=random_latents
   # Another world: --config=experiments/stage0_pretrain.py:small,world=puppet
 """
-from experiments import diffusion_common
+from apt2_jax.configs import diffusion
 
 
 def get_config(arg: str = "small"):
-  size, extra = diffusion_common.parse_arg(arg)
-  c = diffusion_common.base_config("pretrain", size, extra.get("world", "camera"))
-  c.model.recycled_channels = False
-  c.eval.sample_steps = 0  # streamed sampling needs the block-causal model (stage 1)
-  return c
+  return diffusion.pretrain_config(arg)

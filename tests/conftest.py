@@ -8,7 +8,8 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile many small programs and run each a few times: cheap XLA CPU compiles (see
 # apt2_jax/xla_flags.py; the stage-3 train step compiles in 8 s instead of 23 s). The repository
-# root goes on sys.path first: for that module and for `experiments/` (configs, imported by tests).
+# root goes on sys.path first: for that module and for `tests.*` helpers (the configs of
+# `experiments/` are loaded by path: tests/config_files.py).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from apt2_jax import xla_flags  # noqa: E402  (does not import jax)
 
@@ -31,9 +32,9 @@ def devices():
 @pytest.fixture(scope="session")
 def tiny_dit():
   """(model, params, config) of the tiny causal DiT with 2 control channels, float32."""
-  from experiments import common
+  from apt2_jax.configs import sizes
   from apt2_jax.models import CausalDiT, DiTConfig, init_params
-  config = DiTConfig.from_dict(common.model_config("tiny", control_channels=2, caption_vocab_size=0))
+  config = DiTConfig.from_dict(sizes.model_config("tiny", control_channels=2, caption_vocab_size=0))
   model = CausalDiT(config)
   params = init_params(model, jax.random.key(0))
   return model, params, config

@@ -6,8 +6,8 @@ import math
 import jax
 import pytest
 
-from experiments import benchmark as bench_cfg
 from apt2_jax import benchmark
+from apt2_jax.configs import benchmark as bench_cfg
 
 STREAM_KEYS = ("step_latency_ms", "decode_latency_ms", "fps", "first_frame_latency_ms", "mfu",
                "cache_speedup", "nfe_speedup", "latency_growth", "recompute_latency_ms",

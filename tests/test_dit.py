@@ -117,9 +117,9 @@ def test_full_mode_sees_the_future(tiny_dit):
 
 
 def test_caption_tokens_and_errors():
-  from experiments import common
+  from apt2_jax.configs import sizes
   from apt2_jax.models import init_params
-  config = DiTConfig.from_dict(common.model_config("tiny"))
+  config = DiTConfig.from_dict(sizes.model_config("tiny"))
   model = CausalDiT(config)
   params = init_params(model, jax.random.key(0))
   z = jnp.zeros((1, 2, 4, 4, config.latent_channels))
@@ -135,8 +135,8 @@ def test_caption_tokens_and_errors():
 
 
 def test_parameter_counts_from_eval_shape():
-  from experiments import common
-  counts = {s: count_params(DiTConfig.from_dict(common.model_config(s))) for s in common.SIZES}
+  from apt2_jax.configs import sizes
+  counts = {s: count_params(DiTConfig.from_dict(sizes.model_config(s))) for s in sizes.SIZES}
   assert 20e6 <= counts["small"] <= 40e6, counts
   assert 1.25e9 <= counts["wan_1_3b"] <= 1.5e9, counts
   assert 7.5e9 <= counts["apt2_8b"] <= 8.5e9, counts

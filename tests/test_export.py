@@ -96,10 +96,10 @@ def test_from_training_checkpoint(tmp_path):
   """A trainer's checkpoint (EMA params + saved config) streams like the in-memory generator."""
   import ml_collections
   from apt2_jax import checkpointing
-  from experiments import common
+  from apt2_jax.configs import sizes
   gen = tiny_generator()
   config = ml_collections.ConfigDict({
-      "model": dict(common.model_config("tiny", control_channels=20)),
+      "model": dict(sizes.model_config("tiny", control_channels=20)),
       "vae": {"size": "tiny", "checkpoint": ""},
       "data": {"world": "camera", "height": 32, "width": 32}})
   manager = checkpointing.make_manager(str(tmp_path), save_every=1, keep=1, async_save=False)

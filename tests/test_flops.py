@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import common
 from apt2_jax import flops
+from apt2_jax.configs import sizes
 from apt2_jax.models import CausalDiT, DiTConfig, init_params, kv_cache
 
 B, F, H, W, T = 2, 6, 4, 6, 5
@@ -18,7 +18,7 @@ TOKENS = (H // 2) * (W // 2)
 
 @pytest.fixture(scope="module")
 def one_block():
-  config = DiTConfig.from_dict(common.model_config(
+  config = DiTConfig.from_dict(sizes.model_config(
       "tiny", num_layers=1, dim=128, ffn_dim=512, num_heads=2, text_dim=64, caption_vocab_size=0))
   model = CausalDiT(config)
   return model, init_params(model, jax.random.key(0)), config
@@ -73,7 +73,7 @@ def test_train_step_is_three_forwards(one_block):
 
 
 def test_valid_keys_known_values():
-  config = DiTConfig.from_dict(common.model_config("tiny"))  # window N = 3, 2 layers, width 48
+  config = DiTConfig.from_dict(sizes.model_config("tiny"))  # window N = 3, 2 layers, width 48
   d, L = config.dim, config.num_layers
 
   def qk_av(index):
@@ -94,7 +94,7 @@ def test_valid_keys_known_values():
 
 def test_apt2_8b_step_scale():
   """The paper's step: ~8B parameters x 1196 tokens, plus attention over 32 frames."""
-  config = DiTConfig.from_dict(common.model_config("apt2_8b"))
+  config = DiTConfig.from_dict(sizes.model_config("apt2_8b"))
   f = flops.forward_flops(config, batch=1, frames=1, tokens=1196, text_len=512, mode="step", index=100)
   assert 35e12 < f["total"] < 45e12, f["total"]
   assert f["self_attention_qk_av"] == 36 * 4 * 1196 * 32 * 1196 * 3584

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common
+from apt2_jax.configs import sizes
 from apt2_jax.models import DiTConfig
 from apt2_jax.models.discriminator import (Discriminator, default_head_layers, from_generator,
                                             init_discriminator_params, noise_judged)
@@ -37,7 +37,7 @@ def test_relativistic_and_non_saturating_losses_on_known_logits():
 
 @pytest.fixture(scope="module")
 def tiny_d():
-  config = DiTConfig.from_dict(common.model_config("tiny", num_layers=2, control_channels=0,
+  config = DiTConfig.from_dict(sizes.model_config("tiny", num_layers=2, control_channels=0,
                                                    caption_vocab_size=0))
   disc = Discriminator(config, head_layers=(1, 2))
   params = init_discriminator_params(disc, jax.random.key(0))

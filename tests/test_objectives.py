@@ -8,7 +8,7 @@ from apt2_jax import train
 from apt2_jax.models import DiTConfig
 from apt2_jax.objectives import consistency, flow
 from apt2_jax.stages import common
-from experiments import common as exp_common
+from apt2_jax.configs import sizes
 
 
 def test_shift_time_known_values():
@@ -89,7 +89,7 @@ def _params(config, key):
 
 
 def test_merge_pretrained_widens_patch_embedding_and_names_errors():
-  base = exp_common.model_config("tiny")
+  base = sizes.model_config("tiny")
   old = DiTConfig.from_dict(dict(base, recycled_channels=False, control_channels=0))
   new = DiTConfig.from_dict(dict(base, recycled_channels=True, control_channels=3))
   loaded, fresh = _params(old, jax.random.key(0)), _params(new, jax.random.key(1))

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common
 from apt2_jax import sharding
+from apt2_jax.configs import sizes
 from apt2_jax.models import CausalDiT, DiTConfig, init_params, kv_cache
 
 MESHES = [dict(data=8, fsdp=1, tensor=1, sequence=1),
@@ -15,7 +15,7 @@ MESHES = [dict(data=8, fsdp=1, tensor=1, sequence=1),
 
 @pytest.fixture(scope="module")
 def setup():
-  config = DiTConfig.from_dict(common.model_config("tiny", control_channels=2, caption_vocab_size=0))
+  config = DiTConfig.from_dict(sizes.model_config("tiny", control_channels=2, caption_vocab_size=0))
   model = CausalDiT(config)
   boxed = jax.eval_shape(lambda: init_params(model, jax.random.key(0), boxed=True))
   params = init_params(model, jax.random.key(0))

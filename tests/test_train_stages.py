@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from apt2_jax import checkpointing, train
-from experiments import stage0_pretrain, stage1_adapt, stage2_distill
+from tests.config_files import stage0_pretrain, stage1_adapt, stage2_distill
 from tests.test_train import tiny_config
 
 pytestmark = pytest.mark.slow
