@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU: launch/gpu_1.sh experiments/adversarial.py:apt2_8b /ckpt/apt2/stage3 [--config.k=v ...]
+# One GPU: launch/gpu_1.sh experiments/stage3_adversarial.py:apt2_8b /ckpt/apt2/stage3 [--config.k=v ...]
 # Mesh: data=1, fsdp=1, tensor=1, sequence=1 (forced; nothing is sharded).
 set -euo pipefail
 if [[ $# -lt 2 ]]; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Eight GPUs on one host, one process:
-#   launch/gpu_8.sh experiments/diffusion.py:apt2_8b /ckpt/apt2/stage1 [--config.k=v ...]
+#   launch/gpu_8.sh experiments/stage1_adapt.py:apt2_8b /ckpt/apt2/stage1 [--config.k=v ...]
 # Mesh: fsdp=8 by default (ZeRO-3 over the 8 GPUs, each GPU its own samples); override, e.g.
 #   MESH="--config.mesh.data=1 --config.mesh.fsdp=1 --config.mesh.sequence=8" for Ulysses-style
 #   context parallelism (each sample over 8 GPUs, as the paper does at 1280x720).

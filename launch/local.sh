@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run one stage on this machine (CPU or whatever JAX finds), e.g. for the toy pipeline:
-#   launch/local.sh experiments/diffusion.py:tiny /tmp/apt2/stage1 [--config.k=v ...]
+#   launch/local.sh experiments/stage1_adapt.py:tiny /tmp/apt2/stage1 [--config.k=v ...]
 # Mesh: the config's `mesh` over all local devices (default data=-1: pure data parallelism).
 # CPU_DEVICES=8 splits the CPU into 8 virtual devices (APT2_NUM_CPU_DEVICES of apt2_jax.main) to
 # rehearse sharded runs without accelerators.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Many hosts under SLURM; submit with, e.g. (8 nodes x 8 GPUs, one process per host):
 #   sbatch --nodes=8 --ntasks-per-node=1 --gpus-per-node=8 \
-#     launch/slurm_multihost.sh experiments/adversarial.py:apt2_8b /ckpt/apt2/stage3
+#     launch/slurm_multihost.sh experiments/stage3_adversarial.py:apt2_8b /ckpt/apt2/stage3
 # or one process per GPU: --ntasks-per-node=8 --gpus-per-task=1 (set PER_GPU=1).
 # Every task runs apt2_jax.main, which calls `jax.distributed.initialize()` when SLURM_NTASKS > 1;
 # JAX reads the task id, task count and the coordinator (first node of the job) from SLURM's

@@ -125,7 +125,7 @@ class VAEConfig:
 def vae_config(size: str, **overrides) -> VAEConfig:
   """Named sizes: `tiny` (tests), `small` (toy pipeline), `wan` (Wan2.1), `slim_decoder`.
 
-  Latent channels follow the DiT sizes of `experiments/common.py`: 4 for `tiny`, 16 otherwise.
+  Latent channels follow the DiT sizes of `apt2_jax/configs/sizes.py`: 4 for `tiny`, 16 otherwise.
   """
   sizes = {
       "tiny": dict(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
