@@ -4,8 +4,9 @@
       --models=diffusion=/runs/stage1:steps=32,shift=24,guidance=3,aapt=/runs/stage4,no_recycle=/runs/ablation:recycle=0 \\
       --vae=/runs/vae --world=camera --seconds=60,300 --num_worlds=2 --out=/tmp/eval
 
-`--models` is a comma-separated list of `name=WORKDIR`, each optionally followed by sampler
-options, either `:k=v,k=v` (options continue until the next `name=...` entry) or in brackets
+`--models` is a comma-separated list of `name=WORKDIR` (a DiT stage's workdir or an export
+bundle, loaded by `apt2_jax.generation.load`), each optionally followed by sampler options, either
+`:k=v,k=v` (options continue until the next `name=...` entry) or in brackets
 `name=WORKDIR[k=v,k=v]`. Options: steps (Euler steps per latent frame, 1 = one-step generator),
 shift, guidance (CFG weight, 1 = off), recycle (0/1), key (checkpoint entry, default ema_params),
 cache_from (first/clean). `--benchmark_json` maps model names to `apt2_jax.benchmark` figures,
@@ -15,6 +16,7 @@ Writes DIR/report.json, DIR/drift_*.png and DIR/videos/*.mp4|gif; prints the sum
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -120,8 +122,7 @@ def main(argv):
   specs = {}
   for name, entry in entries.items():
     spec = evaluation.model_spec_from_workdir(entry["workdir"], vae_workdir=FLAGS.vae, **entry["options"])
-    spec.benchmark = benchmark.get(name)
-    specs[name] = spec
+    specs[name] = dataclasses.replace(spec, benchmark=benchmark.get(name))
   report = evaluation.evaluate_models(
       specs, world=FLAGS.world, num_worlds=FLAGS.num_worlds,
       seconds=[float(s) for s in FLAGS.seconds], fps=FLAGS.fps, height=FLAGS.height or None,
