@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apt2_jax import generation
+from apt2_jax.generation import prompt as prompt_lib
 from apt2_jax.generation import stream
 from apt2_jax.models import vae as vae_lib
 from apt2_jax.rollout import RolloutOptions
@@ -157,10 +158,9 @@ class Sampler:
     return np.asarray(frame0[0])
 
   def _prompt(self, tokens):
-    c = self.spec.dit_config
-    if c.caption_vocab_size:
-      return jnp.asarray(np.asarray(tokens)[:self.model.text_len], jnp.int32)[None]
-    return jnp.zeros((1, 1, c.text_dim), jnp.float32)  # a text-embedding model (Wan): the empty prompt
+    c = self.spec.dit_config  # a text-embedding model (Wan) gets the empty prompt: the worlds' captions are tokens
+    text = np.asarray(tokens)[:self.model.text_len] if c.caption_vocab_size else ""
+    return jnp.asarray(prompt_lib.prepare(text, c, 1, self.model.text_len))
 
   def controls(self, world_controls, start: int, stop: int) -> Optional[np.ndarray]:
     """`chunk_controls` of latent frames `[start, stop)` for this model (None without control)."""

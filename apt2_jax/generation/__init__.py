@@ -3,6 +3,7 @@
   loading.py  `load(workdir_or_bundle) -> Generator` (configs, generator params, the VAE),
               `random_generator(...)`
   vae.py      `load_vae(workdir_or_diffusers_folder)`, the VAE-config codec
+  prompt.py   host-side prompt preparation (caption, tokens or embeddings)
   stream.py   the pure, jittable stream functions (start, text, step, chunk, decode; guidance;
               one noise convention; one cache-index rebase) and their jitted, shared versions
   bundle.py   the export bundle's file format
