@@ -1,9 +1,12 @@
 """The benchmark in CI size: every figure present and sane (nothing here is timed), the AOT path
-on tiny configs, and the peak-FLOP table."""
+on tiny configs, the peak-FLOP table, and that the streaming figures time the generation path's
+own step."""
 import json
 import math
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from apt2_jax import benchmark
@@ -79,3 +82,28 @@ def test_peak_table_and_config_validation():
     bench_cfg.validate(c)
   with pytest.raises(ValueError, match="unknown benchmark size"):
     bench_cfg.get_config("huge")
+
+
+def test_streaming_step_is_the_generation_stream_step():
+  """The benchmark's timed step is `generation.stream.step`: one step from the same state, text
+  K/V and parameters gives exactly the latent and state of the stream's own jitted step; the peer
+  block is the same function under the k-step sampler."""
+  from apt2_jax.benchmark import setup, streaming
+  from apt2_jax.generation import stream
+  from apt2_jax.rollout import RolloutOptions
+  c = ci_config()
+  s = setup.make_setup(c)
+  params = setup.init_sharded_params(s, c.seed)
+  fns = streaming.stream_fns(s, c.batch, c.seed)
+  assert fns.peer_spec.options == RolloutOptions(num_steps=c.peer_steps, cache_from="clean")
+  prompt = s.text(c.batch, jax.random.key(1))
+  latent0 = jax.random.normal(jax.random.key(2), (c.batch, 1, *s.latent_hw, s.model_config.latent_channels))
+  index = jnp.int32(s.model_config.window + 2)  # a full window, as step_latency_ms
+  with s.use_mesh():
+    x, state = fns.step(params, fns.new_state(latent0, index), fns.text(params, prompt), fns.control(c.batch))
+  jitted = stream.compiled(fns.spec)
+  want = stream.init_state(fns.spec, latent0, c.seed)
+  want = dict(want, cache=dict(want["cache"], index=index), counter=index + 0)  # two buffers: both donated
+  want_x, want_state = jitted.step(params, want, jitted.text(params, prompt))
+  np.testing.assert_array_equal(np.asarray(x), np.asarray(want_x))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state, want_state)

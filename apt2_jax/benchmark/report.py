@@ -1,0 +1,71 @@
+"""Readable tables of the benchmark's figures, and the one JSON file it writes."""
+from __future__ import annotations
+
+import json
+import os
+
+from .timing import H100_BF16_PEAK, PAPER_STEP_S
+
+_TABLE_ROWS = [
+    ("device", "{device_kind} x{device_count} ({platform}), jax {jax_version}"),
+    ("model", "{size}: {params:,} params, {dtype}, N={window}, batch {batch}, {resolution} px "
+              "({latent} latent, {tokens_per_frame} tokens/frame)"),
+    ("step latency", "{step_latency_ms:.2f} ms  (frame 50: {step_latency_ms_at_frame_50:.2f}, "
+                     "frame 1000: {step_latency_ms_at_frame_1000:.2f}; growth {latency_growth:.3f})"),
+    ("decode latency", "{decode_latency_ms:.2f} ms  (VAE {vae_size})"),
+    ("fps", "{fps:.2f} video frames/s per stream  (DiT only {fps_dit_only:.2f})"),
+    ("first frame", "{first_frame_latency_ms:.1f} ms"),
+    ("MFU", "{mfu:.3f}  ({step_tflops_per_s:.3f} TFLOP/s of {peak_flops:.3g} FLOP/s: {peak_source})"),
+    ("cache speedup", "{cache_speedup:.2f}x  (recompute {cache_window_frames} frames: {recompute_latency_ms:.2f} ms)"),
+    ("NFE speedup", "{nfe_speedup:.2f}x  (peer block, k={peer_steps}: {peer_block_latency_ms:.2f} ms)"),
+    ("stage-1 step", "{stage1_step_ms:.1f} ms, {stage1_tokens_per_s_per_device:,.0f} tokens/s/device, "
+                     "MFU {stage1_mfu:.3f}, peak {stage1_peak_bytes_per_device:,} B/device"),
+    ("stage-3 step", "{stage3_step_ms:.1f} ms, {stage3_tokens_per_s_per_device:,.0f} tokens/s/device, "
+                     "MFU {stage3_mfu:.3f}, peak {stage3_peak_bytes_per_device:,} B/device"),
+]
+
+
+def table(result: dict) -> str:
+  """The figures of `run` as aligned rows (rows whose figures are missing are left out)."""
+  lines = []
+  for name, fmt in _TABLE_ROWS:
+    try:
+      lines.append(f"{name:15s} {fmt.format(**result)}")
+    except (KeyError, TypeError, ValueError):
+      continue
+  return "\n".join(lines)
+
+
+def aot_table(rows: list[dict]) -> str:
+  """The AOT rows of `run_aot` as a table, with the projection's assumptions."""
+  head = (f"{'case':26s} {'dev':>3s} {'mesh (d,f,t,s)':>14s} {'tokens':>8s} {'TFLOP/step':>11s} "
+          f"{'GB/dev':>7s} {'state GB':>8s} {'fits 80GB':>9s} {'H100 s @MFU':>11s} {'compile s':>9s}")
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    m = r["mesh"]
+    gb = "n/a" if r["bytes_per_device"] is None else f"{r['bytes_per_device'] / 1e9:.1f}"
+    state = r.get("memory_analysis", {}).get("argument")
+    state = "n/a" if state is None else f"{state / 1e9:.1f}"
+    toks = r["tokens_per_frame"] * r["batch"] * r.get("frames", 1)
+    mesh = f"{m['data']},{m['fsdp']},{m['tensor']},{m['sequence']}"
+    lines.append(f"{r['case']:26s} {r['devices']:3d} {mesh:>14s} "
+                 f"{toks:8d} {r['flops_per_step'] / 1e12:11.1f} {gb:>7s} {state:>8s} {str(r['fits_80gb']):>9s} "
+                 f"{r['projected_h100_s']:11.3f} {r['compile_s']:9.1f}")
+  mfu = rows[0]["assumed_mfu"] if rows else 0
+  lines.append(f"H100 s @MFU: FLOPs / ({H100_BF16_PEAK / 1e12:.0f} TFLOP/s x devices x MFU {mfu}). GB/dev: "
+               "memory_analysis() peak (arguments + outputs + temporaries - aliased); state GB: "
+               "arguments alone (parameters, optimiser state, KV cache).")
+  for r in rows:
+    if r.get("paper_implied_mfu"):
+      lines.append(f"{r['case']}: the paper's {PAPER_STEP_S} s/step implies MFU "
+                   f"{r['paper_implied_mfu']:.3f}; projected at MFU {mfu}: {r['projected_h100_s']:.3f} s.")
+  return "\n".join(lines)
+
+
+def write_json(result: dict, path: str | None):
+  """Writes `result` as one JSON object to `path` (nothing when `path` is empty)."""
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(result, f, indent=2, sort_keys=True, default=str)
+      f.write("\n")
