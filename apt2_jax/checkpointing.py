@@ -6,12 +6,14 @@ Layout of a workdir (one stage run):
   {workdir}/checkpoints/{step}/data/     the grain iterator state, one JSON file per process
                                          (`process_{i}-of-{n}.json`, grain's orbax handler)
   {workdir}/checkpoints/{step}/config/   the run's ConfigDict as JSON (never pickle)
-  {workdir}/metrics.jsonl, {workdir}/tensorboard/   (written by `train.py`)
+  {workdir}/metrics.jsonl, {workdir}/tensorboard/   (written by `apt2_jax.train.metrics`)
 
-The state is a plain dict (see `apt2_jax/train.py`): every stage stores the generator's parameters
-under `params` and, when `config.ema_decay > 0`, their EMA under `ema_params`; other models
-(stage 3's discriminator) live under their own keys. So `load_params(dir, key=...)` works for any
-stage without knowing it, and restores only the requested subtree (`partial_restore`).
+Every stage, the VAE's included, uses this layout. The state is a plain dict (see
+`apt2_jax.train.loop`): every stage stores the generator's parameters (the VAE's: all of them)
+under `params` and, when `config.ema_decay > 0`, their EMA under `ema_params`; other models and
+statistics (stage 3's discriminator, the VAE's `latent_stats`) live under their own keys. So
+`load_params(dir, key=...)` works for any stage without knowing it, and restores only the
+requested subtree (`partial_restore`).
 """
 from __future__ import annotations
 

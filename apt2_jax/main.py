@@ -8,7 +8,6 @@ runs the same command; `jax.distributed.initialize()` picks up the cluster (SLUR
 the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables that
 `launch/multihost_local.sh` sets). CPU processes exchange collectives through gloo.
 """
-import importlib
 import os
 
 from absl import app, flags, logging
@@ -19,7 +18,7 @@ config_flags.DEFINE_config_file("config", None, "experiments/<stage>.py:<size>",
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard files of this run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-from apt2_jax.stages import ENTRY_POINTS  # noqa: E402  stage name -> "module:function"
+from apt2_jax.train import registry  # noqa: E402  the one stage registry
 
 
 def initialize_distributed():
@@ -41,17 +40,17 @@ def initialize_distributed():
 def main(argv):
   del argv
   config, workdir = FLAGS.config, FLAGS.workdir
-  stage = config.get("stage", None)
-  if stage not in ENTRY_POINTS:
-    raise app.UsageError(f"config.stage={stage!r} is not one of {sorted(ENTRY_POINTS)}")
+  try:  # before any device work: a misspelt stage fails at once
+    registry.check(config.get("stage", None))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   import jax
   if os.environ.get("APT2_NUM_CPU_DEVICES"):  # rehearse multi-device runs on a CPU
     jax.config.update("jax_num_cpu_devices", int(os.environ["APT2_NUM_CPU_DEVICES"]))
   initialize_distributed()
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  module, function = ENTRY_POINTS[stage].split(":")
-  getattr(importlib.import_module(module), function)(config, workdir)
+  registry.run(config, workdir)
 
 
 if __name__ == "__main__":

@@ -68,10 +68,9 @@ def stage_configs(config, workdir: str):
 
 
 def run_stage(name: str, config, workdir: str):
-  import importlib
-  from apt2_jax.stages import ENTRY_POINTS
-  module, function = ENTRY_POINTS[config.stage].split(":")
-  return getattr(importlib.import_module(module), function)(config, workdir)
+  """Runs one stage of the chain through the stage registry, like `apt2_jax.main`."""
+  from apt2_jax.train import registry
+  return registry.run(config, workdir)
 
 
 def run_pipeline(config, workdir: str) -> dict:

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from apt2_jax import pipeline
-from experiments import toy_pipeline
+from apt2_jax.configs import toy_pipeline
 
 
 def test_stage_chain_points_each_stage_at_the_previous_one(tmp_path):
@@ -44,13 +44,14 @@ def test_pre_encoded_pool_gives_the_latents_of_encoding_each_batch():
   import jax
   import numpy as np
   from apt2_jax import sharding, train
-  from apt2_jax.stages import data as stage_data, diffusion
+  from apt2_jax.stages import diffusion
+  from apt2_jax.train import data as train_data
   config = toy_pipeline.get_config("tiny").stages.adapt
   config.data.pool_size, config.batch_size = 3, 2  # batches wrap around the pool
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1])
   stage = diffusion.make_stage(config, mesh)
-  on_the_fly = stage_data.make_iterator(config, "train")
-  encoded = stage_data.make_iterator(config, "train")
+  on_the_fly = train_data.make_iterator(config, "train")
+  encoded = train_data.make_iterator(config, "train")
   train.pre_encode(stage, encoded, config)
   assert "video" not in encoded.peek() and "latents" in encoded.peek()
   for _ in range(3):
@@ -61,4 +62,4 @@ def test_pre_encoded_pool_gives_the_latents_of_encoding_each_batch():
     np.testing.assert_array_equal(a["text_tokens"], b["text_tokens"])
   config.data.source = "random_latents"
   with pytest.raises(ValueError, match="pre_encode needs config.data.source='worlds'"):
-    train.pre_encode(stage, stage_data.make_iterator(config, "train"), config)
+    train.pre_encode(stage, train_data.make_iterator(config, "train"), config)

@@ -7,8 +7,8 @@ import pytest
 from apt2_jax import sharding, train
 from apt2_jax.models.dit import unbox
 from apt2_jax.stages import adversarial
-from apt2_jax.stages import data as stage_data
-from experiments import stage3_adversarial, stage3_long_video
+from apt2_jax.train import data as train_data
+from tests.config_files import stage3_adversarial, stage3_long_video
 
 
 def _config(arg="tiny", mesh=None, **overrides):
@@ -35,7 +35,7 @@ def _build(config, devices):
   with sharding.use_mesh(mesh, rules):
     _, shardings = train.state_shardings(stage, mesh, rules, jax.random.key(0))
     state = jax.jit(lambda r: unbox(stage.init_state(r)), out_shardings=shardings)(jax.random.key(0))
-    local = next(stage_data.make_iterator(config, "train"))
+    local = next(train_data.make_iterator(config, "train"))
     batch = train.global_batch(local, train.batch_shardings(local, mesh))
   return mesh, stage, state, batch, shardings
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from apt2_jax import checkpointing, sharding, train
-from apt2_jax.stages import data as stage_data
-from experiments import stage0_pretrain, stage1_adapt, stage2_distill
+from apt2_jax.train import data as train_data
+from tests.config_files import stage0_pretrain, stage1_adapt, stage2_distill
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,7 +62,7 @@ class Runner:
       self.stage = train.make_stage(config, self.mesh)
       self.abstract, self.shardings = train.state_shardings(self.stage, self.mesh, self.rules,
                                                             jax.random.key(config.seed))
-      local = stage_data.make_iterator(config, "train").peek()
+      local = train_data.make_iterator(config, "train").peek()
       self.b_shard = train.batch_shardings(local, self.mesh)
       self.step_fn = jax.jit(train.guarded_step(self.stage, config.seed),
                              in_shardings=(self.shardings, {}, self.b_shard),
@@ -81,7 +81,7 @@ class Runner:
     return jax.device_put(host_state, self.shardings)
 
   def batch(self, index=0):
-    it = stage_data.make_iterator(self.config, "train")
+    it = train_data.make_iterator(self.config, "train")
     it.count = index
     return train.global_batch(next(it), self.b_shard)
 

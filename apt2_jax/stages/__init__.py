@@ -1,13 +1,10 @@
-"""Training stages: one trainer per stage family."""
+"""Training stages: one trainer per stage family, each a `train.Stage` run by the shared loop.
 
-# Stage name -> "module:function(config, workdir)". Add a stage by adding a line.
-ENTRY_POINTS = {
-    "vae": "apt2_jax.stages.vae:train_vae",
-    "vae_distill": "apt2_jax.stages.vae:train_vae",
-    "pretrain": "apt2_jax.train:train_and_evaluate",
-    "adapt": "apt2_jax.train:train_and_evaluate",
-    "distill": "apt2_jax.train:train_and_evaluate",
-    "adversarial": "apt2_jax.train:train_and_evaluate",
-    "long_video": "apt2_jax.train:train_and_evaluate",
-    "pipeline": "apt2_jax.pipeline:run_pipeline",  # every stage in order, then the evaluation
-}
+  vae          `vae`, `vae_distill`: the causal VAE and its decoder-only distillation
+  diffusion    `pretrain` (stage 0), `adapt` (stage 1)
+  distill      `distill` (stage 2)
+  adversarial  `adversarial` (stage 3), `long_video`
+  common       frozen-VAE inputs, init_from merging, guided streaming samples (eval)
+
+Which module runs which `config.stage` is listed once, in `apt2_jax.train.registry`.
+"""

@@ -38,7 +38,7 @@ from apt2_jax.models.discriminator import Discriminator, init_discriminator_para
 from apt2_jax.objectives import gan
 from apt2_jax.rollout import RolloutOptions, rollout
 from apt2_jax.stages import common
-from apt2_jax.stages import data as stage_data
+from apt2_jax.train import data as train_data
 
 VARIANTS = ("student_forcing", "teacher_forcing")
 
@@ -78,7 +78,7 @@ class AdversarialStage(train.Stage):
   # State
   # ---------------------------------------------------------------------------------------------
   def init_state(self, rng):
-    _, h, w = stage_data.latent_shape(self.config)
+    _, h, w = train_data.latent_shape(self.config)
     k_g, k_d = jax.random.split(rng)
     g = init_params(self.model, k_g, frames=2, latent_hw=(h, w), boxed=True)
     d = init_discriminator_params(self.disc, k_d, frames=2, latent_hw=(h, w), boxed=True)
@@ -312,7 +312,7 @@ class LongVideoStage(AdversarialStage):
     self.fold_segments = self.overlap == 1
     if config.adversarial.variant != "student_forcing":
       raise ValueError("long_video training needs config.adversarial.variant='student_forcing'")
-    f, _, _ = stage_data.latent_shape(config)
+    f, _, _ = train_data.latent_shape(config)
     if f != 1 + self.seg * self.num_segments:
       raise ValueError(f"config.data.frames gives {f} latent frames; long_video needs 1 + segment_frames x "
                        f"num_segments = {1 + self.seg * self.num_segments} (video frames "

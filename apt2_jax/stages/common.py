@@ -11,9 +11,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,24 +19,16 @@ from absl import logging
 from flax import traverse_util
 
 from apt2_jax import checkpointing, sharding
+from apt2_jax.generation import vae as generation_vae
 from apt2_jax.models import CausalDiT, DiTConfig, kv_cache
 from apt2_jax.models import vae as vae_lib
 from apt2_jax.rollout import RolloutOptions, rollout
-from apt2_jax.stages import data as stage_data
+from apt2_jax.train import data as train_data
 
 
 # ================================================================================================
 # Frozen VAE and per-latent-frame controls
 # ================================================================================================
-
-def vae_config_from(block) -> vae_lib.VAEConfig:
-  """`VAEConfig` from a `config.vae`-style block: a named `size` plus any VAEConfig field."""
-  block = dict(block)
-  size = block.pop("size", "tiny")
-  fields = {f.name for f in dataclasses.fields(vae_lib.VAEConfig)}
-  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in block.items() if k in fields}
-  return vae_lib.vae_config(size, **overrides)
-
 
 def load_vae(config, mesh):
   """(VAE module, replicated variables) for `config.vae`; None when the batch holds latents."""
@@ -47,22 +36,17 @@ def load_vae(config, mesh):
     return None, {}
   checkpoint = config.vae.get("checkpoint", "")
   if checkpoint:  # a `vae` / `vae_distill` workdir or a diffusers AutoencoderKLWan folder
-    from apt2_jax.stages import vae as vae_stage
-    model, params = vae_stage.load_vae(checkpoint)
+    model, params = generation_vae.load_vae(checkpoint)
     vae_cfg = model.config
-    params = jax.device_put(params, sharding.replicated(mesh))
   else:
     logging.warning("config.vae.checkpoint is empty: encoding with a RANDOMLY initialised %r VAE "
                     "(smoke tests only; train one with experiments/vae.py)", config.vae.size)
-    vae_cfg = vae_config_from(config.vae)
-    params = jax.device_put(vae_lib.init_params(vae_lib.VAE(vae_cfg), jax.random.key(0)),
-                            sharding.replicated(mesh))
-  if "params" not in params:
-    params = {"params": params}
+    vae_cfg = generation_vae.vae_config_from_block(config.vae)
+    params = vae_lib.init_params(vae_lib.VAE(vae_cfg), jax.random.key(0))
   if vae_cfg.z_dim != config.model.latent_channels:
     raise ValueError(f"config.model.latent_channels={config.model.latent_channels} does not match "
                      f"the VAE's z_dim={vae_cfg.z_dim} (config.vae)")
-  return vae_lib.VAE(vae_cfg), params
+  return vae_lib.VAE(vae_cfg), jax.device_put(params, sharding.replicated(mesh))
 
 
 def latent_controls(controls, latent_frames: int, height: int, width: int, encoding: str = "raw"):
@@ -268,7 +252,7 @@ class EvalBatch:
     batch_size = int(config.get("eval", {}).get("batch_size", 0) or config.batch_size)
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = max(ways, batch_size // ways * ways)
-    it = stage_data.make_iterator(config, "validation", batch_size=batch_size)
+    it = train_data.make_iterator(config, "validation", batch_size=batch_size)
     local = next(it)
     shardings = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in local.items()}
     self.batch = {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))

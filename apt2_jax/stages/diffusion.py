@@ -25,7 +25,7 @@ from apt2_jax.models import CausalDiT, DiTConfig, init_params
 from apt2_jax.objectives import flow
 from apt2_jax.rollout import RolloutOptions
 from apt2_jax.stages import common
-from apt2_jax.stages import data as stage_data
+from apt2_jax.train import data as train_data
 
 
 class DiffusionStage(train.Stage):
@@ -48,7 +48,7 @@ class DiffusionStage(train.Stage):
 
   # ---------------------------------------------------------------------------------------------
   def init_state(self, rng):
-    f, h, w = stage_data.latent_shape(self.config)
+    f, h, w = train_data.latent_shape(self.config)
     params = init_params(self.model, rng, frames=2, latent_hw=(h, w), boxed=True)
     state = {"params": params, "opt_state": self.tx.init(params), **train.init_counters()}
     if self.ema_decay:
@@ -56,6 +56,8 @@ class DiffusionStage(train.Stage):
     return state
 
   def load_pretrained(self, state):
+    if not self.config.get("init_from", ""):
+      return state
     params = common.load_pretrained_params(self.config, state["params"], self.config.init_from,
                                            self.config.get("init_from_key", "ema_params"),
                                            "config.init_from")

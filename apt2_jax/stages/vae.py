@@ -1,61 +1,49 @@
-"""VAE training stages: `vae` (L1 + KL, optional adversarial term) and `vae_distill` (the slim
-decoder trained behind a frozen encoder).
-
-A self-contained loop (optax + orbax, data parallel over all devices) until the shared trainer
-(`apt2_jax/train.py`) takes the stages over. Config: `experiments/vae.py`.
+"""VAE stages on the shared loop: `vae` (L1 + KL, optional patch discriminator) and `vae_distill`
+(a decoder, e.g. the paper's slim one, trained behind a frozen encoder).
 
   python -m apt2_jax.main --config=experiments/vae.py:small --workdir=/tmp/vae_small
 
-What a workdir holds afterwards:
-  checkpoints/       orbax steps: {'step', 'params' (trainable), 'opt_state', 'disc_*'}
-  vae_config.json    the model's `VAEConfig` fields, including the latent statistics measured at
-                     the end of training (per-channel mean/std of posterior means), so that
-                     `normalize_latents` gives the DiT zero-mean, unit-variance latents
-  `load_vae(workdir)` gives back (VAE, params) for the encode tool, the DiT stages and inference.
+`init_from` (stage vae) and `teacher` (stage vae_distill) name a diffusers AutoencoderKLWan folder
+or another VAE workdir. Data parallel: parameters replicated on `config.mesh`, the batch split
+over its data axis (`train.validate.STAGE_DEFAULTS` fills the loop's fields VAE configs lack).
+
+State, the contract `apt2_jax.generation.vae.load_vae` reads:
+  params         the whole VAE (encoder, quant_conv, post_quant_conv, decoder); for vae_distill
+                 the encoder side is the teacher's and never changes (`optax.multi_transform`
+                 zeroes its updates)
+  opt_state      the optimiser's state
+  latent_stats   {"mean", "std"}: float32 [z_dim], per-channel statistics of the encoder's
+                 posterior means (for `normalize_latents`): a plain average of the batches'
+                 moments over the first `stats_batches` steps, then an EMA with decay
+                 `latent_stats_decay`, so every checkpoint carries usable statistics; fixed when
+                 `measure_latent_stats` is off, and the teacher's for vae_distill
+  disc_params, disc_opt_state   the patch discriminator (`loss.adversarial_weight > 0`)
+  step, nonfinite_in_a_row, nonfinite_total   the loop's counters
+Frozen (passed to every step, never saved): the teacher's variables when `loss.teacher_weight > 0`.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
 import math
-import os
-import time
-from typing import Any, Iterator, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from apt2_jax import sharding
+from apt2_jax import sharding, train
+from apt2_jax.generation.vae import load_vae, vae_config_from_block
 from apt2_jax.models import vae as vae_lib
+from apt2_jax.train.validate import with_defaults
 
 STAGES = ("vae", "vae_distill")
+SOURCES = ("random", "worlds", "pipeline")
 # Parameters the decoder-only distillation trains; the rest (the encoder side) stays frozen.
 DECODER_PARAMS = ("post_quant_conv", "decoder")
+MIN_STD = 1e-6  # floor of the latent std: `normalize_latents` divides by it
 
 
-# ------------------------------------------------------------------------------------------------
-# Config helpers
-# ------------------------------------------------------------------------------------------------
-
-
-def vae_config_from(config: ml_collections.ConfigDict) -> vae_lib.VAEConfig:
-  """`config.vae` (`size` plus `VAEConfig` field overrides) -> `VAEConfig`."""
-  fields = dict(config.vae.to_dict())
-  size = fields.pop("size")
-  for key, value in list(fields.items()):
-    if isinstance(value, list):
-      fields[key] = tuple(value)
-  return vae_lib.vae_config(size, **fields)
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config) -> None:
   """Fails at start, naming the field, rather than an hour into a run."""
   if config.stage not in STAGES:
     raise ValueError(f"config.stage={config.stage!r} is not one of {STAGES}")
@@ -63,60 +51,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ("height", "width"):
     if config.data[name] % vae_lib.SPATIAL_FACTOR:
       raise ValueError(f"config.data.{name}={config.data[name]} is not a multiple of 8")
-  if config.data.source not in ("random", "worlds", "pipeline"):
-    raise ValueError(f"config.data.source={config.data.source!r}: 'random', 'worlds' or 'pipeline'")
-  if config.stage == "vae_distill" and not config.teacher:
+  if config.data.source not in SOURCES:
+    raise ValueError(f"config.data.source={config.data.source!r} is not one of {SOURCES}")
+  if config.stage == "vae_distill" and not config.get("teacher", ""):
     raise ValueError("config.teacher (a diffusers AutoencoderKLWan folder or a `vae` workdir) is "
                      "required by stage vae_distill")
   if config.loss.adversarial_weight < 0 or config.loss.kl_weight < 0:
     raise ValueError("config.loss weights must be >= 0")
-  vae_config_from(config)
-
-
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
-
-
-def random_smooth_videos(rng: np.random.Generator, batch: int, frames: int, height: int,
-                         width: int) -> np.ndarray:
-  """Smooth random videos in [-1, 1], `[batch, frames, height, width, 3]` float32.
-
-  A coarse random field drifting in time (random walk), upsampled bilinearly and squashed: enough
-  structure for a VAE to learn, no dataset needed (tests, smoke runs).
-  """
-  ch, cw = max(2, height // 8), max(2, width // 8)
-  steps = rng.normal(size=(batch, frames, ch, cw, 3)).astype(np.float32) * 0.3
-  steps[:, 0] *= 5.0
-  coarse = np.cumsum(steps, axis=1)
-  video = jax.image.resize(coarse, (batch, frames, height, width, 3), "linear")
-  return np.asarray(np.tanh(video), np.float32)
-
-
-def batches(config: ml_collections.ConfigDict, seed: int) -> Iterator[np.ndarray]:
-  """Training videos `[batch, frames, height, width, 3]` in [-1, 1]."""
-  d = config.data
-  if d.source == "random":
-    rng = np.random.default_rng(seed)
-    while True:
-      yield random_smooth_videos(rng, config.batch_size, d.frames, d.height, d.width)
-  from apt2_jax.stages import data as stage_data  # pylint: disable=g-import-not-at-top
-  if d.source == "worlds":  # a pool of rendered world clips, cycled (the toy pipeline)
-    source = stage_data.WorldClips(config, "train", 0, 1)
-  elif d.source == "pipeline":  # the grain pipeline (procedural or TFDS ArrayRecord)
-    source = stage_data.PipelineBatches(config, "train", 0, 1)
-  else:
-    raise ValueError(f"config.data.source={d.source!r} is not 'random', 'worlds' or 'pipeline'")
-  for batch in source:
-    video = np.asarray(batch["video"])[:, :d.frames]
-    if video.dtype == np.uint8:
-      video = video.astype(np.float32) / 127.5 - 1.0
-    yield video
-
-
-# ------------------------------------------------------------------------------------------------
-# Discriminator (optional adversarial term)
-# ------------------------------------------------------------------------------------------------
+  if int(config.get("microbatches", 1)) != 1:
+    raise ValueError(f"config.microbatches={config.microbatches}: the VAE stages take whole batches")
+  vae_config_from_block(config.vae)
 
 
 class PatchDiscriminator(nn.Module):
@@ -132,42 +76,41 @@ class PatchDiscriminator(nn.Module):
     return nn.Conv(1, (3, 3, 3), padding="SAME")(x)
 
 
-# ------------------------------------------------------------------------------------------------
-# Losses
-# ------------------------------------------------------------------------------------------------
+# ================================================================================================
+# Losses and latent statistics
+# ================================================================================================
+
+def to_unit_range(video):
+  """uint8 video (worlds, pipeline) -> float32 in [-1, 1]; float video passes through."""
+  return video.astype(jnp.float32) / 127.5 - 1.0 if video.dtype == jnp.uint8 else video.astype(jnp.float32)
 
 
-def _merge(trainable, frozen):
-  return {"params": {**frozen, **trainable}}
+def generator_loss(params, disc_params, video, rng, *, model, disc, teacher, loss_config, distill):
+  """(loss, (metrics, reconstruction, posterior mean)) for `video` [B, T, H, W, 3].
 
-
-def generator_loss(trainable, frozen, disc_params, video, rng, *, model, disc, teacher, config):
-  """Returns (loss, (metrics, reconstruction)). `teacher`: (VAE, params) or None."""
-  params = _merge(trainable, frozen)
-  lc = config.loss
-  metrics = {}
-  if config.stage == "vae":
-    recon, mean, logvar = model.apply(params, video, rngs={"sample": rng})
-    kl = jnp.mean(vae_lib.kl_divergence(mean, logvar)) / math.prod(mean.shape[1:])
-    metrics["kl"] = kl
-    loss = lc.kl_weight * kl
-  else:  # vae_distill: frozen encoder's posterior mean -> trained decoder
-    mean, _ = model.apply(params, video, method=vae_lib.VAE.encode)
+  `params`: the VAE's parameter dict; `teacher`: (VAE, variables) for vae_distill's decoder L1.
+  """
+  lc, metrics, variables = loss_config, {}, {"params": params}
+  if distill:  # the frozen encoder's posterior mean -> the trained decoder
+    mean, _ = model.apply(variables, video, method=vae_lib.VAE.encode)
     mean = jax.lax.stop_gradient(mean)
-    recon = model.apply(params, mean, clip=False, method=vae_lib.VAE.decode)
+    recon = model.apply(variables, mean, clip=False, method=vae_lib.VAE.decode)
     loss = 0.0
-    if teacher is not None and lc.teacher_weight:
-      t_model, t_params = teacher
-      target = t_model.apply(t_params, mean, clip=False, method=vae_lib.VAE.decode)
+    if teacher is not None:
+      t_model, t_variables = teacher
+      target = t_model.apply(t_variables, mean, clip=False, method=vae_lib.VAE.decode)
       metrics["teacher_l1"] = jnp.mean(jnp.abs(recon - jax.lax.stop_gradient(target)))
       loss = loss + lc.teacher_weight * metrics["teacher_l1"]
+  else:
+    recon, mean, logvar = model.apply(variables, video, rngs={"sample": rng})
+    metrics["kl"] = jnp.mean(vae_lib.kl_divergence(mean, logvar)) / math.prod(mean.shape[1:])
+    loss = lc.kl_weight * metrics["kl"]
   metrics["l1"] = jnp.mean(jnp.abs(recon - video))
   loss = loss + lc.l1_weight * metrics["l1"]
   if disc is not None:
     metrics["g_adv"] = jnp.mean(jax.nn.softplus(-disc.apply(disc_params, recon)))
     loss = loss + lc.adversarial_weight * metrics["g_adv"]
-  metrics["loss"] = loss
-  return loss, (metrics, recon)
+  return loss, (metrics, recon, jax.lax.stop_gradient(mean))
 
 
 def discriminator_loss(disc_params, video, recon, *, disc):
@@ -176,212 +119,141 @@ def discriminator_loss(disc_params, video, recon, *, disc):
   return jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake))
 
 
-# ------------------------------------------------------------------------------------------------
-# Loading and saving
-# ------------------------------------------------------------------------------------------------
+def update_latent_stats(stats, mean, count, warmup: int, decay: float):
+  """Running per-channel statistics of posterior means `mean` [..., z_dim].
 
-
-def _config_to_json(cfg: vae_lib.VAEConfig) -> dict[str, Any]:
-  d = dataclasses.asdict(cfg)
-  d["dtype"] = jnp.dtype(cfg.dtype).name
-  return d
-
-
-def _config_from_json(d: dict[str, Any]) -> vae_lib.VAEConfig:
-  d = dict(d)
-  d["dtype"] = jnp.dtype(d.get("dtype", "float32")).type
-  for key, value in list(d.items()):
-    if isinstance(value, list):
-      d[key] = tuple(value)
-  return vae_lib.VAEConfig(**d)
-
-
-# (workdir, step, step directory mtime, overrides) -> (VAE, host copy of its params): a pipeline
-# loads the same frozen VAE in every stage and in the evaluation.
-_LOADED: dict = {}
-
-
-def load_vae(path: str, **overrides):
-  """(VAE, params) from a `vae`/`vae_distill` workdir or a diffusers `AutoencoderKLWan` folder.
-
-  Workdir loads are cached per checkpoint step (host copies; every call returns fresh arrays)."""
-  config_path = os.path.join(path, "vae_config.json")
-  if not os.path.exists(config_path):
-    from apt2_jax.convert import wan_vae  # pylint: disable=g-import-not-at-top
-    params, cfg, _ = wan_vae.import_vae(path, **overrides)
-    return vae_lib.VAE(cfg), jax.tree.map(jnp.asarray, params)
-  with open(config_path) as f:
-    saved = json.load(f)
-  cfg = dataclasses.replace(_config_from_json(saved["vae"]), **overrides)
-  model = vae_lib.VAE(cfg)
-  directory = os.path.join(os.path.abspath(path), "checkpoints")
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {path}/checkpoints")
-    key = (directory, step, os.path.getmtime(os.path.join(directory, str(step))), tuple(sorted(overrides.items())))
-    if key in _LOADED:
-      return model, jax.tree.map(jnp.asarray, _LOADED[key])
-    # Restored as saved (no target: the optimizer state is not needed here).
-    restored = manager.restore(step, args=ocp.args.StandardRestore())
-  frozen = saved.get("frozen_from")
-  if frozen:  # decoder-only distillation: the encoder side is the teacher's
-    _, teacher_params = load_vae(frozen)
-    params = {**teacher_params["params"], **restored["params"]}
-  else:
-    params = {**vae_lib.init_params(model, jax.random.key(0), 16, 16)["params"], **restored["params"]}
-  params = {"params": jax.tree.map(np.asarray, params)}
-  _LOADED[key] = params
-  return model, jax.tree.map(jnp.asarray, params)
-
-
-def measure_latent_stats(model, params, videos) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """Per-channel mean and std of posterior means over `videos` (a list of batches)."""
-  encode = jax.jit(lambda p, v: model.apply(p, v, method=vae_lib.VAE.encode)[0])
-  means = np.concatenate([np.asarray(encode(params, v)).reshape(-1, model.config.z_dim)
-                          for v in videos])
-  std = np.maximum(means.std(axis=0), 1e-6)
-  return tuple(float(x) for x in means.mean(axis=0)), tuple(float(x) for x in std)
-
-
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
-
-
-def _optimizer(config, b1, b2):
-  o = config.optimizer
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, o.learning_rate, max(1, o.warmup_steps), max(o.warmup_steps + 1, config.num_steps),
-      end_value=o.learning_rate * o.end_factor)
-  return optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                     optax.adamw(schedule, b1=b1, b2=b2, weight_decay=o.weight_decay))
-
-
-def train_vae(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Runs stage `config.stage` ('vae' or 'vae_distill') into `workdir`; resumes from it.
-
-  Returns the last logged metrics.
+  The first and second moments are mixed with weight 1 / (count + 1) while `count` (the batches
+  seen before this one) < `warmup` (a plain average), then 1 - `decay` (an EMA). Tracking them
+  inside the step puts usable statistics in every checkpoint and keeps a resumed run exact.
   """
-  validate(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  cfg = vae_config_from(config)
-  model = vae_lib.VAE(cfg)
-  rng = jax.random.key(config.seed)
-  rng, init_rng, disc_rng = jax.random.split(rng, 3)
-  params = vae_lib.init_params(model, init_rng, config.data.height, config.data.width)["params"]
+  z = mean.reshape(-1, mean.shape[-1]).astype(jnp.float32)
+  count = count.astype(jnp.float32)
+  w = jnp.where(count < warmup, 1.0 / (count + 1.0), 1.0 - decay)
+  second = jnp.square(stats["std"]) + jnp.square(stats["mean"])
+  new_mean = stats["mean"] + w * (jnp.mean(z, axis=0) - stats["mean"])
+  second = second + w * (jnp.mean(jnp.square(z), axis=0) - second)
+  std = jnp.sqrt(jnp.maximum(second - jnp.square(new_mean), MIN_STD ** 2))
+  return {"mean": new_mean, "std": std}
 
-  teacher = None
-  frozen_from = None
-  if config.stage == "vae_distill":
-    teacher = load_vae(config.teacher)
-    t_params = teacher[1]["params"]
-    encoder_side = {k: v for k, v in t_params.items() if k not in DECODER_PARAMS}
-    shapes_ok = all(jax.tree.map(lambda a, b: a.shape == b.shape, encoder_side[k], params[k])
-                    for k in encoder_side)
-    if not shapes_ok:
-      raise ValueError("config.teacher's encoder does not match config.vae's encoder")
-    frozen = encoder_side
-    trainable = {k: v for k, v in params.items() if k in DECODER_PARAMS}
-    frozen_from = os.path.abspath(config.teacher)
-    # The encoder (hence the latent space and its statistics) is the teacher's.
-    t_cfg = teacher[0].config
-    cfg = dataclasses.replace(cfg, latents_mean=t_cfg.latents_mean, latents_std=t_cfg.latents_std)
-    model = vae_lib.VAE(cfg)
-    if not config.loss.teacher_weight:
-      teacher = None
-  else:
-    if config.init_from:  # e.g. Wan2.1's VAE (diffusers folder) or another workdir
-      params = load_vae(config.init_from)[1]["params"]
-    trainable, frozen = params, {}
 
-  # Data parallel: the batch is split over as many devices as divide it; parameters replicated.
-  devices = sharding.config_devices(config)
-  devices = devices[:math.gcd(config.batch_size, len(devices))]
-  mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
+def config_latent_stats(cfg: vae_lib.VAEConfig):
+  """A VAEConfig's statistics as the state's `latent_stats` (0 and 1 where it has none)."""
+  mean = cfg.latents_mean or (0.0,) * cfg.z_dim
+  std = cfg.latents_std or (1.0,) * cfg.z_dim
+  return {"mean": jnp.asarray(mean, jnp.float32), "std": jnp.asarray(std, jnp.float32)}
 
-  g_opt = _optimizer(config, 0.9, 0.99)
-  disc = PatchDiscriminator() if config.loss.adversarial_weight > 0 else None
-  state = {"step": jnp.zeros((), jnp.int32), "params": trainable,
-           "opt_state": g_opt.init(trainable)}
-  d_opt = None
-  if disc is not None:
-    d_opt = _optimizer(config, 0.0, 0.99)
-    sample = jnp.zeros((1, config.data.frames, config.data.height, config.data.width, 3))
-    state["disc_params"] = disc.init(disc_rng, sample)
-    state["disc_opt_state"] = d_opt.init(state["disc_params"])
-  state = jax.device_put(state, replicated)
-  frozen = jax.device_put(frozen, replicated)
-  if teacher is not None:
-    teacher = (teacher[0], jax.device_put(teacher[1], replicated))
 
-  manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-  if manager.latest_step() is not None:
-    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
-    logging.info("resumed from step %d", int(state["step"]))
+# ================================================================================================
+# The stage
+# ================================================================================================
 
-  def train_step(state, frozen, teacher_params, video, rng):
-    t = None if teacher is None else (teacher[0], teacher_params)
-    loss_fn = lambda p: generator_loss(p, frozen, state.get("disc_params"), video, rng,
-                                       model=model, disc=disc, teacher=t, config=config)
-    (_, (metrics, recon)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = g_opt.update(grads, state["opt_state"], state["params"])
-    new = dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
-               step=state["step"] + 1)
-    if disc is not None:
-      d_loss, d_grads = jax.value_and_grad(discriminator_loss)(
-          state["disc_params"], video, recon, disc=disc)
-      d_updates, d_opt_state = d_opt.update(d_grads, state["disc_opt_state"], state["disc_params"])
-      new["disc_params"] = optax.apply_updates(state["disc_params"], d_updates)
-      new["disc_opt_state"] = d_opt_state
-      metrics["d_loss"] = d_loss
+class VAEStage(train.Stage):
+
+  def __init__(self, config, mesh):
+    config = with_defaults(config)
+    super().__init__(config, mesh)
+    validate(config)
+    self.distill = config.stage == "vae_distill"
+    self.model = vae_lib.VAE(vae_config_from_block(config.vae))
+    opt = config.optimizer
+    self.schedule = train.learning_rate_schedule(opt, config.num_steps)
+    self.tx = train.make_optimizer(opt, config.num_steps)
+    if self.distill:  # only the decoder side learns; the encoder side's updates are zero
+      self.tx = optax.multi_transform({"train": self.tx, "frozen": optax.set_to_zero()}, self._labels)
+    self.disc = PatchDiscriminator() if config.loss.adversarial_weight > 0 else None
+    # The discriminator: the same schedule, no momentum (b1 = 0), as in the adversarial stages.
+    self.d_tx = train.make_optimizer(ml_collections.ConfigDict(dict(opt.to_dict(), b1=0.0)), config.num_steps)
+    self.teacher, self._teacher_vars, self.frozen, self._eval = None, None, {}, None
+    if self.distill:
+      self.teacher, self._teacher_vars = load_vae(config.teacher)
+      if float(config.loss.get("teacher_weight", 0.0)):
+        self.frozen = {"teacher": jax.device_put(self._teacher_vars, sharding.replicated(mesh))}
+
+  @staticmethod
+  def _labels(params):
+    return {k: jax.tree.map(lambda _, k=k: "train" if k in DECODER_PARAMS else "frozen", v)
+            for k, v in params.items()}
+
+  # ---------------------------------------------------------------------------------------------
+  def init_state(self, rng):
+    k_vae, k_disc = jax.random.split(rng)
+    params = vae_lib.init_params(self.model, k_vae, 16, 16)["params"]  # shapes are size-free
+    state = {"params": params, "opt_state": self.tx.init(params),
+             "latent_stats": config_latent_stats(self.model.config), **train.init_counters()}
+    if self.disc is not None:
+      d = self.disc.init(k_disc, jnp.zeros((1, 5, 16, 16, 3), jnp.float32))
+      state.update(disc_params=d, disc_opt_state=self.d_tx.init(d))
+    return state
+
+  def load_pretrained(self, state):
+    """vae: every parameter (and the statistics) from `config.init_from`, when set; vae_distill:
+    the teacher's encoder side and latent statistics (the latent space is the teacher's)."""
+    source = "config.teacher" if self.distill else "config.init_from"
+    path = self.config.get("teacher" if self.distill else "init_from", "")
+    if not path:
+      return state
+    model, variables = (self.teacher, self._teacher_vars) if self.distill else load_vae(path)
+    loaded = variables["params"]
+    take = [k for k in state["params"] if not self.distill or k not in DECODER_PARAMS]
+    for k in take:
+      want = jax.tree.map(lambda x: tuple(x.shape), state["params"][k])
+      got = jax.tree.map(lambda x: tuple(x.shape), loaded[k]) if k in loaded else None
+      if got != want:
+        raise ValueError(f"{source}={path!r}: parameters {k!r} do not match config.vae "
+                         f"(checkpoint {'missing' if got is None else 'shapes differ'})")
+    params = dict(state["params"], **{k: loaded[k] for k in take})
+    stats = config_latent_stats(model.config)
+    return dict(state, params=params, opt_state=self.tx.init(params), latent_stats=stats)
+
+  # ---------------------------------------------------------------------------------------------
+  def train_step(self, state, frozen, batch, rng):
+    c = self.config
+    video = to_unit_range(batch["video"])
+    teacher = (self.teacher, frozen["teacher"]) if "teacher" in frozen else None
+    loss = lambda p: generator_loss(p, state.get("disc_params"), video, rng, model=self.model,
+                                    disc=self.disc, teacher=teacher, loss_config=c.loss,
+                                    distill=self.distill)
+    params = state["params"]
+    if self.distill:  # gradients of the decoder side only; zeros for the frozen side
+      fixed = {k: v for k, v in params.items() if k not in DECODER_PARAMS}
+      grad_fn = jax.value_and_grad(lambda t: loss({**fixed, **t}), has_aux=True)
+      (total, (metrics, recon, mean)), g = grad_fn({k: params[k] for k in DECODER_PARAMS})
+      grads = {**jax.tree.map(jnp.zeros_like, fixed), **g}
+    else:
+      (total, (metrics, recon, mean)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    params, opt_state, extra = train.apply_gradients(self.tx, params, state["opt_state"], grads)
+    metrics = dict(metrics, **extra, loss=total, learning_rate=self.schedule(state["step"]))
+    new = dict(state, params=params, opt_state=opt_state)
+    if self.disc is not None:
+      d_loss, d_grads = jax.value_and_grad(discriminator_loss)(state["disc_params"], video, recon,
+                                                               disc=self.disc)
+      new["disc_params"], new["disc_opt_state"], d_extra = train.apply_gradients(
+          self.d_tx, state["disc_params"], state["disc_opt_state"], d_grads)
+      metrics.update(d_loss=d_loss, d_grad_norm=d_extra["grad_norm"])
+    if not self.distill and c.get("measure_latent_stats", True):
+      new["latent_stats"] = update_latent_stats(state["latent_stats"], mean, state["step"],
+                                                max(1, int(c.get("stats_batches", 16))),
+                                                float(c.get("latent_stats_decay", 0.98)))
     return new, metrics
 
-  # Shardings: state, frozen parameters and the teacher replicated; the batch split on `data`.
-  # The state is donated (updated in place).
-  train_step = jax.jit(
-      train_step,
-      in_shardings=(replicated, replicated, replicated, batch_sharding, replicated),
-      out_shardings=(replicated, replicated), donate_argnums=(0,))
+  # ---------------------------------------------------------------------------------------------
+  def evaluate(self, state, frozen, step) -> dict:
+    """Reconstruction of a fixed validation batch through the posterior mean: L1 and PSNR."""
+    if self._eval is None:
+      local = next(train.data.make_iterator(self.config, "validation"))
+      batch = train.global_batch(local, train.batch_shardings(local, self.mesh))
 
-  start = int(state["step"])
-  data = batches(config, seed=config.seed + start)
-  metrics = {}
-  from apt2_jax.train import MetricWriter  # the shared trainer's metrics.jsonl + TensorBoard
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  t0 = time.time()
-  for step in range(start, config.num_steps):
-    video = jax.device_put(next(data), batch_sharding)
-    state, metrics = train_step(state, frozen, None if teacher is None else teacher[1], video,
-                                jax.random.fold_in(rng, step))
-    done = step + 1
-    if done % config.log_every == 0 or done == config.num_steps:
-      metrics = {k: float(v) for k, v in metrics.items()}
-      writer.write(done, metrics)
-      rate = (done - start) / max(time.time() - t0, 1e-9)
-      eta = (config.num_steps - done) / max(rate, 1e-9)
-      logging.info("step %d/%d  %s  (%.2f steps/s, ETA %.0f s)", done, config.num_steps,
-                   "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), rate, eta)
-    if done % config.checkpoint_every == 0 or done == config.num_steps:
-      manager.save(done, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+      def recon(params, video):
+        video = to_unit_range(video)
+        variables = {"params": params}
+        mean, _ = self.model.apply(variables, video, method=vae_lib.VAE.encode)
+        out = self.model.apply(variables, mean, method=vae_lib.VAE.decode)
+        mse = jnp.mean(jnp.square(out - video))
+        return {"recon_l1": jnp.mean(jnp.abs(out - video)), "psnr": 10.0 * jnp.log10(4.0 / mse)}
+      self._eval = (jax.jit(recon), batch["video"])
+    fn, video = self._eval
+    return {k: float(v) for k, v in jax.device_get(fn(state["params"], video)).items()}
 
-  # Latent statistics of the trained encoder, for `normalize_latents`.
-  params = _merge(state["params"], frozen)
-  if config.stage == "vae" and config.measure_latent_stats:
-    stats_data = batches(config, seed=config.seed + 10_000)
-    mean, std = measure_latent_stats(model, params,
-                                     [next(stats_data) for _ in range(config.stats_batches)])
-    cfg = dataclasses.replace(cfg, latents_mean=mean, latents_std=std)
-  with open(os.path.join(workdir, "vae_config.json"), "w") as f:
-    json.dump({"vae": _config_to_json(cfg), "stage": config.stage,
-               "trainable": sorted(state["params"]), "frozen_from": frozen_from}, f, indent=2)
-  return {k: float(v) for k, v in metrics.items()}
+
+def make_stage(config, mesh):
+  return VAEStage(config, mesh)

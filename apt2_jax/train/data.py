@@ -1,6 +1,6 @@
-"""Per-host batch iterators for the diffusion-family stages, checkpointable through orbax.
+"""Per-host batch iterators of every stage, checkpointable through orbax.
 
-Three sources (`config.data.source`):
+Four sources (`config.data.source`):
   "pipeline"        the synthetic worlds through grain (`apt2_jax.data.pipeline.make_dataset`):
                     `video` uint8 [b, T, H, W, 3], `controls` float32 [b, T, control_dim],
                     `text_tokens` int32 [b, L]; the stage encodes the video with the frozen VAE.
@@ -11,9 +11,11 @@ Three sources (`config.data.source`):
                     pattern that translates by the per-frame control, so there is something to
                     learn: `latents` float32 [b, F, h, w, C], `controls` [b, T, control_dim],
                     `text_tokens` [b, L]. Tests and throughput runs use it.
+  "random"          no dataset: smooth random videos drawn per step from `(seed, split, step)`,
+                    `video` float32 [b, T, H, W, 3] in [-1, 1] (VAE smoke runs and tests).
 
-b = config.batch_size / process_count rows per host; the random source draws the global batch and
-keeps this host's rows, so any process count sees the same global batch (the multi-host test
+b = config.batch_size / process_count rows per host; the random sources draw the global batch and
+keep this host's rows, so any process count sees the same global batch (the multi-host test
 relies on it). `get_state`/`set_state` speak bytes (JSON), the protocol of grain's orbax handler.
 """
 from __future__ import annotations
@@ -85,6 +87,31 @@ class RandomLatents:
     pass
 
 
+def random_smooth_videos(rng: np.random.Generator, batch: int, frames: int, height: int,
+                         width: int) -> np.ndarray:
+  """Smooth random videos in [-1, 1], `[batch, frames, height, width, 3]` float32.
+
+  A coarse random field drifting in time (random walk), upsampled bilinearly and squashed: enough
+  structure for a VAE to learn, no dataset needed (tests, smoke runs).
+  """
+  ch, cw = max(2, height // 8), max(2, width // 8)
+  steps = rng.normal(size=(batch, frames, ch, cw, 3)).astype(np.float32) * 0.3
+  steps[:, 0] *= 5.0
+  coarse = np.cumsum(steps, axis=1)
+  video = jax.image.resize(coarse, (batch, frames, height, width, 3), "linear")
+  return np.asarray(np.tanh(video), np.float32)
+
+
+class RandomVideos(RandomLatents):
+  """Deterministic smooth random videos (`random_smooth_videos`); state = batches drawn."""
+
+  def _draw(self, n):
+    d = self.config.data
+    rng = np.random.default_rng([self.config.seed, SPLIT_OFFSETS[self.split], n])
+    video = random_smooth_videos(rng, self.batch, int(d.frames), int(d.height), int(d.width))
+    return {"video": video[self.rows]}
+
+
 class WorldClips(RandomLatents):
   """A rendered pool of world clips; batch n holds pool entries `perm_epoch[(n * B) % P ...]`."""
 
@@ -92,7 +119,7 @@ class WorldClips(RandomLatents):
     super().__init__(config, split, process_index, process_count, batch_size)
     from apt2_jax.data import worlds
     d = config.data
-    world = worlds.make_world(d.world, worlds.WorldConfig(height=d.height, width=d.width, num_frames=d.frames))
+    world = worlds.make_world(d.get("world", "camera"), worlds.WorldConfig(height=d.height, width=d.width, num_frames=d.frames))
     size = int(d.get("pool_size", 64))
     clips = [world.sample(seed=worlds.split_seed(split, i)) for i in range(size)]
     self.pool = {k: np.stack([c[k] for c in clips]) for k in ("video", "controls", "text_tokens")}
@@ -126,7 +153,7 @@ def grain_data_config(config, batch_size=None, process_count: int = 1):
   """
   from apt2_jax.data import pipeline
   d = config.data
-  c = pipeline.default_data_config(d.world, "tiny")
+  c = pipeline.default_data_config(d.get("world", "camera"), "tiny")
   c.source = d.get("grain_source", "procedural")
   c.height, c.width, c.num_frames = int(d.height), int(d.width), int(d.frames)
   c.stored_num_frames = max(int(d.get("stored_frames", 0) or 0), int(d.frames))
@@ -187,13 +214,19 @@ class PipelineBatches:
     pass
 
 
+SOURCES = ("pipeline", "worlds", "random_latents", "random")
+
+
 def make_iterator(config, split: str, batch_size=None):
+  """This host's iterator over `config.data.source` (`peek`, `get_state`/`set_state`)."""
   source = config.data.source
   pi, pc = jax.process_index(), jax.process_count()
   if source == "random_latents":
     return RandomLatents(config, split, pi, pc, batch_size)
+  if source == "random":
+    return RandomVideos(config, split, pi, pc, batch_size)
   if source == "pipeline":
     return PipelineBatches(config, split, pi, pc, batch_size)
   if source == "worlds":
     return WorldClips(config, split, pi, pc, batch_size)
-  raise ValueError(f"config.data.source={source!r} is not 'pipeline', 'worlds' or 'random_latents'")
+  raise ValueError(f"config.data.source={source!r} is not one of {SOURCES}")

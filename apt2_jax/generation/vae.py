@@ -1,0 +1,112 @@
+"""The one VAE loader and the one VAE-config codec.
+
+  vae_config_from_block(block)  a `config.vae`-style block (a named `size` plus any `VAEConfig`
+                                field) -> VAEConfig; other keys (`checkpoint`) are not VAE fields
+  vae_config_to_dict / vae_config_from_dict   VAEConfig <-> JSON-able dict (exact round trip)
+  load_vae(path, **overrides)   (VAE, {"params": ...}) from a `vae` / `vae_distill` stage workdir
+                                or a diffusers AutoencoderKLWan folder
+
+A VAE stage workdir holds the shared checkpoint layout (`checkpointing`): the state's `params`
+(the whole VAE: encoder, decoder, quant convs) and `latent_stats` ({"mean", "std"}: float32
+[z_dim], the per-channel statistics of the encoder's posterior means that `normalize_latents`
+uses), and the run's config, whose `vae` block rebuilds the VAEConfig.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apt2_jax import checkpointing
+from apt2_jax.models import vae as vae_lib
+
+VAE_STAGES = ("vae", "vae_distill")
+_FIELDS = tuple(f.name for f in dataclasses.fields(vae_lib.VAEConfig))
+
+
+def _tuples(d: dict) -> dict:
+  """JSON and ConfigDicts give lists; VAEConfig's sequence fields are tuples (hashable, comparable)."""
+  return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()}
+
+
+def vae_config_from_block(block) -> vae_lib.VAEConfig:
+  """`VAEConfig` from a `config.vae`-style block: `size` (default "tiny") plus VAEConfig fields.
+
+  Keys that are not VAEConfig fields (a DiT stage's `checkpoint`) are ignored.
+  """
+  block = dict(block.to_dict() if hasattr(block, "to_dict") else block or {})
+  size = block.pop("size", "tiny")
+  return vae_lib.vae_config(size, **_tuples({k: v for k, v in block.items() if k in _FIELDS}))
+
+
+def vae_config_to_dict(cfg: vae_lib.VAEConfig) -> dict:
+  """Every VAEConfig field, JSON-able (`dtype` by name)."""
+  d = dataclasses.asdict(cfg)
+  d["dtype"] = jnp.dtype(cfg.dtype).name
+  return d
+
+
+def vae_config_from_dict(d) -> vae_lib.VAEConfig:
+  """Inverse of `vae_config_to_dict`; raises ValueError naming unknown fields."""
+  d = dict(d)
+  unknown = sorted(set(d) - set(_FIELDS))
+  if unknown:
+    raise ValueError(f"unknown VAE config field(s) {unknown}; known fields: {sorted(_FIELDS)}")
+  d = _tuples(d)
+  if "dtype" in d:  # the scalar type (jnp.float32), as VAEConfig's default, so configs compare equal
+    d["dtype"] = getattr(jnp, jnp.dtype(d["dtype"]).name)
+  return vae_lib.VAEConfig(**d)
+
+
+# (checkpoints directory or folder, step, its mtime, overrides) -> (VAEConfig, host params): a
+# pipeline loads the same frozen VAE in every stage and in the evaluation.
+_LOADED: dict = {}
+
+
+def _from_workdir(path: str, overrides: dict):
+  directory, step = checkpointing.resolve(path)
+  key = (directory, step, os.path.getmtime(os.path.join(directory, str(step))), tuple(sorted(overrides.items())))
+  if key not in _LOADED:
+    config = checkpointing.load_config(directory, step)
+    if config.get("stage", None) not in VAE_STAGES:
+      raise ValueError(f"{path} is a {config.get('stage', None)!r} workdir, not a VAE stage's "
+                       f"({' or '.join(VAE_STAGES)})")
+    params, _ = checkpointing.load_params(directory, key="params", step=step)
+    stats, _ = checkpointing.load_params(directory, key="latent_stats", step=step)
+    cfg = dataclasses.replace(
+        vae_config_from_block(config.vae),
+        latents_mean=tuple(float(x) for x in np.asarray(stats["mean"])),
+        latents_std=tuple(float(x) for x in np.asarray(stats["std"])), **overrides)
+    _LOADED[key] = (cfg, {"params": params})
+  return _LOADED[key]
+
+
+def _from_diffusers(path: str, overrides: dict):
+  key = (os.path.abspath(path), None, os.path.getmtime(path), tuple(sorted(overrides.items())))
+  if key not in _LOADED:
+    from apt2_jax.convert import wan_vae  # on demand: only diffusers folders need the converter
+    params, cfg, _ = wan_vae.import_vae(path, **overrides)
+    _LOADED[key] = (cfg, jax.tree.map(np.asarray, params))
+  return _LOADED[key]
+
+
+def load_vae(path: str, **overrides):
+  """(VAE module, variables `{"params": ...}` as fresh jax arrays) from `path`.
+
+  `path`: a `vae` / `vae_distill` workdir (its latest checkpoint: params, latent statistics,
+  config), a checkpoint step directory, or a diffusers `AutoencoderKLWan` folder. `overrides`:
+  VAEConfig fields to replace (e.g. `remat=True`). Loads are cached per checkpoint step as host
+  copies; every call returns new device arrays.
+  """
+  if checkpointing.has_checkpoint(path):
+    cfg, params = _from_workdir(path, overrides)
+  elif (os.path.isfile(os.path.join(path, "config.json"))
+        and not os.path.isdir(os.path.join(path, "checkpoints"))):  # a workdir writes config.json too
+    cfg, params = _from_diffusers(path, overrides)
+  else:
+    raise FileNotFoundError(f"{path!r} is neither a VAE stage workdir (checkpoints/<step>/state) nor "
+                            "a diffusers AutoencoderKLWan folder (config.json + safetensors)")
+  return vae_lib.VAE(cfg), jax.tree.map(jnp.asarray, params)

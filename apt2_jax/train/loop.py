@@ -1,0 +1,222 @@
+"""The shared training loop: sharded state, checkpoint/resume, metrics, progress, non-finite guard.
+
+`train_and_evaluate(config, workdir)` runs one stage; the loop knows nothing about models. The
+stage registry (`apt2_jax.train.registry`) gives `make_stage(config, mesh) -> Stage`:
+
+  stage.init_state(rng) -> state
+      The train state as a dict pytree. Leaves that should be sharded are boxed with logical axis
+      names (`nn.Partitioned`, as `init_params(..., boxed=True)` and `optax` on boxed parameters
+      give; unboxed leaves are replicated); the loop calls it under `jax.eval_shape`, derives the
+      shardings from the boxes (`sharding.LOGICAL_RULES` via `config.logical_rules`) and runs it
+      jitted with those `out_shardings`, so no host ever holds the whole state. Conventions (the
+      checkpoint contract, `checkpointing.load_params`): the generator's parameters under
+      `params`, their EMA under `ema_params` (when `config.ema_decay > 0`), its optimiser state
+      under `opt_state`; other models under their own keys (stage 3: `d_params`, `d_opt_state`,
+      ...; the VAE: `latent_stats`, `disc_params`, ...). The loop adds the counters `step`,
+      `nonfinite_in_a_row`, `nonfinite_total` (`init_counters`).
+  stage.frozen -> pytree of arrays already on the mesh (teacher, VAE; may be `{}`), passed to
+      every step as an argument, never saved.
+  stage.load_pretrained(state) -> state
+      Called once on a fresh start (not on resume): loads what the config names (`init_from`, a
+      teacher's frozen encoder, ...); the base class loads nothing.
+  stage.train_step(state, frozen, batch, rng) -> (state, metrics)
+      Pure and jittable. `batch` is a dict of global arrays, leading dim sharded over
+      (data, fsdp). `metrics` is a dict of scalars and must hold `loss`. The loop jits it with
+      explicit in/out shardings and donates the state, under the non-finite guard
+      (`step.guarded_step`); it aborts after `config.max_nonfinite_in_a_row` skipped steps in a row.
+  stage.evaluate(state, frozen, step) -> dict of floats (called on every process, every
+      `config.eval_every` steps and at the end when `config.eval_at_end`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from apt2_jax import checkpointing, sharding
+from apt2_jax.models.dit import unbox
+from apt2_jax.train import data as train_data
+from apt2_jax.train import registry
+from apt2_jax.train.metrics import MetricWriter
+from apt2_jax.train.optim import unalias
+from apt2_jax.train.step import check_nonfinite, guarded_step
+from apt2_jax.train.validate import validate_config
+
+make_stage = registry.make_stage
+
+
+class Stage:
+  """Base class of a stage (see the module docstring); subclasses override what they need."""
+  frozen: Any = {}
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+
+  def init_state(self, rng):
+    raise NotImplementedError
+
+  def load_pretrained(self, state):
+    return state
+
+  def train_step(self, state, frozen, batch, rng):
+    raise NotImplementedError
+
+  def evaluate(self, state, frozen, step) -> dict:
+    return {}
+
+
+# ================================================================================================
+# Sharded state and batches
+# ================================================================================================
+
+def state_shardings(stage: Stage, mesh, rules, rng):
+  """(abstract unboxed state, NamedShardings) of `stage.init_state(rng)` from its logical boxes."""
+  boxed = jax.eval_shape(stage.init_state, rng)
+  return unbox(boxed), sharding.param_shardings(boxed, mesh, rules)
+
+
+def batch_shardings(batch, mesh):
+  return {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+def global_batch(local_batch, shardings):
+  """Per-host numpy arrays -> global jax.Arrays (this host's rows of the leading dim)."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def pre_encode(stage: Stage, iterator, config):
+  """`config.data.pre_encode`: encode the rendered pool once with the stage's frozen VAE."""
+  inputs = getattr(stage, "inputs", None)
+  if not hasattr(iterator, "encode_pool") or inputs is None or getattr(inputs, "vae", None) is None:
+    raise ValueError(f"config.data.pre_encode needs config.data.source='worlds' (got {config.data.source!r}) "
+                     "and a stage that encodes video with a frozen VAE")
+  t0 = time.perf_counter()
+  encode = jax.jit(inputs.encode)
+  iterator.encode_pool(lambda video: encode(stage.frozen, video), int(config.batch_size))
+  logging.info("pre-encoded the %s clip pool with the frozen VAE in %.1f s", config.data.world,
+               time.perf_counter() - t0)
+
+
+# ================================================================================================
+# The loop
+# ================================================================================================
+
+def _start_state(stage, manager, abstract, shardings, train_iter, init_rng):
+  """The run's weights, in order of precedence: this workdir's latest checkpoint (with the data
+  iterator's state), else a fresh init plus whatever the stage loads (`load_pretrained`)."""
+  if manager.latest_step() is not None:
+    state, _ = checkpointing.restore(
+        manager, checkpointing.abstract_with_shardings(abstract, shardings), data_iterator=train_iter)
+    logging.info("resumed from %s at step %d", manager.directory, int(jax.device_get(state["step"])))
+    return state
+  state = jax.jit(lambda r: unbox(stage.init_state(r)), out_shardings=shardings)(init_rng)
+  return unalias(jax.device_put(stage.load_pretrained(state), shardings))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after_step: int | None = None) -> dict:
+  """Runs (or resumes) `config.stage` in `workdir`; returns the last train and eval metrics.
+
+  `stop_after_step` ends the loop early as a kill would (no final save or eval): tests use it to
+  check that a restarted run reproduces an uninterrupted one.
+  """
+  config = validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh, sharding.config_devices(config))
+  rules = sharding.rules_from_config(config)
+  primary = jax.process_index() == 0
+
+  with sharding.use_mesh(mesh, rules):
+    # ---------------------------------------------------------------- stage, state, shardings
+    stage = make_stage(config, mesh)
+    init_rng = jax.random.key(config.seed)
+    abstract, shardings = state_shardings(stage, mesh, rules, init_rng)
+    train_iter = train_data.make_iterator(config, "train")
+    if config.data.get("pre_encode", False):
+      pre_encode(stage, train_iter, config)
+    manager = checkpointing.make_manager(
+        workdir, save_every=config.checkpoint_every, keep=config.get("keep_checkpoints", 3),
+        async_save=config.get("async_checkpointing", True))
+    state = _start_state(stage, manager, abstract, shardings, train_iter, init_rng)
+    start = int(jax.device_get(state["step"]))
+
+    # ---------------------------------------------------------------- the jitted step
+    example = train_iter.peek()
+    b_shard = batch_shardings(example, mesh)
+    step_fn = jax.jit(guarded_step(stage, config.seed),
+                      in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, stage.frozen), b_shard),
+                      out_shardings=(shardings, sharding.replicated(mesh)),
+                      donate_argnums=(0,))
+
+    writer = MetricWriter(workdir, enabled=primary)
+    if primary and start == 0:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(checkpointing.config_to_dict(config), f, indent=2)
+    progress = None
+    if primary and config.get("progress_bar", True):
+      from tqdm import tqdm
+      progress = tqdm(total=config.num_steps, initial=start, desc=config.stage, unit="step",
+                      dynamic_ncols=True)
+
+    # ---------------------------------------------------------------- train
+    max_bad = int(config.get("max_nonfinite_in_a_row", 10))
+    eval_every = int(config.get("eval_every", 0) or 0)
+    last_train, last_eval, pending = {}, {}, None
+    clock = {"time": None, "step": start}  # steps/s over each log window, compile excluded
+
+    def flush(pending):
+      step, metrics = pending
+      metrics = jax.device_get(metrics)
+      check_nonfinite(metrics, step, max_bad)
+      if step % config.log_every == 0 or step == config.num_steps:
+        now = time.perf_counter()
+        if clock["time"] is not None and step > clock["step"]:
+          metrics = dict(metrics, steps_per_second=(step - clock["step"]) / (now - clock["time"]))
+        clock.update(time=now, step=step)
+        writer.write(step, metrics)
+      elif clock["time"] is None:  # the first step (compile) ends the untimed window
+        clock.update(time=time.perf_counter(), step=step)
+      return metrics
+
+    step = last_saved = start
+    for step in range(start + 1, config.num_steps + 1):
+      batch = global_batch(next(train_iter), b_shard)
+      state, metrics = step_fn(state, stage.frozen, batch)
+      if pending is not None:  # one step behind: keep the device busy while we look at metrics
+        last_train = flush(pending)
+      pending = (step, metrics)
+      if progress is not None:
+        progress.update(1)
+        if last_train:
+          progress.set_postfix(loss=f"{float(last_train['loss']):.4f}", refresh=False)
+      if stop_after_step is not None and step >= stop_after_step:
+        last_train = flush(pending)
+        manager.wait_until_finished()
+        return {"train": last_train}
+      if checkpointing.save(manager, step, state, data_iterator=train_iter, config=config):
+        last_saved = step
+      if eval_every and step % eval_every == 0 and step < config.num_steps:
+        last_eval = stage.evaluate(state, stage.frozen, step)
+        writer.write(step, last_eval, prefix="eval")
+    if pending is not None:
+      last_train = flush(pending)
+
+    # ---------------------------------------------------------------- final save and eval
+    if step > last_saved:
+      checkpointing.save(manager, step, state, data_iterator=train_iter, config=config, force=True)
+    manager.wait_until_finished()
+    if config.get("eval_at_end", True):
+      last_eval = stage.evaluate(state, stage.frozen, step)
+      writer.write(step, last_eval, prefix="eval")
+    if progress is not None:
+      progress.close()
+    writer.close()
+    manager.close()
+    return {"train": last_train, "eval": last_eval, "state": state}
