@@ -16,7 +16,7 @@ World splits: `train` and `validation` draw seeds from disjoint ranges of the tr
 
 Record features (all worlds): video uint8 [T, H, W, 3] (zlib), controls float32 [T, D],
 first_frame uint8 [H, W, 3], caption, caption_id, text_tokens int32 [MAX_LEN], seed, textures,
-trajectory; camera adds poses float32 [T, 13]. Optional `latents` when the config has an
+trajectory; camera and panorama add poses float32 [T, 13]. Optional `latents` when the config has an
 `encode_fn` (pre-encoding into VAE latents; the VAE arrives in a later change).
 """
 import dataclasses
@@ -96,7 +96,7 @@ class _WorldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         'textures': tfds.features.Text(),
         'trajectory': tfds.features.Text(),
     }
-    if self.WORLD == 'camera':
+    if self.WORLD in ('camera', 'panorama'):
       features['poses'] = tfds.features.Tensor(shape=(t, 13), dtype=np.float32)
     if cfg.encode_fn is not None:
       features['latents'] = tfds.features.Tensor(shape=cfg.latent_shape, dtype=np.float32)
@@ -136,7 +136,13 @@ class Apt2Bouncing(_WorldBuilder):
   WORLD = 'bouncing'
 
 
-WORLD_BUILDERS = {'camera': Apt2Camera, 'puppet': Apt2Puppet, 'bouncing': Apt2Bouncing}
+class Apt2Panorama(_WorldBuilder):
+  """Camera panning and tilting inside a procedural spherical panorama (the testbed world)."""
+  WORLD = 'panorama'
+
+
+WORLD_BUILDERS = {'camera': Apt2Camera, 'puppet': Apt2Puppet, 'bouncing': Apt2Bouncing,
+                  'panorama': Apt2Panorama}
 
 
 # =============================================================================================

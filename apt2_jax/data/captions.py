@@ -18,6 +18,10 @@ CAMERA_MOTIONS = ('drifts', 'circles', 'glides', 'spirals')
 PUPPET_COLOURS = ('red', 'green', 'blue', 'yellow', 'purple', 'orange', 'white', 'black')
 PUPPET_MOTIONS = ('walks', 'waves', 'jumps', 'dances', 'kicks')
 BOUNCING_COUNTS = ('two', 'three', 'four', 'five')
+# Panorama world (`apt2_jax.data.panorama`): trajectory words (wander, bursty) and palette names;
+# the first four palettes are the training appearance, the last two the unseen one.
+PANORAMA_MOTIONS = ('wanders', 'darts')
+PANORAMA_PALETTES = ('sunset', 'meadow', 'ocean', 'desert', 'neon', 'aurora')
 
 
 def camera_caption(motion: str, ground: str) -> str:
@@ -32,6 +36,10 @@ def bouncing_caption(count: str, background: str) -> str:
   return f'{count} shapes bounce over {background}'
 
 
+def panorama_caption(motion: str, palette: str) -> str:
+  return f'a camera {motion} around the {palette} panorama'
+
+
 def _all_captions() -> tuple[str, ...]:
   words = textures.TEXTURE_WORDS
   captions = [camera_caption(m, g) for m, g in itertools.product(CAMERA_MOTIONS, words)]
@@ -41,10 +49,19 @@ def _all_captions() -> tuple[str, ...]:
   return tuple(captions)
 
 
-CAPTIONS = _all_captions()
+def _panorama_captions() -> tuple[str, ...]:
+  return tuple(panorama_caption(m, p)
+               for m, p in itertools.product(PANORAMA_MOTIONS, PANORAMA_PALETTES))
+
+
+# Later worlds' captions and words are appended, so earlier caption and word ids never change.
+_FIRST_CAPTIONS = _all_captions()
+CAPTIONS = _FIRST_CAPTIONS + _panorama_captions()
 _CAPTION_IDS = {caption: i for i, caption in enumerate(CAPTIONS)}
 
-VOCAB = ('<pad>', '<unk>') + tuple(sorted({w for c in CAPTIONS for w in c.split()}))
+_FIRST_WORDS = tuple(sorted({w for c in _FIRST_CAPTIONS for w in c.split()}))
+VOCAB = ('<pad>', '<unk>') + _FIRST_WORDS + tuple(
+    sorted({w for c in CAPTIONS for w in c.split()} - set(_FIRST_WORDS)))
 VOCAB_SIZE = len(VOCAB)
 _WORD_IDS = {w: i for i, w in enumerate(VOCAB)}
 

@@ -14,6 +14,11 @@ Batch (per process; B = data_config.batch_size, T = data_config.num_frames):
   caption_id   int32 [B] (-1: caption outside the fixed vocabulary)
   seed         int64 [B]
 
+Procedural sources render example `i` of a split from seed `worlds.split_seed(split, i)`. With
+`num_train` (`num_validation`, `num_test`) = 0 a split is unbounded: its whole seed range (2^28
+seeds), so every example drawn is a fresh world (new seed, deterministic from the example index,
+and the shuffle is a lazy permutation of that range) and no clip repeats in practice.
+
 Pipeline: source -> per-process slice -> shuffle (reshuffled every epoch) -> repeat -> random
 temporal crop -> normalise -> batch -> threaded read-ahead (-> optional worker
 processes). Everything is seeded, so a restored iterator continues exactly.
@@ -32,6 +37,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from apt2_jax import controls as controls_lib
 from apt2_jax.data import captions
 from apt2_jax.data import worlds
 
@@ -51,7 +57,7 @@ def default_data_config(world: str = 'camera', size: str = 'tiny') -> ml_collect
   resolution, stored, frames, batch, examples = _SIZES[size]
   config = ml_collections.ConfigDict()
   config.source = 'procedural'        # 'procedural': worlds rendered on the fly; 'tfds'
-  config.world = world                # camera | puppet | bouncing | local (tfds only)
+  config.world = world                # camera | puppet | bouncing | panorama | local (tfds only)
   config.tfds_name = ''               # '' -> f'apt2_{world}/{size}'
   config.data_dir = ''
   config.height = resolution
@@ -59,10 +65,11 @@ def default_data_config(world: str = 'camera', size: str = 'tiny') -> ml_collect
   config.stored_num_frames = stored   # procedural clip length (tfds: the records' length)
   config.num_frames = frames          # after the random temporal crop; 1 + 4k
   config.temporal_crop = 'random'     # 'random' | 'start'
-  config.num_train = examples[0]      # procedural split sizes
+  config.num_train = examples[0]      # procedural split sizes; 0: unbounded (a fresh seed each)
   config.num_validation = examples[1]
   config.num_test = examples[2]
   config.speed = 1.0
+  config.world_options = ml_collections.ConfigDict()  # more WorldConfig fields (procedural)
   config.batch_size = batch           # per process
   config.shuffle = True
   config.seed = 0
@@ -96,6 +103,9 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     fail('batch_size', 'must be positive')
   if config.temporal_crop not in ('random', 'start'):
     fail('temporal_crop', "expected 'random' or 'start'")
+  for field in ('num_train', 'num_validation', 'num_test'):
+    if config.source == 'procedural' and not 0 <= config[field] <= worlds.SPLIT_SIZE:
+      fail(field, f'must be in [0, {worlds.SPLIT_SIZE}] (0: unbounded)')
 
 
 class ProceduralSource:
@@ -120,11 +130,15 @@ class ProceduralSource:
 def make_source(config: ml_collections.ConfigDict, split: str):
   """The random-access source of `split` (a grain RandomAccessDataSource)."""
   if config.source == 'procedural':
+    options = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+               for k, v in dict(config.get('world_options') or {}).items()}
     world_config = worlds.WorldConfig(height=config.height, width=config.width,
-                                      num_frames=config.stored_num_frames, speed=config.speed)
+                                      num_frames=config.stored_num_frames, speed=config.speed,
+                                      **options)
     sizes = {'train': config.num_train, 'validation': config.num_validation,
              'test': config.num_test}
-    return ProceduralSource(config.world, world_config, split, sizes[split])
+    return ProceduralSource(config.world, world_config, split,
+                            sizes[split] or worlds.SPLIT_SIZE)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from apt2_jax.data import builders  # pylint: disable=g-import-not-at-top,unused-import
   name = config.tfds_name or f'apt2_{config.world}/tiny'
@@ -132,8 +146,8 @@ def make_source(config: ml_collections.ConfigDict, split: str):
 
 
 class _TemporalCrop(grain.transforms.RandomMap):
-  """Crops `num_frames` consecutive frames; the camera's first relative control becomes zero
-  (its previous frame lies outside the clip)."""
+  """Crops `num_frames` consecutive frames; a camera-controlled world's first relative control
+  becomes zero (its previous frame lies outside the clip)."""
 
   def __init__(self, num_frames: int, world: str, random: bool):
     self.num_frames, self.world, self.random = num_frames, world, random
@@ -145,7 +159,7 @@ class _TemporalCrop(grain.transforms.RandomMap):
     out = dict(record)
     out['video'] = record['video'][window]
     out['controls'] = np.array(record['controls'][window], np.float32)
-    if self.world == 'camera':
+    if controls_lib.WORLD_CONTROL_TYPES.get(self.world) == 'camera':
       out['controls'][0] = 0.0
     if 'poses' in record:
       out['poses'] = record['poses'][window]

@@ -2,7 +2,7 @@
 
 Each world renders *the frame a perfect model would draw* for any control trajectory: `render`
 is a pure function of `(controls, seed)`, and `sample` records controls drawn by
-`random_controls` together with the frames `render` draws for them. Three worlds:
+`random_controls` together with the frames `render` draws for them. Four worlds:
 
 * `camera`: a pinhole camera flies over a 2.5D scene of three horizontal layers (an opaque ground,
   a canopy with holes and soft clouds, each a real photograph or a procedural texture, repeated
@@ -11,6 +11,9 @@ is a pure function of `(controls, seed)`, and `sample` records controls drawn by
 * `puppet`: an articulated 2D figure (virtual human stand-in) over a background, driven by
   per-frame keypoints, see `PUPPET_KEYPOINTS`.
 * `bouncing`: shapes with gravity, wall bounces and occlusion; no control (image-to-video).
+* `panorama`: the testbed world (`apt2_jax.data.panorama`): a camera that only pans and tilts
+  inside a procedural spherical panorama, rendered exactly per pixel from the ray direction, with
+  bursts of large motion; the test split shows an unseen palette family.
 
 Splits: a seed belongs to one split (`split_seed`, `seed_split`). The seed picks the textures and
 trajectory type from that split's pool; the `test` pools (textures, trajectory types, shapes)
@@ -38,9 +41,10 @@ from apt2_jax.data import captions
 from apt2_jax.data import textures
 
 FPS = 24.0
-WORLD_NAMES = ('camera', 'puppet', 'bouncing')
+WORLD_NAMES = ('camera', 'puppet', 'bouncing', 'panorama')
 SPLITS = ('train', 'validation', 'test')
 _SPLIT_STRIDE = 1 << 28
+SPLIT_SIZE = _SPLIT_STRIDE   # seeds per split
 
 
 def split_seed(split: str, index: int) -> int:
@@ -92,6 +96,18 @@ class WorldConfig:
   # Bouncing world.
   num_objects: tuple[int, int] = (2, 5)
   gravity: float = 1.2                # frame heights per second squared
+  # Panorama world (`apt2_jax.data.panorama`). Rates are radians per video frame of the optical
+  # axis (x `speed`); at 64 px wide and 60 degrees, 1 px at the image centre is 1 / 55.4 rad.
+  pano_rate: float = 0.027                                # median speed (1.5 px / frame at 64 px)
+  pano_rate_range: tuple[float, float] = (0.011, 0.054)   # outside bursts (0.6 - 3 px)
+  pano_burst_rate: tuple[float, float] = (0.072, 0.144)   # peak of a burst (4 - 8 px)
+  pano_burst_fraction: float = 0.25   # probability that a clip's trajectory is 'bursty'
+  pano_burst_period: int = 32         # a bursty trajectory has one burst per this many frames
+  pano_burst_frames: tuple[int, int] = (8, 16)            # burst length range (video frames)
+  pano_max_elevation_deg: float = 50.0  # optical axis elevation bound (reflected beyond)
+  pano_max_roll_deg: float = 30.0     # horizon roll bound (pan reflected beyond)
+  pano_num_blobs: int = 128
+  pano_appearance: str = ''           # '' (by seed split: test = unseen), 'seen', 'unseen'
 
   def __post_init__(self):
     if self.texture_size == 0:
@@ -108,6 +124,16 @@ class WorldConfig:
     lo, hi = self.num_objects
     if not 1 <= lo <= hi <= 5:
       raise ValueError(f'WorldConfig.num_objects={self.num_objects} must satisfy 1<=lo<=hi<=5')
+    if self.pano_appearance not in ('', 'seen', 'unseen'):
+      raise ValueError(f"WorldConfig.pano_appearance={self.pano_appearance!r}: expected '', "
+                       "'seen' or 'unseen'")
+    if not 0 <= self.pano_burst_fraction <= 1:
+      raise ValueError(f'WorldConfig.pano_burst_fraction={self.pano_burst_fraction} must be in '
+                       '[0, 1]')
+    lo, hi = self.pano_burst_frames
+    if not 1 <= lo <= hi <= self.pano_burst_period:
+      raise ValueError(f'WorldConfig.pano_burst_frames={self.pano_burst_frames} must satisfy '
+                       f'1 <= lo <= hi <= pano_burst_period={self.pano_burst_period}')
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -187,7 +213,9 @@ class World:
 
 def make_world(name: str, config: WorldConfig | None = None, seed: int = 0) -> World:
   """World `name` (one of `WORLD_NAMES`); `seed` is the default seed of `sample()`."""
-  classes = {'camera': CameraWorld, 'puppet': PuppetWorld, 'bouncing': BouncingWorld}
+  from apt2_jax.data.panorama import PanoramaWorld  # pylint: disable=g-import-not-at-top
+  classes = {'camera': CameraWorld, 'puppet': PuppetWorld, 'bouncing': BouncingWorld,
+             'panorama': PanoramaWorld}
   if name not in classes:
     raise ValueError(f'unknown world {name!r}; expected one of {WORLD_NAMES}')
   return classes[name](config, seed)

@@ -19,6 +19,9 @@ of fixed-shape arrays mirroring the module tree (`{'conv_in': [B, 2, h, w, C], '
 whole-clip decode. The `first` flag (static) marks the call holding the clip's frame 0: temporal
 upsampling passes that frame through unchanged (1 video frame) and starts its own convolution
 from zeros; every later latent frame decodes to 4 video frames. Two jitted variants in all.
+
+`VAEConfig.codec = "space_to_depth"` (size `pixels`) swaps the networks for the lossless,
+parameter-free pixel codec of `apt2_jax.models.pixel_codec`, behind the same interface.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from apt2_jax.models import pixel_codec
 
 Array = jax.Array
 Cache = Any  # nested dict of arrays (or None leaves for convolutions without temporal context)
@@ -73,6 +78,8 @@ class VAEConfig:
     dropout: dropout rate in residual blocks (training only).
     remat: rematerialise residual blocks in the backward pass.
     dtype: computation dtype (parameters stay float32).
+    codec: "learned" (this VAE) or "space_to_depth" (`pixel_codec`: lossless, no parameters,
+      z_dim 768 = 4 frames x 8 x 8 pixels x RGB).
   """
   base_dim: int = 96
   z_dim: int = 16
@@ -87,8 +94,10 @@ class VAEConfig:
   dropout: float = 0.0
   remat: bool = False
   dtype: Any = jnp.float32
+  codec: str = "learned"
 
   def __post_init__(self):
+    pixel_codec.check_config(self.codec, self.z_dim)
     if len(self.dim_mult) != len(self.temperal_downsample) + 1:
       raise ValueError(f"VAEConfig.dim_mult {self.dim_mult} needs one more entry than "
                        f"temperal_downsample {self.temperal_downsample}")
@@ -123,9 +132,11 @@ class VAEConfig:
 
 
 def vae_config(size: str, **overrides) -> VAEConfig:
-  """Named sizes: `tiny` (tests), `small` (toy pipeline), `wan` (Wan2.1), `slim_decoder`.
+  """Named sizes: `tiny` (tests), `small` (toy pipeline), `wan` (Wan2.1), `slim_decoder`, `pixels`
+  (the lossless space-to-depth codec with the panorama world's latent statistics).
 
-  Latent channels follow the DiT sizes of `apt2_jax/configs/sizes.py`: 4 for `tiny`, 16 otherwise.
+  Latent channels follow the DiT sizes of `apt2_jax/configs/sizes.py`: 4 for `tiny`, 768 for
+  `pixels`, 16 otherwise.
   """
   sizes = {
       "tiny": dict(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
@@ -136,6 +147,7 @@ def vae_config(size: str, **overrides) -> VAEConfig:
       "slim_decoder": dict(decoder_base_dim=64, decoder_dim_mult=(1, 2, 4, 8),
                            decoder_num_res_blocks=1, latents_mean=WAN_LATENTS_MEAN,
                            latents_std=WAN_LATENTS_STD),
+      "pixels": pixel_codec.config_fields(),
   }
   if size not in sizes:
     raise ValueError(f"Unknown VAE size {size!r}; choose from {sorted(sizes)}")
@@ -498,6 +510,8 @@ class VAE(nn.Module):
 
   def setup(self):
     cfg = self.config
+    if cfg.codec != "learned":  # `pixel_codec`: no modules, no parameters
+      return
     self.encoder = Encoder(cfg)
     self.quant_conv = CausalConv3d(2 * cfg.z_dim, (1, 1, 1), dtype=cfg.dtype)
     self.post_quant_conv = CausalConv3d(cfg.z_dim, (1, 1, 1), dtype=cfg.dtype)
@@ -516,6 +530,8 @@ class VAE(nn.Module):
     if (video.shape[1] - (1 if first else 0)) % TEMPORAL_FACTOR:
       raise ValueError(f"encode needs 1 + 4k frames (4k after the first chunk), got "
                        f"{video.shape[1]} with first={first}")
+    if self.config.codec != "learned":
+      return pixel_codec.posterior(video, first), cache
     h, cache = self.encoder(video, cache, first, deterministic)
     h, _ = self.quant_conv(h)
     mean, logvar = jnp.split(h, 2, axis=-1)
@@ -530,6 +546,8 @@ class VAE(nn.Module):
     """`[B, F, h, w, z]` -> (video `[B, 1+4(F-1) if first else 4F, 8h, 8w, 3]`, cache)."""
     if z.ndim != 5 or z.shape[-1] != self.config.z_dim:
       raise ValueError(f"latents must be [batch, frames, h, w, {self.config.z_dim}], got {z.shape}")
+    if self.config.codec != "learned":
+      return pixel_codec.decode_step(z, cache, first, clip)
     z, _ = self.post_quant_conv(z)
     video, cache = self.decoder(z, cache, first, deterministic)
     if clip:
@@ -547,7 +565,7 @@ class VAE(nn.Module):
     """
     mean, logvar = self.encode(video, deterministic)
     z = mean
-    if sample:
+    if sample and self.config.codec == "learned":  # the pixel codec is deterministic
       eps = jax.random.normal(self.make_rng("sample"), mean.shape, mean.dtype)
       z = mean + jnp.exp(0.5 * logvar) * eps
     recon = self.decode(z, clip=False, deterministic=deterministic)
@@ -589,7 +607,10 @@ def init_params(model: VAE, rng: Array, height: int = 64, width: int = 64) -> An
   Kernels are LeCun normal (`_KERNEL_INIT`: std 1/sqrt(fan_in)), biases zero, norm scales one,
   exactly what `model.init` draws in distribution; but one normal draw for all kernels compiles
   in a second, where `model.init`'s hundred separate threefry draws take XLA CPU half a minute.
+  The pixel codec has none: `{'params': {}}`.
   """
+  if model.config.codec != "learned":
+    return {"params": {}}
   video = jax.ShapeDtypeStruct((1, 1 + TEMPORAL_FACTOR, height, width, 3), model.config.dtype)
   shapes = jax.eval_shape(lambda v: model.init({"params": jax.random.key(0),
                                                 "sample": jax.random.key(0)}, v), video)
