@@ -2,7 +2,7 @@
 
 Camera motion is given per video frame relative to the previous frame (pan, tilt, zoom, forward,
 roll) and enters the model as per-pixel ray origin and direction maps at latent resolution
-(`apt2_jax.models.conditioning.camera_ray_maps`, unit std), 4 video frames x 6 channels per latent
+(`apt2_jax.controls.camera_ray_maps`, unit std), 4 video frames x 6 channels per latent
 frame. Starting from a checkpoint without these channels (e.g. Wan2.1, or a text/image-to-video
 stage 1) widens the patch embedding with randomly initialised weights for them, as the paper does.
 Long-video training renders fresh random trajectories over the whole long video. Built by

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apt2_jax import controls
 from apt2_jax.models import conditioning
 
 
@@ -33,10 +32,3 @@ def test_caption_encoder_zeroes_padding():
   assert np.abs(out[0, :3]).min() > 0
   with pytest.raises(ValueError, match="longer than model.caption_max_len"):
     encoder.apply(params, jnp.ones((1, 7), jnp.int32))
-
-
-def test_control_aliases_are_the_one_encoding():
-  # alias until callers move (stages.common): the same functions, not copies.
-  assert conditioning.latent_control_maps is controls.latent_control_maps
-  assert conditioning.control_channels is controls.control_channels
-  assert conditioning.camera_ray_maps is controls.camera_ray_maps

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -48,7 +48,7 @@ class StreamSpec:
   """Everything static about a stream (hashable: one compile per spec and shape).
 
   Attributes:
-    dit_config, vae_config: the generator and the VAE.
+    dit_config, vae_config: the generator and the VAE (None when only latents are generated).
     options: the sampler per latent frame (`RolloutOptions`: 1 step = the AAPT generator; more =
       the diffusion baseline's Euler sampler; `recycle=False` = the no-recycling ablation).
     guidance: classifier-free guidance weight (1 = off).
@@ -56,7 +56,7 @@ class StreamSpec:
       model takes no control.
   """
   dit_config: DiTConfig
-  vae_config: vae_lib.VAEConfig
+  vae_config: Optional[vae_lib.VAEConfig]
   options: RolloutOptions = RolloutOptions()
   guidance: float = 1.0
   control_encoding: str = ""
@@ -247,19 +247,21 @@ def decode(spec: StreamSpec, vae_params, decode_cache, latent, first: bool = Fal
   return to_uint8(video), decode_cache
 
 
-def generate(spec: StreamSpec, params, first_frame, prompt, controls, eps):
+def generate(spec: StreamSpec, params, first_frame, prompt, controls, eps, *, control_maps_=None):
   """Latents after a given first latent frame with given noise (the stages' in-training samples).
 
   Args:
     first_frame: [B, 1, h, w, C]; prompt: int32 [B, T] (or embeddings); controls: raw
       [B, S, 4, D] or None; eps: [B, S, h, w, C] the noise of each generated frame.
+    control_maps_: the already encoded control input [B, S, h, w, Cc] instead of `controls`
+      (a trainer holds its batch's maps).
   Returns:
     frames [B, S, h, w, C].
   """
   b, _, h, w, _ = first_frame.shape
   net, p = _net(spec, params)
   cache = kv_cache.init_cache(spec.dit_config, spec.cache_batch_factor * b, h, w)
-  maps = control_maps(spec, controls, (h, w))
+  maps = control_maps(spec, controls, (h, w)) if control_maps_ is None else control_maps_
   frames, _ = rollout(net, p, first_frame, text(spec, params, prompt), eps, maps, cache=cache,
                       options=spec.options)
   return frames

@@ -8,9 +8,6 @@ import flax.linen as nn
 
 from apt2_jax.models.attention import dense
 # The control encoding lives in `apt2_jax.controls`.
-from apt2_jax.controls import camera_ray_maps  # alias until callers move
-from apt2_jax.controls import control_channels  # alias until callers move
-from apt2_jax.controls import latent_control_maps  # alias until callers move
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):

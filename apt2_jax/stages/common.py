@@ -4,14 +4,11 @@
                    through the frozen VAE (or latents straight from the batch)
   caption_dropout  replace a clip's tokens by padding so the model also learns p(x) (for CFG)
   merge_pretrained `config.init_from` parameters into fresh ones, widening the patch embedding
-  GuidedDiT        classifier-free guidance as a model with CausalDiT's step interface, so the
-                   unchanged `apt2_jax.rollout.rollout` streams it
-  stream_sample    first frame + controls -> generated latents, via `rollout` (1-NFE generator
-                   or the multi-step Euler sampler of the diffusion baseline)
+  stream_sample    first frame + controls -> generated latents, through `generation.stream`
+                   (1-NFE generator or the diffusion baseline's Euler sampler, with guidance)
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,10 +16,12 @@ from absl import logging
 from flax import traverse_util
 
 from apt2_jax import checkpointing, sharding
+from apt2_jax import controls as encodings
+from apt2_jax.generation import stream
 from apt2_jax.generation import vae as generation_vae
-from apt2_jax.models import CausalDiT, DiTConfig, kv_cache
+from apt2_jax.models import DiTConfig
 from apt2_jax.models import vae as vae_lib
-from apt2_jax.rollout import RolloutOptions, rollout
+from apt2_jax.rollout import RolloutOptions
 from apt2_jax.train import data as train_data
 
 
@@ -52,12 +51,11 @@ def load_vae(config, mesh):
 def latent_controls(controls, latent_frames: int, height: int, width: int, encoding: str = "raw"):
   """Per-video-frame controls `[B, T, D]` -> per-latent-pixel controls `[B, F, h, w, Cc]`.
 
-  `conditioning.latent_control_maps`: the 4 controls of latent frame j's video frames 4j-3 .. 4j,
+  `apt2_jax.controls.latent_control_maps`: the 4 controls of latent frame j's video frames 4j-3 .. 4j,
   raw (Cc = 4 D, broadcast over pixels) or as camera ray maps (`encoding="rays"`, Cc = 24);
   latent frame 0 (the first image) has no motion: zeros.
   """
-  from apt2_jax.models import conditioning
-  return conditioning.latent_control_maps(controls, latent_frames, height, width, encoding)
+  return encodings.latent_control_maps(controls, latent_frames, height, width, encoding)
 
 
 class LatentInputs:
@@ -69,8 +67,7 @@ class LatentInputs:
     self.model_config = DiTConfig.from_dict(config.model)
     control_dim = int(config.data.get("control_dim", 0))
     self.control_encoding = config.data.get("control_encoding", "raw")
-    from apt2_jax.models import conditioning
-    want = conditioning.control_channels(self.control_encoding, control_dim) if control_dim else 0
+    want = encodings.control_channels(self.control_encoding, control_dim) if control_dim else 0
     if self.model_config.control_channels not in (0, want):
       raise ValueError(f"config.model.control_channels={self.model_config.control_channels} must be 0 or "
                        f"4 x config.data.control_dim = {want}")
@@ -103,7 +100,8 @@ def caption_dropout(rng, tokens, rate: float):
   if rate <= 0:
     return tokens
   drop = jax.random.bernoulli(rng, rate, (tokens.shape[0],))
-  return jnp.where(drop[:, None], jnp.zeros_like(tokens), tokens)
+  drop = drop.reshape((-1,) + (1,) * (tokens.ndim - 1))  # token ids [B, L] or embeddings [B, L, D]
+  return jnp.where(drop, jnp.zeros_like(tokens), tokens)
 
 
 # ================================================================================================
@@ -191,52 +189,19 @@ def load_pretrained_params(config, fresh_params, path: str, key: str, source: st
 # Streaming samples through the rollout (eval), with classifier-free guidance
 # ================================================================================================
 
-class GuidedDiT(nn.Module):
-  """CausalDiT under classifier-free guidance `v = v_u + w (v_c - v_u)`, one doubled batch.
-
-  It exposes CausalDiT's `step` (rollout calls `apply(..., method=CausalDiT.step)`); its parameters
-  are `{'inner': params}`, the cache and `text_kv` have batch 2B: [conditional | unconditional].
-  """
-  config: DiTConfig
-  guidance: float
-
-  @nn.compact
-  def __call__(self, noise=None, recycled=None, control=None, t=None, text=None, *, mode="step",
-               cache=None, text_kv=None, return_hidden=False):
-    inner = CausalDiT(self.config, name="inner")
-    if mode != "step":
-      return inner(noise, recycled, control, t, text, mode=mode, cache=cache, text_kv=text_kv)
-    two = lambda x: None if x is None else jnp.concatenate([x, x], axis=0)
-    v, cache = inner(two(noise), two(recycled), two(control), two(t), None, mode="step",
-                     cache=cache, text_kv=text_kv)
-    v_c, v_u = jnp.split(v, 2, axis=0)
-    return v_u + self.guidance * (v_c - v_u), cache
-
-
 def stream_sample(model_config: DiTConfig, params, first_frame, text, controls, noise,
                   options: RolloutOptions, guidance: float = 1.0):
-  """Generates `S` latent frames after `first_frame` with the unchanged `rollout`.
+  """Generates `S` latent frames after `first_frame` through `generation.stream.generate` (the
+  path every generator uses; guidance included).
 
   Args:
-    first_frame: [B, 1, h, w, C]; text: int32 [B, L] tokens; controls: [B, S, h, w, Cc] or None
-    (the controls of the generated frames); noise: [B, S, h, w, C].
+    first_frame: [B, 1, h, w, C]; text: int32 [B, L] tokens; controls: the encoded control input of
+    the generated frames [B, S, h, w, Cc] or None; noise: [B, S, h, w, C].
   Returns:
     frames [B, S, h, w, C].
   """
-  model = CausalDiT(model_config)
-  b, _, h, w, _ = first_frame.shape
-  if guidance == 1.0:
-    text_kv = model.apply({"params": params}, text, method=CausalDiT.encode_text)
-    cache = kv_cache.init_cache(model_config, b, h, w)
-    frames, _ = rollout(model, params, first_frame, text_kv, noise, controls, cache=cache, options=options)
-    return frames
-  texts = jnp.concatenate([text, jnp.zeros_like(text)], axis=0)
-  text_kv = model.apply({"params": params}, texts, method=CausalDiT.encode_text)
-  cache = kv_cache.init_cache(model_config, 2 * b, h, w)
-  guided = GuidedDiT(model_config, float(guidance))
-  frames, _ = rollout(guided, {"inner": params}, first_frame, text_kv, noise, controls, cache=cache,
-                      options=options)
-  return frames
+  spec = stream.StreamSpec(model_config, None, options, float(guidance))
+  return stream.generate(spec, params, first_frame, text, None, noise, control_maps_=controls)
 
 
 def rollout_metrics(frames, target):
