@@ -125,8 +125,9 @@ def _run_vae(config, override: Optional[str], source: str):
   if path:
     model, variables = load_vae(path)
     return model.config, variables
-  log.warning("%s: config.vae.checkpoint is empty; decoding with a RANDOM %r VAE", source, block.get("size", "tiny"))
   cfg = vae_config_from_block(block)
+  if cfg.codec == "learned":  # the lossless pixel codec has no parameters
+    log.warning("%s: config.vae.checkpoint is empty; decoding with a RANDOM %r VAE", source, block.get("size", "tiny"))
   return cfg, vae_lib.init_params(vae_lib.VAE(cfg), jax.random.key(0), 16, 16)
 
 
@@ -210,7 +211,7 @@ def random_generator(dit_config: DiTConfig, vae_config: vae_lib.VAEConfig, *, co
   The control type and encoding default to what `dit_config.control_channels` fits
   (`apt2_jax.controls.encoding_from_channels`).
   """
-  if vae_config.z_dim != dit_config.latent_channels:
+  if vae_config.z_dim != dit_config.latent_channels and vae_config.codec == "learned":
     vae_config = dataclasses.replace(vae_config, z_dim=dit_config.latent_channels)
   params, vae_params = _random_params(dit_config, vae_config, seed)
   kind, encoding = controls_lib.encoding_from_channels(dit_config.control_channels, control_type or None)

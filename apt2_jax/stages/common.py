@@ -38,9 +38,10 @@ def load_vae(config, mesh):
     model, params = generation_vae.load_vae(checkpoint)
     vae_cfg = model.config
   else:
-    logging.warning("config.vae.checkpoint is empty: encoding with a RANDOMLY initialised %r VAE "
-                    "(smoke tests only; train one with experiments/vae.py)", config.vae.size)
     vae_cfg = generation_vae.vae_config_from_block(config.vae)
+    if vae_cfg.codec == "learned":  # the pixel codec has no parameters to train
+      logging.warning("config.vae.checkpoint is empty: encoding with a RANDOMLY initialised %r VAE "
+                      "(smoke tests only; train one with experiments/vae.py)", config.vae.size)
     params = vae_lib.init_params(vae_lib.VAE(vae_cfg), jax.random.key(0))
   if vae_cfg.z_dim != config.model.latent_channels:
     raise ValueError(f"config.model.latent_channels={config.model.latent_channels} does not match "

@@ -149,7 +149,8 @@ def grain_data_config(config, batch_size=None, process_count: int = 1):
   random temporal crop), batch_size / process_count rows per host, seed. Optional stage fields
   passed through: data.grain_source ("procedural": render on the fly; "tfds": read ArrayRecord
   built by `python -m apt2_jax.data.build`), data.tfds_name, data.data_dir, data.stored_frames,
-  data.read_threads, data.worker_count.
+  data.read_threads, data.worker_count, data.num_train / num_validation / num_test (0: unbounded,
+  a fresh procedural world for every example), data.world_options (WorldConfig fields).
   """
   from apt2_jax.data import pipeline
   d = config.data
@@ -162,6 +163,8 @@ def grain_data_config(config, batch_size=None, process_count: int = 1):
   for key in ("tfds_name", "data_dir", "read_threads", "worker_count", "num_train", "num_validation", "num_test"):
     if d.get(key, None) not in (None, ""):
       c[key] = d[key]
+  if d.get("world_options", None):  # WorldConfig fields (e.g. the panorama's burst settings)
+    c.world_options = dict(d.world_options)
   return c
 
 
