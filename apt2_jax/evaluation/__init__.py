@@ -35,6 +35,15 @@ Modules:
   report.py      summaries, the good horizon, report.json, the summary table, `DEFINITIONS`
   figures.py     side-by-side videos, GIFs, drift plots
   run.py         evaluate_models
+
+The testbed (a 2-core CPU trains every AAPT stage far enough to test the paper's claims against the
+panorama world's exact oracle; pass criteria fixed before training):
+  drift.py       psnr_recent, warp_error, motion_ratio (bursts), blur, colour_drift, the good
+                 horizon, per-bin / per-latent summaries, the references (oracle, copy-last, frozen)
+  claims.py      the claims (a)-(d) with their fixed criteria, verdicts over every seed and set
+  testbed.py     evaluate_testbed: two fixed evaluation sets x noise seeds, report.json, claims.md,
+                 drift plots, GIFs
+  learning.py    stage1_learning_check: teacher-forced prediction vs copy-last, the rollout's motion
 """
 from apt2_jax.evaluation.figures import GIF_MAX_BYTES, _label, plot_curves, side_by_side, write_small_gif
 from apt2_jax.evaluation.metrics import (FIGURE_THRESHOLD, PSNR_CAP, figure_mask, figure_metrics,
@@ -47,3 +56,7 @@ from apt2_jax.evaluation.report import (DEFINITIONS, LATENT_CURVES, RELATIVE_HOR
 from apt2_jax.evaluation.run import evaluate_models
 from apt2_jax.evaluation.sampler import (FRAMES_PER_LATENT, ModelSpec, Sampler, chunk_controls,
                                          model_spec_from_workdir)
+from apt2_jax.evaluation.claims import CLAIMS, ROLES, claims_table, evaluate_claims
+from apt2_jax.evaluation.learning import stage1_learning_check, teacher_forced_check
+from apt2_jax.evaluation.testbed import (IN_DISTRIBUTION, UNSEEN_APPEARANCE, EvalSet, TestbedConfig,
+                                         evaluate_testbed)

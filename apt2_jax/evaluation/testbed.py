@@ -1,0 +1,460 @@
+"""The testbed evaluation: every model on two fixed evaluation sets, drift metrics, the claims.
+
+    models = {"aapt": model_spec_from_workdir(STAGE4), "aapt_short": model_spec_from_workdir(STAGE3),
+              "diffusion": model_spec_from_workdir(STAGE1, num_steps=32, shift=3.0), ...}
+    config = TestbedConfig(roles={"aapt": "aapt", "aapt_short": "aapt_short", "diffusion": "diffusion"},
+                           short_clip_s=33 / 24)
+    report = evaluate_testbed(models, config, out_dir=DIR, learning=stage1_learning_check(STAGE1))
+
+Evaluation sets (fixed seeds, never training's): `IN_DISTRIBUTION` holds the first `num_worlds`
+worlds of the `validation` split (the training appearance and trajectory distribution; the claims
+are measured here) and `UNSEEN_APPEARANCE` those of the `test` split (the panorama world shows an
+unseen palette family there; the motion is drawn as in training; reported separately). Each world's
+trajectory is drawn as `World.sample` draws a training clip's (rng `[seed, 1]`, the world's start
+pose, no hovering), at the rollout's length; in the panorama world the trajectory types are
+stratified so that every set holds bursts: the first `ceil(num_worlds x pano_burst_fraction)`
+(>= 1) worlds are 'bursty', the others 'wander' (each type's motion is training's).
+
+Each model streams each world through `Sampler` (`apt2_jax.generation.stream`, the one path from
+weights to frames) from the oracle's frame 0, once per noise seed (`noise_seeds`, paired across
+models); every frame is decoded by the model's codec and scored by `drift.frame_metrics` against
+the oracle. References on the same worlds: the oracle (the PSNR cap), copy-last-frame (each frame
+the previous oracle frame) and frozen first frame (`drift.REFERENCES`). Summaries: `drift.summarize`
+per (set, noise seed, model), pooled over the set's worlds; the claims: `claims.evaluate_claims`.
+
+Outputs under `out_dir`: `report.json` (every figure, per-bin and per-latent-frame curves),
+`claims.md` (the stage-1 learning check, the claims table with verdicts, the summary tables),
+`drift_<set>.png` (psnr_recent per 2 s bin per model with the references and the threshold) and
+`gifs/<set>_<model>.gif` (generated | oracle, world 0, the first noise seed, the whole rollout
+subsampled to stay under 1 MB) and `gifs/<set>_all.gif` (oracle and every model).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from apt2_jax import media
+from apt2_jax.data import captions
+from apt2_jax.data import worlds as worlds_lib
+from apt2_jax.evaluation import claims as claims_lib
+from apt2_jax.evaluation import drift
+from apt2_jax.evaluation import figures
+from apt2_jax.evaluation.oracle import TestWorld, long_controls, render_oracle
+from apt2_jax.evaluation.report import _jsonable
+from apt2_jax.evaluation.sampler import FRAMES_PER_LATENT, ModelSpec, Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  """One evaluation set: worlds `split_seed(split, first_index + k)`, k < num_worlds, with
+  `WorldConfig` overrides `world_config` (e.g. `pano_appearance`)."""
+  name: str
+  split: str
+  first_index: int = 0
+  world_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+IN_DISTRIBUTION = EvalSet("in_distribution", "validation")
+UNSEEN_APPEARANCE = EvalSet("unseen_appearance", "test")
+
+
+@dataclasses.dataclass
+class TestbedConfig:
+  """The testbed evaluation's settings (fixed before any model is trained).
+
+  Attributes:
+    roles: claim role (`claims.ROLES`) -> model name in `models`; a missing role makes its claims
+      "not measurable".
+    world, world_config: the world and `WorldConfig` overrides shared by every set.
+    eval_sets: the evaluation sets (the first is where the claims are measured).
+    num_worlds: worlds per set; noise_seeds: one rollout per model, world and seed (2 in the full run).
+    seconds: rollout length; None: `claims.LONG_EVAL_FACTOR` x `short_clip_s`.
+    short_clip_s: the short training clip (claim d: the rollout must be >= 20x it).
+    height, width, fps: the frames (the models' resolution).
+    window: N for `psnr_recent` of the references; None: the first model's `dit_config.window`
+      (each model's own `psnr_recent` uses its own window).
+    chunk_frames: latent frames per compiled DiT call.
+    gif_max_bytes: each GIF's size cap.
+  """
+  roles: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  world: str = "panorama"
+  world_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  eval_sets: Sequence[EvalSet] = (IN_DISTRIBUTION, UNSEEN_APPEARANCE)
+  num_worlds: int = 4
+  noise_seeds: Sequence[int] = (0, 1)
+  seconds: Optional[float] = None
+  short_clip_s: Optional[float] = None
+  height: int = 64
+  width: int = 64
+  fps: float = 24.0
+  window: Optional[int] = None
+  chunk_frames: int = 24
+  gif_max_bytes: int = figures.GIF_MAX_BYTES
+  progress: bool = True
+
+  def duration(self) -> float:
+    if self.seconds:
+      return float(self.seconds)
+    if not self.short_clip_s:
+      raise ValueError("TestbedConfig needs seconds or short_clip_s")
+    return claims_lib.LONG_EVAL_FACTOR * float(self.short_clip_s)
+
+  def latent_steps(self) -> int:
+    return max(1, math.ceil(self.duration() * self.fps / FRAMES_PER_LATENT))
+
+  def describe(self) -> dict:
+    d = dataclasses.asdict(self)
+    d.update(seconds=self.duration(), latent_steps=self.latent_steps(),
+             video_frames=1 + FRAMES_PER_LATENT * self.latent_steps())
+    return d
+
+
+# ------------------------------------------------------------------------------------------------
+# Worlds and their targets
+# ------------------------------------------------------------------------------------------------
+
+
+def world_fields(options: Optional[Mapping[str, Any]]) -> dict:
+  """`WorldConfig` overrides with lists made tuples (as a JSON or ml_collections config gives them)."""
+  return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(options or {}).items()}
+
+
+def make_env(config: TestbedConfig, eval_set: EvalSet):
+  """The world of an evaluation set, `WorldConfig` of the rollout's length."""
+  wcfg = worlds_lib.WorldConfig(height=config.height, width=config.width,
+                                num_frames=1 + FRAMES_PER_LATENT * config.latent_steps(),
+                                **{**world_fields(config.world_config), **world_fields(eval_set.world_config)})
+  return worlds_lib.make_world(config.world, wcfg)
+
+
+def _trajectory(env, k: int, num_worlds: int) -> str:
+  """World k's trajectory type: panorama stratified (bursty first), other worlds the train pool."""
+  if env.name == "panorama":
+    fraction = env.config.pano_burst_fraction
+    bursty = max(1, math.ceil(num_worlds * fraction)) if fraction > 0 else 0
+    return "bursty" if k < bursty else "wander"
+  pool = env.trajectory_pools["train"]
+  return str(pool[k % len(pool)])
+
+
+def eval_worlds(env, eval_set: EvalSet, num_worlds: int, num_frames: int, fps: float = 24.0) -> list[TestWorld]:
+  """The set's worlds with their trajectories (`num_frames` video frames each)."""
+  out = []
+  for k in range(num_worlds):
+    seed = worlds_lib.split_seed(eval_set.split, eval_set.first_index + k)
+    rng = np.random.default_rng([seed, 1])
+    trajectory = _trajectory(env, k, num_worlds)
+    if env.name == "camera":  # its sampler checks limits over the whole length: drawn in segments
+      controls, hover = long_controls(env, rng, num_frames, seed, trajectory, fps=fps)
+    else:
+      controls = env.random_controls(rng, num_frames, trajectory=trajectory, seed=seed)
+      controls, hover = np.asarray(controls, np.float32), 0
+    caption = env.caption(seed, trajectory)
+    out.append(TestWorld(k, seed, trajectory, caption, captions.tokenize(caption), controls, hover))
+  return out
+
+
+@dataclasses.dataclass
+class Target:
+  """A world's oracle uint8 [T, H, W, 3], commanded homographies [T, 3, 3] and centre shifts
+  [T, 2], and the `psnr_recent` regions bool [T, H, W] per window (latent frames)."""
+  oracle: np.ndarray
+  homographies: np.ndarray
+  commanded: np.ndarray
+  recent: dict
+
+
+def _oracle(env, tw: TestWorld) -> np.ndarray:
+  if hasattr(env, "render_frames"):
+    return env.render_frames(tw.controls, tw.seed)
+  return render_oracle(env, tw.controls, tw.seed, 0, len(tw.controls))
+
+
+def recent_mask(env, controls, seed: int, window: int) -> np.ndarray:
+  """The `psnr_recent` region of every frame for a model of `window` latent frames: bool [T, H, W].
+  The world's exact `visible_mask` when it has one (panorama), else a rotation-only camera from its
+  `poses` (exact without translation), else the whole frame."""
+  n, cfg = len(controls), env.config
+  frames = FRAMES_PER_LATENT * int(window)
+  if hasattr(env, "visible_mask"):
+    return env.visible_mask(controls, seed, 0, n, window_frames=frames)
+  if hasattr(env, "poses"):
+    rotations, _, log_focals = env.poses(controls, seed)
+    in_view = drift.rotation_in_view(rotations, log_focals, cfg.height, cfg.width, cfg.fov_deg)
+    return drift.windowed_recent(in_view, cfg.height, cfg.width, frames, 0, n)
+  return np.ones((n, cfg.height, cfg.width), bool)
+
+
+def make_target(env, tw: TestWorld, windows: Sequence[int]) -> Target:
+  """The oracle, the commanded motion (the world's own `image_shift` when it has one, panorama;
+  else `drift.commanded_shift`) and the recent regions of one world."""
+  cfg = env.config
+  homographies = drift.commanded_homographies(tw.controls, cfg.height, cfg.width, cfg.fov_deg)
+  commanded = (env.image_shift(tw.controls) if hasattr(env, "image_shift")
+               else drift.commanded_shift(homographies, cfg.height, cfg.width))
+  return Target(_oracle(env, tw), homographies, np.asarray(commanded, np.float64),
+                {w: recent_mask(env, tw.controls, tw.seed, w) for w in sorted(set(windows))})
+
+
+# ------------------------------------------------------------------------------------------------
+# Rollouts
+# ------------------------------------------------------------------------------------------------
+
+
+def reference_curves(target: Target, window: int) -> dict[str, dict]:
+  """`drift.frame_metrics` of every reference (`drift.REFERENCES`) on one world."""
+  return {kind: drift.frame_metrics(drift.reference_frames(target.oracle, kind), target.oracle,
+                                    target.recent[window], target.homographies) for kind in drift.REFERENCES}
+
+
+def stream_world(sampler: Sampler, target: Target, tw: TestWorld, noise_seed: int, latent_steps: int,
+                 keep_every: int = 0) -> tuple[dict, Optional[np.ndarray]]:
+  """One model's rollout of one world from the oracle's frame 0: (its `frame_metrics` curves, the
+  generated frames t with t % keep_every == 0, or None when keep_every is 0)."""
+  window = sampler.spec.dit_config.window
+  recent, h, oracle = target.recent[window], target.homographies, target.oracle
+  acc, kept = drift.DriftCurves(), []
+
+  def add(frames, a):
+    acc.add(frames, oracle[a:a + len(frames)], recent[a:a + len(frames)], h[a:a + len(frames)])
+    if keep_every:
+      kept.extend(f for i, f in enumerate(frames) if (a + i) % keep_every == 0)
+
+  add(sampler.start(np.asarray(oracle[0]), tw.text_tokens, noise_seed), 0)
+  for j, video in enumerate(sampler.stream(tw.controls, latent_steps)):
+    add(video, 1 + FRAMES_PER_LATENT * j)
+  return acc.result(), (np.stack(kept) if keep_every else None)
+
+
+def noise_seed(seed: int, set_index: int, world_index: int) -> int:
+  """The stream seed of (noise seed, set, world): the same for every model (paired noise)."""
+  return int(np.random.SeedSequence([seed, set_index, world_index]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+def _check(models: Mapping[str, ModelSpec], config: TestbedConfig):
+  if not models:
+    raise ValueError("evaluate_testbed needs at least one model")
+  for role, name in config.roles.items():
+    if role not in claims_lib.ROLES:
+      raise ValueError(f"unknown role {role!r}; roles are {sorted(claims_lib.ROLES)}")
+    if name not in models:
+      raise ValueError(f"role {role!r} names model {name!r}, not among {sorted(models)}")
+  codecs = {name: spec.vae_config for name, spec in models.items()}
+  if len(set(codecs.values())) > 1:
+    raise ValueError(f"every model must decode through the same codec; got {codecs}")
+  for name, spec in models.items():
+    if spec.dit_config.control_channels and spec.generator.control_type != "camera":
+      raise ValueError(f"model {name!r} takes {spec.generator.control_type!r} controls; the testbed needs camera")
+  if config.height % 16 or config.width % 16:
+    raise ValueError(f"height={config.height}, width={config.width} must be multiples of 16")
+
+
+def _bar(config, **kwargs):
+  from tqdm import tqdm
+  return tqdm(disable=not config.progress, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def _gif_stride(num_frames: int, max_frames: int = 240) -> int:
+  return max(1, math.ceil(num_frames / max_frames))
+
+
+def _run_set(set_index: int, eval_set: EvalSet, models, samplers, config: TestbedConfig, ref_window: int) -> dict:
+  """One evaluation set: per-world curves of the references and of every model per noise seed,
+  and world 0's kept frames (first noise seed) for the GIFs."""
+  env = make_env(config, eval_set)
+  steps = config.latent_steps()
+  num_frames = 1 + FRAMES_PER_LATENT * steps
+  stride = _gif_stride(num_frames)
+  windows = [ref_window] + [s.spec.dit_config.window for s in samplers.values()]
+  out = {"worlds": [], "references": {k: [] for k in drift.REFERENCES}, "commanded": [],
+         "models": {n: {s: [] for s in config.noise_seeds} for n in models}, "gif": {}, "gif_stride": stride}
+  for tw in eval_worlds(env, eval_set, config.num_worlds, num_frames, config.fps):
+    target = make_target(env, tw, windows)
+    out["worlds"].append({"index": tw.index, "seed": tw.seed, "trajectory": tw.trajectory, "caption": tw.caption,
+                          "hover_segments": tw.hover_segments,
+                          "burst_pairs": int((np.linalg.norm(target.commanded, axis=-1) > drift.BURST_PX).sum())})
+    out["commanded"].append(target.commanded)
+    for kind, curves in reference_curves(target, ref_window).items():
+      out["references"][kind].append(curves)
+    if tw.index == 0:
+      out["gif"]["oracle"] = target.oracle[::stride]
+    for seed in config.noise_seeds:
+      for name, sampler in samplers.items():
+        keep = stride if (tw.index == 0 and seed == config.noise_seeds[0]) else 0
+        with _bar(config, total=steps, desc=f"{eval_set.name} world {tw.index} seed {seed} {name}", unit="latent") as b:
+          curves, kept = stream_world(sampler, target, tw, noise_seed(seed, set_index, tw.index), steps, keep)
+          b.update(steps)
+        out["models"][name][seed].append(curves)
+        if kept is not None:
+          out["gif"][name] = kept
+  return out
+
+
+def _summaries(raw: dict, config: TestbedConfig) -> dict:
+  """`drift.summarize` of every reference and of every model per noise seed (pooled over worlds)."""
+  s = lambda curves: drift.summarize(curves, raw["commanded"], config.fps)
+  return {"worlds": raw["worlds"], "gif_stride": raw["gif_stride"],
+          "references": {k: s(v) for k, v in raw["references"].items()},
+          "models": {n: {str(seed): s(c) for seed, c in per_seed.items()} for n, per_seed in raw["models"].items()}}
+
+
+def claim_cells(sets: Mapping[str, dict], roles: Mapping[str, str]) -> dict:
+  """{set: {seed: {role: summary}}} for `claims.evaluate_claims`."""
+  cells = {}
+  for set_name, s in sets.items():
+    seeds = sorted({seed for per_seed in s["models"].values() for seed in per_seed})
+    cells[set_name] = {seed: {role: s["models"][name][seed] for role, name in roles.items()
+                              if seed in s["models"].get(name, {})} for seed in seeds}
+  return cells
+
+
+def evaluate_testbed(models: Mapping[str, ModelSpec], config: TestbedConfig, out_dir: str,
+                     learning: Optional[Mapping] = None) -> dict:
+  """Streams every model on every evaluation set and noise seed; writes and returns the report.
+
+  `learning`: the stage-1 learning check (`learning.stage1_learning_check`), reported first.
+  """
+  _check(models, config)
+  os.makedirs(out_dir, exist_ok=True)
+  ref_window = int(config.window or next(iter(models.values())).dit_config.window)
+  samplers = {n: Sampler(spec, config.height, config.width, config.chunk_frames) for n, spec in models.items()}
+  sets, gifs = {}, {}
+  for i, eval_set in enumerate(config.eval_sets):
+    raw = _run_set(i, eval_set, models, samplers, config, ref_window)
+    sets[eval_set.name] = _summaries(raw, config)
+    gifs[eval_set.name] = write_gifs(out_dir, eval_set.name, raw["gif"], raw["gif_stride"], config)
+  verdicts = claims_lib.evaluate_claims(claim_cells(sets, config.roles), {"short_clip_s": config.short_clip_s})
+  role_of = {name: role for role, name in config.roles.items()}
+  report = {"config": dict(config.describe(), reference_window=ref_window),
+            "criteria": {"drift": drift.fixed_criteria(), **claims_lib.criteria()},
+            "definitions": drift.__doc__, "learning": learning,
+            "models": {n: dict(spec.describe(), role=role_of.get(n), throughput=samplers[n].throughput())
+                       for n, spec in models.items()},
+            "sets": sets, "claims": verdicts, "gifs": gifs,
+            "plots": {s: write_drift_plot(out_dir, s, sets[s], config) for s in sets}}
+  return write_report(report, out_dir, config.progress)
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs
+# ------------------------------------------------------------------------------------------------
+
+
+def _write_gif_under(path: str, frames: np.ndarray, fps: float, max_bytes: int) -> str:
+  """A GIF of the whole of `frames` under `max_bytes`: every 2nd frame (and half the rate) until it fits."""
+  while True:
+    media.write_gif(path, frames, fps)
+    if os.path.getsize(path) <= max_bytes or len(frames) <= 2:
+      return path
+    frames, fps = frames[::2], max(fps / 2, 1.0)
+
+
+def write_gifs(out_dir: str, set_name: str, kept: Mapping[str, np.ndarray], stride: int, config: TestbedConfig) -> dict:
+  """`gifs/<set>_<model>.gif` (generated | oracle) and `gifs/<set>_all.gif` of the frames kept
+  every `stride` video frames; relative paths."""
+  gif_dir = os.path.join(out_dir, "gifs")
+  os.makedirs(gif_dir, exist_ok=True)
+  oracle, rate = kept["oracle"], config.fps / stride
+  out = {}
+  for name, frames in kept.items():
+    if name == "oracle":
+      continue
+    n = min(len(frames), len(oracle))
+    path = os.path.join(gif_dir, f"{set_name}_{name}.gif")
+    _write_gif_under(path, figures.side_by_side(frames[:n], oracle[:n]), rate, config.gif_max_bytes)
+    out[name] = os.path.relpath(path, out_dir)
+  panels = [figures._label(v, k) for k, v in kept.items()]  # pylint: disable=protected-access
+  n = min(len(p) for p in panels)
+  path = os.path.join(gif_dir, f"{set_name}_all.gif")
+  _write_gif_under(path, figures.side_by_side(*[p[:n] for p in panels]), rate, config.gif_max_bytes)
+  out["all"] = os.path.relpath(path, out_dir)
+  return out
+
+
+def write_drift_plot(out_dir: str, set_name: str, summaries: Mapping, config: TestbedConfig) -> str:
+  """`drift_<set>.png`: psnr_recent per bin, each model (one line per noise seed), copy-last and
+  frozen-first (dashed) and the good-horizon threshold (dotted). The oracle is the cap."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+  def centre(s):  # the middle of each bin's generated frames (the last bin may be partial)
+    start = np.asarray(s["bins"]["start_s"], np.float64)
+    return start + np.minimum(drift.BIN_S, s["duration_s"] - start) / 2
+  for i, (name, per_seed) in enumerate(summaries["models"].items()):
+    for j, (seed, s) in enumerate(per_seed.items()):
+      ax.plot(centre(s), s["bins"]["psnr_recent"], "-o", ms=3, color=f"C{i % 10}", alpha=1.0 if j == 0 else 0.5,
+              label=f"{name} (seed {seed})")
+  for style, kind in (("--", "copy_last"), (":", "frozen_first")):
+    s = summaries["references"][kind]
+    ax.plot(centre(s), s["bins"]["psnr_recent"], style, color="k", lw=1.2, label=f"{kind} (reference)")
+  ax.axhline(drift.GOOD_PSNR_RECENT, color="r", ls=":", lw=1,
+             label=f"good horizon threshold {drift.GOOD_PSNR_RECENT:g} dB")
+  ax.set_xlabel("seconds")
+  ax.set_ylabel("psnr_recent (dB)")
+  ax.set_title(f"{config.world}, {set_name}: psnr_recent per {drift.BIN_S:g} s bin "
+               f"(oracle = {drift.PSNR_CAP:g} dB cap)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6, loc="best")
+  fig.tight_layout()
+  path = os.path.join(out_dir, f"drift_{set_name}.png")
+  fig.savefig(path)
+  plt.close(fig)
+  return os.path.relpath(path, out_dir)
+
+
+def _fmt(x, f="{:.2f}") -> str:
+  return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f.format(x)
+
+
+def summary_table(set_name: str, s: Mapping) -> str:
+  """Markdown: one row per model and noise seed, then the references."""
+  head = ("| model | seed | good horizon s | psnr_recent mean | late psnr_recent | motion_ratio | on bursts | "
+          "warp error | late blur | late colour drift |")
+  lines = [f"### {set_name}", "", head, "|" + "---|" * (head.count("|") - 1)]
+  rows = [(n, seed, x) for n, per_seed in s["models"].items() for seed, x in per_seed.items()]
+  rows += [(f"*{k}*", "-", x) for k, x in s["references"].items()]
+  for name, seed, x in rows:
+    o, late = x["overall"], x["late"]
+    h = _fmt(x["horizon_s"], "{:.1f}") + ("+" if x["horizon_reached_end"] else "")
+    lines.append(f"| {name} | {seed} | {h} | {_fmt(o['psnr_recent'])} | {_fmt(late['psnr_recent'])} | "
+                 f"{_fmt(o['motion_ratio'])} | {_fmt(o['motion_ratio_burst'])} | {_fmt(o['warp_error'])} | "
+                 f"{_fmt(late['blur'])} | {_fmt(late['colour_drift'])} |")
+  return "\n".join(lines)
+
+
+def markdown(report: Mapping) -> str:
+  cfg = report["config"]
+  lines = [f"# Testbed: {cfg['world']}, {cfg['num_worlds']} worlds per set, noise seeds {cfg['noise_seeds']}, "
+           f"{cfg['seconds']:g} s rollouts", "",
+           claims_lib.claims_table(report["claims"], report.get("learning")), "", "## Drift summaries",
+           f"(good horizon: trailing {drift.HORIZON_WINDOW_S:g} s mean of psnr_recent below "
+           f"{drift.GOOD_PSNR_RECENT:g} dB; '+': never, a lower bound; late: the last "
+           f"{100 * drift.LATE_FRACTION:g}%; bursts: commanded motion > {drift.BURST_PX:g} px per frame)", ""]
+  for name, s in report["sets"].items():
+    lines += [summary_table(name, s), ""]
+  return "\n".join(lines)
+
+
+def write_report(report: Mapping, out_dir: str, progress: bool = True) -> dict:
+  """`report.json` and `claims.md`; returns the JSON-able report."""
+  report = _jsonable(report)
+  with open(os.path.join(out_dir, "report.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  text = markdown(report)
+  with open(os.path.join(out_dir, "claims.md"), "w") as f:
+    f.write(text + "\n")
+  if progress:
+    print(text, flush=True)
+  return report
