@@ -50,7 +50,7 @@ from typing import Optional
 import numpy as np
 
 from apt2_jax.data import captions
-from apt2_jax.data import worlds
+from apt2_jax.data import world_base as worlds
 
 TRAJECTORIES = ('wander', 'bursty')
 APPEARANCES = {'seen': ('sunset', 'meadow', 'ocean', 'desert'), 'unseen': ('neon', 'aurora')}
