@@ -53,7 +53,7 @@ def stage_configs(config, workdir: str):
     sub = os.path.join(workdir, name)
     links = config.chain.get(name, {})
     with c.unlocked():
-      if name != "vae" and "vae" in c:
+      if name != "vae" and "vae" in c and "vae" in config.order:  # the pixel codec has no VAE stage
         c.vae.checkpoint = os.path.join(workdir, "vae")
       for field, source in links.items():
         path = os.path.join(workdir, source)
@@ -94,6 +94,8 @@ def run_pipeline(config, workdir: str) -> dict:
       json.dump({"num_steps": int(c.num_steps), "seconds": timings[name]}, f)
     _log(f"{head}: done in {timings[name]:.0f} s; {(time.time() - start) / 60:.1f} min elapsed")
 
+  examples = write_examples(config, workdir)
+  _log(f"example first frame and controls for `sample`: {examples['image']}, {examples['controls']}")
   curves = training_curves(plan, os.path.join(workdir, "report"))
   report = {}
   if config.evaluation.enabled:
@@ -110,10 +112,42 @@ def run_pipeline(config, workdir: str) -> dict:
   return report
 
 
+def write_examples(config, workdir: str, seconds: float = 4.0) -> dict:
+  """`examples/first.png` and `examples/controls.json` for the README's `sample` command: frame 0
+  of a validation world of the pipeline's world and the controls of one of its trajectories
+  (one entry per 4 video frames), so the commands after `make demo` run in distribution."""
+  import numpy as np
+  from PIL import Image
+  from apt2_jax import controls as encodings
+  from apt2_jax.data import worlds
+  out = os.path.join(workdir, "examples")
+  os.makedirs(out, exist_ok=True)
+  steps = max(1, int(round(seconds * worlds.FPS / 4)))
+  options = dict(config.get("world_options", {}) or {})
+  world = worlds.make_world(config.world, worlds.WorldConfig(height=int(config.height), width=int(config.width),
+                                                             num_frames=1 + 4 * steps, **options))
+  sample = world.sample(worlds.split_seed("validation", 0))
+  Image.fromarray(sample["first_frame"]).save(os.path.join(out, "first.png"))
+  kind = encodings.WORLD_CONTROL_TYPES[config.world]
+  groups = np.asarray(sample["controls"][1:], np.float64).reshape(steps, 4, -1)
+  if kind == "camera":
+    entries = [{"camera": g.round(5).tolist()} for g in groups]
+  elif kind == "pose":
+    entries = [{"keypoints": g.reshape(4, -1, 2).clip(0, 1).round(5).tolist()} for g in groups]
+  else:
+    entries = [{} for _ in groups]
+  entries[0]["text"] = sample["caption"]
+  with open(os.path.join(out, "controls.json"), "w") as f:
+    json.dump({"steps": entries, "repeat_last": True}, f)
+  return {"image": os.path.join(out, "first.png"), "controls": os.path.join(out, "controls.json")}
+
+
 def evaluate(config, workdir: str) -> dict:
+  """The evaluation the config names: `evaluation.kind = "testbed"` (the claims on the panorama
+  world, after the stage-1 learning check) or the held-out worlds' drift report (default)."""
   from apt2_jax import evaluation
   ev = config.evaluation
-  vae_dir = os.path.join(workdir, "vae")
+  vae_dir = os.path.join(workdir, "vae") if "vae" in config.order else None
   models = {}
   for label, spec in ev.models.items():
     sub = os.path.join(workdir, spec.workdir)
@@ -122,13 +156,38 @@ def evaluate(config, workdir: str) -> dict:
       continue
     models[label] = evaluation.model_spec_from_workdir(
         sub, vae_workdir=vae_dir, num_steps=int(spec.get("num_steps", 1)), shift=float(spec.get("shift", 1.0)),
-        guidance=float(spec.get("guidance", 1.0)), recycle=bool(spec.get("recycle", True)))
+        guidance=float(spec.get("guidance", 1.0)), recycle=bool(spec.get("recycle", True)),
+        cache_from=str(spec.get("cache_from", "first")))
+  out_dir = os.path.join(workdir, "report")
+  if ev.get("kind", "") == "testbed":
+    return _evaluate_testbed(config, workdir, models, out_dir)
   # One rollout of the longest duration per model and world; shorter durations are summarised on
   # its prefix (same controls and noise), e.g. 1 and 5 minutes.
   return evaluation.evaluate_models(
       models, world=config.world, num_worlds=int(ev.num_worlds), seconds=tuple(float(s) for s in ev.durations),
-      fps=int(ev.fps), height=int(config.height), width=int(config.width),
-      out_dir=os.path.join(workdir, "report"), seed=int(ev.seed))
+      fps=int(ev.fps), height=int(config.height), width=int(config.width), out_dir=out_dir, seed=int(ev.seed))
+
+
+def _evaluate_testbed(config, workdir: str, models: dict, out_dir: str) -> dict:
+  from apt2_jax.evaluation import learning, testbed
+  ev = config.evaluation
+  adapt = config.stages.adapt
+  short_clip_s = (int(adapt.data.frames) - 1) / float(ev.fps)
+  learning_check = None
+  if "diffusion" in models:
+    spec = ev.models.diffusion
+    _log("stage-1 learning check (teacher-forced prediction vs copying the last frame; rollout motion)")
+    learning_check = learning.stage1_learning_check(
+        os.path.join(workdir, spec.workdir), dict(config.get("world_options", {}) or {}), world=config.world,
+        num_steps=int(spec.get("num_steps", 1)), shift=float(spec.get("shift", 1.0)), fps=float(ev.fps))
+  tc = testbed.TestbedConfig(
+      roles={label: label for label in models}, world=config.world,
+      world_config=dict(config.get("world_options", {}) or {}), num_worlds=int(ev.num_worlds),
+      noise_seeds=tuple(int(s) for s in ev.noise_seeds), seconds=float(ev.short_clips) * short_clip_s,
+      short_clip_s=short_clip_s, height=int(config.height), width=int(config.width), fps=float(ev.fps))
+  _log(f"testbed evaluation: {len(models)} models x {len(tc.eval_sets)} sets x {tc.num_worlds} worlds x "
+       f"{len(tc.noise_seeds)} seeds, {tc.duration():.0f} s rollouts")
+  return testbed.evaluate_testbed(models, tc, out_dir, learning=learning_check)
 
 
 # The metrics worth watching per stage family (train/<name> in each stage's metrics.jsonl).

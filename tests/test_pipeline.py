@@ -1,11 +1,16 @@
 """The toy pipeline: the stage chain is wired right (fast); the whole pipeline runs (slow)."""
 import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from apt2_jax import pipeline
 from apt2_jax.configs import toy_pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_stage_chain_points_each_stage_at_the_previous_one(tmp_path):
@@ -30,7 +35,10 @@ def test_stage_chain_points_each_stage_at_the_previous_one(tmp_path):
   assert not pipeline._is_done(path("vae"), plan["vae"][0])
 
 
-def test_tiny_pipeline_end_to_end(tmp_path):
+def test_tiny_pipeline_end_to_end_then_the_readme_commands_on_its_output(tmp_path):
+  """`make demo`'s job at tiny size, then the README's commands in order on what it wrote:
+  sample from the workdir, export a bundle (the CLI, from another directory), sample from the
+  bundle, and the demo server answering one step of the bundle's stream."""
   config = toy_pipeline.get_config("tiny")
   pipeline.run_pipeline(config, str(tmp_path))
   report = json.load(open(tmp_path / "report" / "report.json"))
@@ -38,6 +46,51 @@ def test_tiny_pipeline_end_to_end(tmp_path):
   assert (tmp_path / "report" / "training_curves.png").exists()
   summary = json.load(open(tmp_path / "pipeline_summary.json"))
   assert "adversarial" in summary["final_train_metrics"]
+
+  from absl import flags
+  from apt2_jax import media
+  from apt2_jax.inference import sample
+  image, controls = tmp_path / "examples" / "first.png", tmp_path / "examples" / "controls.json"
+  assert image.exists() and controls.exists()
+
+  def run_sample(checkpoint, out):
+    argv = ["sample", f"--checkpoint={checkpoint}", f"--image={image}", f"--controls={controls}",
+            "--num_frames=9", f"--out={out}"]
+    sample.define_flags()
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    try:
+      sample.main(argv[:1])
+    finally:
+      flags.FLAGS.unparse_flags()
+    assert media.read_video(str(out)).shape[0] == 9
+    assert os.path.exists(os.path.splitext(str(out))[0] + ".gif")
+
+  run_sample(tmp_path / "long_video", tmp_path / "out.mp4")
+  bundle = tmp_path / "bundle"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  done = subprocess.run([sys.executable, "-m", "apt2_jax.export", f"--checkpoint={tmp_path / 'long_video'}",
+                         f"--out={bundle}"], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert (bundle / "bundle.json").exists() and (bundle / "dit_step.jaxexport").exists()
+  run_sample(bundle, tmp_path / "from_bundle.mp4")
+
+  from apt2_jax.inference import StreamingGenerator, serve  # noqa: E402
+  from test_serve import _recv_frames, _recv_json, _run
+  server = serve.DemoServer(StreamingGenerator.from_checkpoint(str(bundle)), serve.ServerOptions(port=0),
+                            examples={"first": (sample.load_image(str(image)), "")}).start_in_thread()
+  try:
+    from websockets.asyncio.client import connect
+
+    async def one_step():
+      async with connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+        await _recv_json(ws, "hello")
+        await ws.send(json.dumps({"type": "start", "image": "example:first", "format": "raw"}))
+        frames, _ = await _recv_frames(ws, 1 + 4)
+        assert len(frames[-1]) == config.height * config.width * 3
+    _run(one_step())
+  finally:
+    server.stop()
 
 
 def test_pre_encoded_pool_gives_the_latents_of_encoding_each_batch():
