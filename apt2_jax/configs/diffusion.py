@@ -17,7 +17,8 @@ is `size` or `size,world=puppet` (`parse_arg`). Field reference (validated at st
   init_from, init_from_key    workdir of an earlier stage and its entry ("ema_params" / "params")
   caption_dropout             probability of training a clip on empty text (for CFG sampling)
   flow.shift                  s of the time shift s t / (1 + (s - 1) t)
-  data                        source ("pipeline" | "random_latents"), world, frames (1 + 4k video
+  data                        source ("pipeline" | "worlds" | "random_latents" | "tfds"), tfds_name,
+                              data_dir, latents (source "tfds", `apt2_jax/train/data.py`), world, frames (1 + 4k video
                               frames), height, width (video pixels), control_dim, text_len,
                               pool_size (clips rendered by the "worlds" source), pre_encode
                               ("worlds" only: encode the pool with the frozen VAE once at start
@@ -73,7 +74,9 @@ def base_config(stage: str, size: str, world: str = "camera") -> ml_collections.
 
   c.data = ml_collections.ConfigDict(dict(
       source="pipeline", world=world, frames=frames, height=height, width=width,
-      control_dim=CONTROL_DIM[world], text_len=16, pool_size=64, pre_encode=False))
+      control_dim=CONTROL_DIM[world], text_len=16, pool_size=64, pre_encode=False,
+      # source "tfds": a built dataset (e.g. apt2_local_videos/<name>); latents "auto" | "stored" | "encode"
+      tfds_name="", data_dir="", latents="auto"))
   c.vae = ml_collections.ConfigDict(dict(size="tiny" if size == "tiny" else "small" if toy else "wan",
                                          checkpoint=""))
 
