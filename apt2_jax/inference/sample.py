@@ -38,6 +38,8 @@ def define_flags():
   _define(flags.DEFINE_float, "fps", 24.0, "frame rate of the written video")
   _define(flags.DEFINE_integer, "height", 0, "override the resolution (0: the checkpoint's)")
   _define(flags.DEFINE_integer, "width", 0, "override the resolution (0: the checkpoint's)")
+  _define(flags.DEFINE_string, "text_encoder", None, "umT5 text encoder for --text with Wan-size models: a Wan2.1 "
+          "diffusers folder (text_encoder/, tokenizer/) or an encoder folder (generation.prompt)")
 
 FLAGS = flags.FLAGS
 
@@ -99,6 +101,9 @@ def main(argv):
       steps = controls_lib.controls_for_steps(parsed, num_steps, FLAGS.controls)
     except controls_lib.ControlError as e:
       raise app.UsageError(f"bad controls file: {e}")
+  if FLAGS.text_encoder:  # caption strings -> umT5 embeddings for models that take embeddings
+    from apt2_jax.generation import prompt
+    prompt.set_text_encoder(FLAGS.text_encoder)
   gen = StreamingGenerator.from_checkpoint(FLAGS.checkpoint, **kwargs)
   if FLAGS.controls and kind is None:
     try:

@@ -453,6 +453,9 @@ def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments {argv[1:]}")
   logging.basicConfig(level=logging.INFO)
+  if FLAGS.text_encoder:  # caption strings -> umT5 embeddings for models that take embeddings
+    from apt2_jax.generation import prompt
+    prompt.set_text_encoder(FLAGS.text_encoder)
   gen = build_generator(FLAGS.checkpoint, FLAGS.size, FLAGS.control, FLAGS.height, FLAGS.width)
   options = ServerOptions(host=FLAGS.host, port=FLAGS.port, max_sessions=FLAGS.max_sessions,
                           max_upload_bytes=FLAGS.max_upload_bytes, jpeg_quality=FLAGS.jpeg_quality)
@@ -479,6 +482,8 @@ def _define_flags():
   flags.DEFINE_integer("max_upload_bytes", 2 << 20, "largest accepted first-frame upload")
   flags.DEFINE_integer("jpeg_quality", 85, "JPEG quality of streamed frames")
   flags.DEFINE_bool("warmup", True, "compile before accepting clients")
+  flags.DEFINE_string("text_encoder", None, "umT5 text encoder for prompts of Wan-size models: a Wan2.1 "
+                      "diffusers folder (text_encoder/, tokenizer/) or an encoder folder (generation.prompt)")
 
 
 if __name__ == "__main__":
