@@ -216,10 +216,22 @@ def test_claim_sign_must_hold_in_every_seed_and_set():
   good = {"teacher_forcing": _summary(2.0), "aapt_short": _summary(10.0)}
   cells = _cells(good)
   assert claims.evaluate_claims(cells)["b"]["verdict"] == claims.HOLDS
+  # Beyond the in-distribution set only the sign counts: 6 s vs 10 s keeps it (not the 0.5x)...
   cells["unseen_appearance"]["1"] = {"teacher_forcing": _summary(6.0), "aapt_short": _summary(10.0)}
+  assert claims.evaluate_claims(cells)["b"]["verdict"] == claims.HOLDS
+  # ...which the in-distribution set must meet in full,
+  cells["in_distribution"]["1"] = {"teacher_forcing": _summary(6.0), "aapt_short": _summary(10.0)}
+  v = claims.evaluate_claims(cells)["b"]
+  assert v["per_set"] == {"in_distribution": claims.FAILS, "unseen_appearance": claims.HOLDS}
+  assert v["verdict"] == claims.FAILS
+  # and a flipped sign in any unseen cell fails it; two horizons of 0 fall back to late psnr_recent.
+  cells = _cells(good)
+  cells["unseen_appearance"]["1"] = {"teacher_forcing": _summary(12.0), "aapt_short": _summary(10.0)}
   v = claims.evaluate_claims(cells)["b"]
   assert v["verdict"] == claims.FAILS
   assert v["per_set"] == {"in_distribution": claims.HOLDS, "unseen_appearance": claims.FAILS}
+  cells["unseen_appearance"]["1"] = {"teacher_forcing": _summary(0.0, late=14.0), "aapt_short": _summary(0.0, late=16.0)}
+  assert claims.evaluate_claims(cells)["b"]["verdict"] == claims.HOLDS
   # One seed undecidable (both horizons censored), the rest hold: not measurable, not "holds".
   cells = _cells(good)
   cells["in_distribution"]["1"] = {"teacher_forcing": _summary(30.0, True), "aapt_short": _summary(30.0, True)}

@@ -3,11 +3,12 @@
 Fixed before any model is trained (never tuned on results). Models enter by role
 (`ROLES`, given by name in the evaluation config); a claim whose roles are missing is
 "not measurable". A claim is evaluated in every cell (evaluation set x noise seed) on the summaries
-of `drift.summarize` (pooled over that cell's worlds) and **holds only if its sign holds in every
-cell**: any cell that fails makes it "does not hold"; otherwise any cell that cannot decide (a role
-missing, no bursts, a censored horizon on both sides, a rollout too short) makes it
-"not measurable". The verdict per evaluation set is given too (the in-distribution set is where
-the claims are measured; the unseen-appearance set shows whether they generalise).
+of `drift.summarize` (pooled over that cell's worlds). In the in-distribution set (the first) every
+cell must meet the full criterion; in the unseen-appearance set every cell must show the
+comparison's sign (fixed thresholds such as the 20 dB horizon can lie beyond any model there). A
+claim **holds only if this holds in every cell**: any cell that fails makes it "does not hold";
+otherwise any cell that cannot decide (a role missing, no bursts, a censored horizon on both sides,
+a tie, a rollout too short) makes it "not measurable". The verdict per evaluation set is given too.
 
 Horizons that reach the end of the rollout are lower bounds (`horizon_reached_end`): a comparison
 is decided only when the bound suffices (`at_least`).
@@ -43,6 +44,7 @@ class Claim:
   text: str
   roles: tuple[str, ...]
   check: Callable  # (summaries by role, context) -> (True / False / None, numbers)
+  sign: Callable = None  # the same comparison's direction only (the sets other than the first)
 
 
 def at_least(a: float, a_censored: bool, b: float, b_censored: bool, factor: float) -> Optional[bool]:
@@ -126,18 +128,51 @@ def _claim_d(s, context):
   return at_least(*_h(long), *_h(short), HORIZON_FACTOR), numbers
 
 
+def _signed(x, y) -> Optional[bool]:
+  """x > y (None when either is missing or they tie)."""
+  if not _finite(x, y) or x == y:
+    return None
+  return x > y
+
+
+def _better(a, b) -> Optional[bool]:
+  """The sign of "a drifts less than b": a longer horizon, or on a tie (e.g. both 0 where no model
+  reaches the threshold) a higher late psnr_recent."""
+  by_horizon = _signed(a["horizon_s"], b["horizon_s"])
+  return by_horizon if by_horizon is not None else _signed(_late(a), _late(b))
+
+
+def _sign_a(s, context):
+  return _and(_better(s["aapt"], s["diffusion"]), _better(s["aapt"], s["distilled"])), {}
+
+
+def _sign_b(s, context):
+  return _better(s["aapt_short"], s["teacher_forcing"]), {}
+
+
+def _sign_c(s, context):
+  nr, aapt = s["no_recycle"]["overall"], s["aapt"]["overall"]
+  if not (nr["burst_pairs"] and aapt["burst_pairs"]):
+    return None, {}
+  return _signed(aapt["motion_ratio_burst"], nr["motion_ratio_burst"]), {}
+
+
+def _sign_d(s, context):
+  return _better(s["aapt"], s["aapt_short"]), {}
+
+
 CLAIMS = (
     Claim("a", f"AAPT's good horizon is at least {HORIZON_FACTOR:g}x both the multi-step diffusion baseline's and "
           f"the 1-NFE distilled model's, with at least {LATE_MARGIN_DB:g} dB higher psnr_recent over the late bin "
-          "(the last 20% of the rollout).", ("aapt", "diffusion", "distilled"), _claim_a),
+          "(the last 20% of the rollout).", ("aapt", "diffusion", "distilled"), _claim_a, _sign_a),
     Claim("b", f"Teacher-forced adversarial training drifts: its good horizon is under "
           f"{TEACHER_FORCING_FRACTION:g}x that of student forcing (the AAPT short-clip model).",
-          ("teacher_forcing", "aapt_short"), _claim_b),
+          ("teacher_forcing", "aapt_short"), _claim_b, _sign_b),
     Claim("c", f"Without recycling, large motion fails: motion_ratio on bursts is at most {NO_RECYCLE_BURST_MAX:g} "
-          f"for the no-recycling ablation and at least {AAPT_BURST_MIN:g} for AAPT.", ("no_recycle", "aapt"), _claim_c),
+          f"for the no-recycling ablation and at least {AAPT_BURST_MIN:g} for AAPT.", ("no_recycle", "aapt"), _claim_c, _sign_c),
     Claim("d", f"Long-video training extends the horizon: AAPT's good horizon is at least {HORIZON_FACTOR:g}x the "
           f"short-only model's, evaluated at {LONG_EVAL_FACTOR:g}x or more the short training clip length.",
-          ("aapt", "aapt_short"), _claim_d),
+          ("aapt", "aapt_short"), _claim_d, _sign_d),
 )
 
 
@@ -161,6 +196,11 @@ def _combine(results) -> str:
 def evaluate_claims(cells: Mapping[str, Mapping[str, Mapping[str, dict]]], context: Optional[Mapping] = None) -> dict:
   """Verdicts of `CLAIMS`.
 
+  The first evaluation set (in distribution) is where the claims are measured: each cell must meet
+  the full criterion. In every other set (unseen appearance) each cell must show the comparison's
+  sign (`Claim.sign`: e.g. AAPT drifts less than the baselines), since a fixed threshold can sit
+  outside what any model reaches on unseen content; the sign must hold everywhere.
+
   Args:
     cells: {evaluation set: {noise seed: {role: `drift.summarize` summary}}}; a role absent from a
       cell is missing there.
@@ -174,7 +214,7 @@ def evaluate_claims(cells: Mapping[str, Mapping[str, Mapping[str, dict]]], conte
   out = {}
   for claim in CLAIMS:
     rows, per_set, missing, everywhere = [], {}, set(), []
-    for set_name, seeds in cells.items():
+    for i, (set_name, seeds) in enumerate(cells.items()):
       results = []
       for seed, by_role in seeds.items():
         absent = [r for r in claim.roles if r not in by_role]
@@ -183,6 +223,8 @@ def evaluate_claims(cells: Mapping[str, Mapping[str, Mapping[str, dict]]], conte
           missing.update(absent)
         else:
           result, numbers = claim.check(by_role, context)
+          if i > 0:  # beyond the first set only the sign of the comparison counts
+            result = claim.sign(by_role, context)[0]
         results.append(result)
         everywhere.append(result)
         rows.append({"set": set_name, "seed": seed, "result": _combine([result]), "numbers": numbers})
