@@ -52,8 +52,7 @@ def test_import_reports_widened_input(imported):
   params, config, report = imported
   assert config.in_channels == 16 + 16 + CONTROL and config.dim == 24
   assert report.reshaped == {"patch_embedding/kernel": ((1, 2, 2, 16, 24), (1, 2, 2, 35, 24))}
-  assert report.new == ["patch_embedding/kernel[..., 16:35, :] (input channels beyond the "
-                        "source's: recycled, control)"]
+  assert report.new == ["patch_embedding/kernel[..., 16:35, :] (new input channels: recycled, control)"]
   assert report.dropped == []
   new_channels = params["patch_embedding"]["kernel"][..., 16:, :]
   assert np.std(new_channels) == pytest.approx(1 / np.sqrt(4 * 35), rel=0.25)  # random, not zero
@@ -140,3 +139,18 @@ def test_exported_dit_matches_ours_on_all_input_channels(imported, forward, tmp_
   v = forward(params, _ours(noise), _ours(recycled), _ours(control), jnp.asarray(t.numpy()),
               jnp.asarray(text.numpy()))
   np.testing.assert_allclose(np.asarray(v).transpose(0, 4, 1, 2, 3), expected, atol=1e-4)
+
+
+def test_export_records_input_layout_and_import_places_channels_by_name(imported, tmp_path):
+  """Our export's `[noise | recycled | control]` goes back by name: into a model without control
+  the recycled channels are kept and the control ones dropped (reported), nothing is misplaced."""
+  import json
+  params, config, _ = imported
+  wan_dit.export_dit(params, config, str(tmp_path))
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved[wan_dit.LAYOUT_KEY] == {"noise": 16, "recycled": 16, "control": CONTROL}
+  again, _, report = wan_dit.import_dit(str(tmp_path), jax.random.key(1), control_channels=0)
+  np.testing.assert_array_equal(again["patch_embedding"]["kernel"],
+                                params["patch_embedding"]["kernel"][..., :32, :])
+  assert report.dropped == [f"patch_embedding.weight[:, 32:{32 + CONTROL}] (control input channels)"]
+  assert report.new == []

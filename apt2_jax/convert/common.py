@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import logging
 import os
 from typing import Any, Mapping
 
@@ -38,16 +39,59 @@ class ConversionReport:
     return "\n".join(lines)
 
 
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def weight_files(folder: str) -> list[str]:
+  """The safetensors files that hold a diffusers folder's weights.
+
+  With an index (`*.safetensors.index.json`, sharded checkpoints) exactly the shards its
+  `weight_map` names; other `*.safetensors` files in the folder (a stray copy, an fp16 variant)
+  are ignored and listed in the log. Without one, `diffusion_pytorch_model.safetensors` when
+  present (again ignoring the rest), else the folder's only `*.safetensors` file.
+  Raises FileNotFoundError when there is none, a shard the index names is missing, or several
+  unindexed files leave it ambiguous.
+  """
+  present = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))
+  indexes = sorted(glob.glob(os.path.join(folder, "*" + INDEX_SUFFIX)))
+  if indexes:
+    # diffusers' own index first (`diffusion_pytorch_model.safetensors.index.json`; a text encoder
+    # has `model.safetensors.index.json`), any other only when it is the one there.
+    own = [p for p in indexes if os.path.basename(p) == WEIGHTS_NAME + ".index.json"]
+    if not own and len(indexes) > 1:
+      raise FileNotFoundError(f"{folder!r} holds several safetensors indexes "
+                              f"{[os.path.basename(p) for p in indexes]}; keep one")
+    index = (own or indexes)[0]
+    with open(index) as f:
+      weight_map = json.load(f).get("weight_map", {})
+    chosen = sorted(set(weight_map.values()))
+    missing = [name for name in chosen if name not in present]
+    if missing or not chosen:
+      raise FileNotFoundError(f"{index}: shards {missing or '(none)'} named by the index are not in "
+                              f"{folder!r}")
+  elif WEIGHTS_NAME in present:
+    chosen = [WEIGHTS_NAME]
+  elif len(present) == 1:
+    chosen = present
+  elif not present:
+    raise FileNotFoundError(f"no *.safetensors file in {folder!r}")
+  else:
+    raise FileNotFoundError(f"{folder!r} holds several *.safetensors files {present} and no "
+                            f"{WEIGHTS_NAME} or *{INDEX_SUFFIX} telling which are the weights")
+  ignored = sorted(set(present) - set(chosen))
+  if ignored:
+    logging.warning("%s: ignoring %s (not among the weights %s)", folder, ignored, chosen)
+  return [os.path.join(folder, name) for name in chosen]
+
+
 def load_folder(folder: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """Reads every `*.safetensors` file (shards included) and `config.json` of a diffusers folder.
+  """Reads the weights (`weight_files`: shards through their index) and `config.json` of a
+  diffusers folder.
 
   Tensors come back as float32 numpy arrays (bfloat16 and float16 files are widened).
   """
-  files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-  if not files:
-    raise FileNotFoundError(f"no *.safetensors file in {folder!r}")
   state = {}
-  for path in files:
+  for path in weight_files(folder):
     # The flax reader understands bfloat16 (numpy alone does not).
     with safe_open(path, framework="flax") as f:
       for key in f.keys():
@@ -58,6 +102,15 @@ def load_folder(folder: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     with open(config_path) as f:
       config = json.load(f)
   return state, config
+
+
+def pipeline_component(path: str, component: str) -> str:
+  """`path` itself, or its `component` subfolder when `path` is a diffusers pipeline folder
+  (`model_index.json` beside `transformer/`, `vae/`, `text_encoder/`, `tokenizer/`)."""
+  sub = os.path.join(path, component)
+  if os.path.isfile(os.path.join(path, "model_index.json")) and os.path.isdir(sub):
+    return sub
+  return path
 
 
 def save_folder(folder: str, state: Mapping[str, np.ndarray], config: Mapping[str, Any]):

@@ -154,11 +154,15 @@ class LocalVideosConfig(tfds.core.BuilderConfig):
   """Clips from a folder of videos (searched recursively).
 
   folder: the folder. Sidecars next to `name.mp4`: `name.txt` (caption), `name.npy` (text
-  embedding, float32 `text_embedding_shape`, zeros when missing).
+  embedding, float32 `text_embedding_shape`, zeros when missing: the empty prompt), as
+  `apt2_jax.tools.embed_captions` writes them (`text_embedding_shape_of` finds the shape).
   num_frames: clip length (1 + 4k); clip_stride: frames between clip starts; frame_step: take
   every n-th frame. Frames are resized (shorter side) and center-cropped to height x width.
   validation_fraction: files whose name hashes below it go to `validation`.
   max_frames: frames read per file at most (guards against huge files).
+  encode_fn, latent_shape: pre-encoding into VAE latents (`latents`, float32 `latent_shape`), e.g.
+  `apt2_jax.data.build.vae_encoder`. store_video: False leaves the pixels out (`first_frame`
+  stays); only with `encode_fn`.
   """
   folder: str = ''
   num_frames: int = 17
@@ -171,6 +175,23 @@ class LocalVideosConfig(tfds.core.BuilderConfig):
   max_frames: int = 10_000
   encode_fn: EncodeFn | None = None
   latent_shape: tuple[int, ...] | None = None
+  store_video: bool = True
+
+
+def text_embedding_shape_of(folder: str) -> tuple[int, ...] | None:
+  """The shape of the folder's `.npy` caption embeddings (None when it has none); raises
+  ValueError when they disagree."""
+  shapes = {}
+  for root, _, names in os.walk(folder):
+    stems = {os.path.splitext(n)[0] for n in names if n.lower().endswith(VIDEO_EXTENSIONS)}
+    for name in names:
+      if name.endswith('.npy') and name[:-4] in stems:  # a video's sidecar, nothing else
+        path = os.path.join(root, name)
+        shapes.setdefault(tuple(np.load(path, mmap_mode='r').shape), path)
+  if len(shapes) > 1:
+    raise ValueError(f'caption embeddings of different shapes in {folder}: '
+                     + ', '.join(f'{s} ({p})' for s, p in shapes.items()))
+  return next(iter(shapes), None)
 
 
 def read_video(path: str, max_frames: int = 10_000) -> np.ndarray:
@@ -233,6 +254,8 @@ class Apt2LocalVideos(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
     worlds.check_num_frames(cfg.num_frames)
+    if not cfg.store_video and cfg.encode_fn is None:
+      raise ValueError('LocalVideosConfig.store_video=False needs encode_fn (latents instead)')
     features = {
         'video': _video_feature((cfg.num_frames, cfg.height, cfg.width, 3)),
         'controls': tfds.features.Tensor(shape=(cfg.num_frames, 0), dtype=np.float32),
@@ -244,11 +267,15 @@ class Apt2LocalVideos(tfds.core.GeneratorBasedBuilder):
         'source': tfds.features.Text(),
         'clip_start': np.int32,
     }
+    if not cfg.store_video:
+      del features['video']
     if cfg.text_embedding_shape is not None:
-      features['text_embedding'] = tfds.features.Tensor(shape=cfg.text_embedding_shape,
-                                                        dtype=np.float32)
+      # zlib: Wan's embeddings are zero after the caption's tokens (most of the 512).
+      features['text_embedding'] = tfds.features.Tensor(
+          shape=tuple(cfg.text_embedding_shape), dtype=np.float32,
+          encoding=tfds.features.Encoding.ZLIB)
     if cfg.encode_fn is not None:
-      features['latents'] = tfds.features.Tensor(shape=cfg.latent_shape, dtype=np.float32)
+      features['latents'] = tfds.features.Tensor(shape=tuple(cfg.latent_shape), dtype=np.float32)
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
                                  description='Clips of a local folder of videos.')
 
@@ -315,6 +342,8 @@ class Apt2LocalVideos(tfds.core.GeneratorBasedBuilder):
           example['text_embedding'] = embedding
         if cfg.encode_fn is not None:
           example['latents'] = np.asarray(cfg.encode_fn(clip), np.float32)
+        if not cfg.store_video:
+          del example['video']
         yield f'{relative_path}:{start}', example
     self.skipped_files += skipped
     message = (f'local videos: read {len(relative_paths) - len(skipped)} of '
@@ -328,5 +357,25 @@ def build_world(world: str, config: str | WorldBuilderConfig = 'tiny', data_dir:
   """Builds (or reuses) the ArrayRecord dataset of `world`; returns the builder."""
   builder = WORLD_BUILDERS[world](config=config, data_dir=data_dir or None,
                                   file_format='array_record', **kwargs)
+  builder.download_and_prepare()
+  return builder
+
+
+def build_local_videos(folder: str, data_dir: str, name: str = 'default', *,
+                       text_embedding_shape: tuple[int, ...] | None | str = 'auto',
+                       **config: Any) -> 'Apt2LocalVideos':
+  """Builds (or reuses) the ArrayRecord dataset `apt2_local_videos/<name>` of a video folder.
+
+  `text_embedding_shape='auto'`: the shape of the folder's `.npy` caption embeddings
+  (`text_embedding_shape_of`), none when there are none. `config`: more `LocalVideosConfig`
+  fields. Read it back with `tfds.data_source('apt2_local_videos/<name>', data_dir=data_dir)`
+  (training: `config.data.source='tfds'`, `apt2_jax.train.data`).
+  """
+  if text_embedding_shape == 'auto':
+    text_embedding_shape = text_embedding_shape_of(folder)
+  builder = Apt2LocalVideos(
+      config=LocalVideosConfig(name=name, folder=folder, text_embedding_shape=text_embedding_shape,
+                               **config),
+      data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare()
   return builder

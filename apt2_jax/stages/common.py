@@ -173,7 +173,16 @@ def _widen_patch_kernel(fresh, old, new_config, old_config, source):
 
 
 def load_pretrained_params(config, fresh_params, path: str, key: str, source: str):
-  """Loads `path`'s `key` parameters onto the fresh parameters' shardings and merges them."""
+  """Loads `path`'s `key` parameters onto the fresh parameters' shardings and merges them.
+
+  `path`: a training workdir (any DiT stage), or a diffusers Wan2.1 folder (`transformer/` or the
+  whole pipeline folder; `apt2_jax.convert.wan_dit.import_for_config`: the architecture must be
+  `config.model`'s, the patch embedding is widened for the recycled and control channels, and the
+  conversion report is logged). `key` applies to workdirs only.
+  """
+  from apt2_jax.convert import wan_dit  # pylint: disable=g-import-not-at-top
+  if wan_dit.is_diffusers_dit(path):
+    return _load_diffusers_dit(config, fresh_params, path, source)
   flat_sh = {k: v.sharding for k, v in traverse_util.flatten_dict(fresh_params).items()}
   flat_shape = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(fresh_params).items()}
   mesh = next(iter(flat_sh.values())).mesh
@@ -184,6 +193,23 @@ def load_pretrained_params(config, fresh_params, path: str, key: str, source: st
   loaded, saved = checkpointing.load_params(path, key=key, shardings=where)
   old_config = DiTConfig.from_dict(saved.model) if "model" in saved else None
   return merge_pretrained(fresh_params, loaded, DiTConfig.from_dict(config.model), old_config, source)
+
+
+def _load_diffusers_dit(config, fresh_params, path: str, source: str):
+  """A diffusers WanTransformer3DModel folder -> the run's parameters, on their shardings."""
+  from apt2_jax.convert import wan_dit  # pylint: disable=g-import-not-at-top
+  model_config = DiTConfig.from_dict(config.model)
+  rng = jax.random.fold_in(jax.random.key(int(config.get("seed", 0))), 0x3A7)
+  folder = wan_dit.resolve_folder(path)
+  try:
+    loaded, report = wan_dit.import_for_config(folder, model_config, rng)
+  except ValueError as e:
+    raise ValueError(f"{source}={path!r}: {e}") from None
+  logging.info("%s: imported the diffusers Wan transformer %s; conversion report:\n%s", source, folder, report)
+  flat_fresh = traverse_util.flatten_dict(fresh_params)
+  flat = {k: jax.device_put(np.asarray(v, np.dtype(flat_fresh[k].dtype)), flat_fresh[k].sharding)
+          for k, v in traverse_util.flatten_dict(loaded).items() if k in flat_fresh}
+  return merge_pretrained(fresh_params, traverse_util.unflatten_dict(flat), model_config, model_config, source)
 
 
 # ================================================================================================

@@ -1,6 +1,6 @@
 """Per-host batch iterators of every stage, checkpointable through orbax.
 
-Four sources (`config.data.source`):
+Five sources (`config.data.source`):
   "pipeline"        the synthetic worlds through grain (`apt2_jax.data.pipeline.make_dataset`):
                     `video` uint8 [b, T, H, W, 3], `controls` float32 [b, T, control_dim],
                     `text_tokens` int32 [b, L]; the stage encodes the video with the frozen VAE.
@@ -13,6 +13,14 @@ Four sources (`config.data.source`):
                     `text_tokens` [b, L]. Tests and throughput runs use it.
   "random"          no dataset: smooth random videos drawn per step from `(seed, split, step)`,
                     `video` float32 [b, T, H, W, 3] in [-1, 1] (VAE smoke runs and tests).
+  "tfds"            a TFDS ArrayRecord dataset through grain (`TFDSClips`), e.g. a folder of your
+                    own videos built by `python -m apt2_jax.data.build --world=local`:
+                    `config.data.tfds_name` ("apt2_local_videos/<name>"), `config.data.data_dir`.
+                    Stored `latents` are used when the dataset has them (`config.data.latents`:
+                    "auto" | "stored" | "encode": "encode" always encodes the video on the fly with
+                    the stage's frozen VAE); the text is the stored umT5 `text_embedding`
+                    float32 [b, L, D] for embedding models (`model.caption_vocab_size == 0`), else
+                    `text_tokens`; clips are cropped to `config.data.frames`.
 
 b = config.batch_size / process_count rows per host; the random sources draw the global batch and
 keep this host's rows, so any process count sees the same global batch (the multi-host test
@@ -62,8 +70,11 @@ class RandomLatents:
     controls = np.zeros((b, d.frames, control_dim), np.float32)
     if control_dim:
       controls[:, 1:, 0] = direction[:, None] * 2.0 - 1.0
-    tokens = rng.integers(2, c.model.get("caption_vocab_size", 0) or 3, size=(b, d.get("text_len", 8)))
-    out = {"latents": latents, "controls": controls, "text_tokens": tokens.astype(np.int32)}
+    if c.model.get("caption_vocab_size", 0):
+      text = rng.integers(2, c.model.caption_vocab_size, size=(b, d.get("text_len", 8))).astype(np.int32)
+    else:  # a text-embedding model (Wan sizes): random embeddings [b, L, text_dim]
+      text = rng.normal(size=(b, d.get("text_len", 8), c.model.get("text_dim", 4096))).astype(np.float32)
+    out = {"latents": latents, "controls": controls, "text_tokens": text}
     return {k: v[self.rows] for k, v in out.items()}
 
   def peek(self):
@@ -172,12 +183,16 @@ class PipelineBatches:
   """Wraps the grain iterator of `apt2_jax.data.pipeline` (per-host slices of the worlds)."""
 
   def __init__(self, config, split: str, process_index: int, process_count: int, batch_size=None):
-    from apt2_jax.data import pipeline
-    self.dataset = pipeline.make_dataset(grain_data_config(config, batch_size, process_count), split,
-                                         seed=config.seed, process_index=process_index,
-                                         process_count=process_count)
+    self.dataset = self._make_dataset(config, split, process_index, process_count, batch_size)
     self.iterator = iter(self.dataset)
     self._buffer, self._state = None, None
+
+  @staticmethod
+  def _make_dataset(config, split, process_index, process_count, batch_size):
+    from apt2_jax.data import pipeline
+    return pipeline.make_dataset(grain_data_config(config, batch_size, process_count), split,
+                                 seed=config.seed, process_index=process_index,
+                                 process_count=process_count)
 
   def _inner_state(self):
     state = self.iterator.get_state()
@@ -217,7 +232,92 @@ class PipelineBatches:
     pass
 
 
-SOURCES = ("pipeline", "worlds", "random_latents", "random")
+class TFDSClips(PipelineBatches):
+  """A TFDS ArrayRecord dataset (e.g. `apt2_local_videos/<name>`) as stage batches, through grain:
+  per-host slice, shuffle (reshuffled every epoch), repeat, crop, batch; checkpointable.
+
+  Batch: `latents` float32 [b, F, h, w, C] (stored, the first F = latent_frames(frames) of the
+  record's; the VAE is causal, so they equal the encoding of the first `frames` frames) or `video`
+  float32 [b, frames, H, W, 3] in [-1, 1] (a random window of `frames` frames; the stage
+  encodes it); `controls` float32 [b, frames, D]; `text_tokens`: umT5 embeddings float32
+  [b, L, D] (`text_embedding`) for embedding models, else int32 [b, text_len] caption tokens.
+  A split the dataset lacks (a folder built without `validation_fraction`) falls back to `train`,
+  with a warning.
+  """
+
+  @staticmethod
+  def _make_dataset(config, split, process_index, process_count, batch_size):
+    import grain
+    import tensorflow_datasets as tfds
+    from absl import logging
+    from apt2_jax.data import builders  # noqa: F401  (registers the builders)
+    d, m = config.data, config.model
+    name, data_dir = d.get("tfds_name", ""), d.get("data_dir", "") or None
+    if not name:
+      raise ValueError("config.data.source='tfds' needs config.data.tfds_name (e.g. "
+                       "apt2_local_videos/<name>, built by `python -m apt2_jax.data.build`)")
+    info = tfds.builder(name, data_dir=data_dir).info
+    if split not in info.splits:
+      logging.warning("%s has no %r split: using 'train'", name, split)
+      split = "train"
+    features = info.features
+    mode = d.get("latents", "auto")
+    if mode not in ("auto", "stored", "encode"):
+      raise ValueError(f"config.data.latents={mode!r} is not one of 'auto', 'stored', 'encode'")
+    use_latents = "latents" in features and mode != "encode"
+    if mode == "stored" and "latents" not in features:
+      raise ValueError(f"config.data.latents='stored' but {name} holds no latents (build it with --vae)")
+    if not use_latents and "video" not in features:
+      raise ValueError(f"{name} holds no video to encode (built with --store_video=false): use its latents")
+    frames = int(d.frames)
+    ref = features["latents"].shape if use_latents else features["video"].shape
+    stored_frames = features["controls"].shape[0]
+    scale = vae_lib.SPATIAL_FACTOR if use_latents else 1
+    if (ref[1] * scale, ref[2] * scale) != (int(d.height), int(d.width)):
+      raise ValueError(f"{name} holds {ref[2] * scale}x{ref[1] * scale} clips; config.data.width x height "
+                       f"is {d.width}x{d.height}")
+    if frames > stored_frames:
+      raise ValueError(f"config.data.frames={frames} is longer than {name}'s {stored_frames}-frame clips")
+    control_dim = features["controls"].shape[-1]
+    if int(m.get("control_channels", 0)) and not control_dim:
+      raise ValueError(f"{name} has no controls: set --config.model.control_channels=0 "
+                       "--config.data.control_dim=0")
+    embeddings = not m.get("caption_vocab_size", 0)
+    if embeddings:
+      if "text_embedding" not in features:
+        raise ValueError(f"the model takes text embeddings (model.caption_vocab_size=0) but {name} has "
+                         "none: embed the captions (python -m apt2_jax.tools.embed_captions) and rebuild")
+      if features["text_embedding"].shape[-1] != int(m.get("text_dim", 0)):
+        raise ValueError(f"{name}'s text embeddings are {features['text_embedding'].shape[-1]}-d, "
+                         f"model.text_dim={m.get('text_dim')}")
+    latent_count = vae_lib.latent_frames(frames)
+    text_len = int(d.get("text_len", 16))
+    crop_random = d.get("temporal_crop", "random") == "random"
+
+    def crop(record, rng: np.random.Generator):
+      start = 0
+      if not use_latents and crop_random:
+        start = int(rng.integers(0, stored_frames - frames + 1))
+      out = {"controls": np.asarray(record["controls"][start:start + frames], np.float32)}
+      if use_latents:
+        out["latents"] = np.asarray(record["latents"][:latent_count], np.float32)
+      else:
+        out["video"] = np.asarray(record["video"][start:start + frames], np.float32) / 127.5 - 1.0
+      if embeddings:
+        out["text_tokens"] = np.asarray(record["text_embedding"], np.float32)
+      else:
+        out["text_tokens"] = np.asarray(record["text_tokens"][:text_len], np.int32)
+      return out
+
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    ds = grain.MapDataset.source(source).seed(int(config.seed))
+    ds = ds[process_index::process_count].shuffle().repeat(None).random_map(crop)
+    ds = ds.batch(int(batch_size or config.batch_size) // process_count, drop_remainder=True)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=int(d.get("read_threads", 2)),
+                                                prefetch_buffer_size=4))
+
+
+SOURCES = ("pipeline", "worlds", "random_latents", "random", "tfds")
 
 
 def make_iterator(config, split: str, batch_size=None):
@@ -232,4 +332,6 @@ def make_iterator(config, split: str, batch_size=None):
     return PipelineBatches(config, split, pi, pc, batch_size)
   if source == "worlds":
     return WorldClips(config, split, pi, pc, batch_size)
+  if source == "tfds":
+    return TFDSClips(config, split, pi, pc, batch_size)
   raise ValueError(f"config.data.source={source!r} is not one of {SOURCES}")

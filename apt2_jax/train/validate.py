@@ -62,8 +62,12 @@ def with_defaults(config):
 
 
 def _is_weights_dir(path: str, stage: str) -> bool:
-  """A checkpoint of this project, or (VAE stages) a diffusers AutoencoderKLWan folder."""
-  return checkpointing.has_checkpoint(path) or (stage in VAE_STAGES and os.path.isdir(path))
+  """A checkpoint of this project, or a diffusers folder (VAE stages: AutoencoderKLWan; the DiT
+  stages: a Wan transformer or pipeline folder, `stages.common.load_pretrained_params`)."""
+  if checkpointing.has_checkpoint(path) or (stage in VAE_STAGES and os.path.isdir(path)):
+    return True
+  from apt2_jax.convert import wan_dit  # pylint: disable=g-import-not-at-top
+  return os.path.isdir(path) and wan_dit.is_diffusers_dit(path)
 
 
 def validate_config(config, num_devices: int | None = None, process_count: int | None = None):
