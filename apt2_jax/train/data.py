@@ -257,8 +257,8 @@ class TFDSClips(PipelineBatches):
       raise ValueError("config.data.source='tfds' needs config.data.tfds_name (e.g. "
                        "apt2_local_videos/<name>, built by `python -m apt2_jax.data.build`)")
     info = tfds.builder(name, data_dir=data_dir).info
-    if split not in info.splits:
-      logging.warning("%s has no %r split: using 'train'", name, split)
+    if split not in info.splits or not info.splits[split].num_examples:
+      logging.warning("%s has no %r examples: using 'train'", name, split)
       split = "train"
     features = info.features
     mode = d.get("latents", "auto")
