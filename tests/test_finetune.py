@@ -257,6 +257,10 @@ def _run(args, cwd):
   proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+  shown = [line for line in (proc.stdout + proc.stderr).splitlines()  # with pytest -s
+            if any(w in line for w in ("embedded", "built", "report", "new (", "dropped (", "reshaped (",
+                                       "wrote", "loss", "skipped"))]
+  print(f"$ python -m {' '.join(args[:2])} ...\n  " + "\n  ".join(shown[-12:]))
   return proc.stdout + proc.stderr
 
 
@@ -276,22 +280,28 @@ def test_finetune_commands_end_to_end(wan, videos, tmp_path):
               "--config=mine", "--num_frames=9", "--clip_stride=4", "--height=32", "--width=32",
               f"--vae={wan_dir}/vae"], ROOT)
   assert "'train': 8" in out and "latents" in out and "text_embedding" in out
-  # The README's stage flags, with the tiny model taking embeddings and no controls.
-  common = [f"--config.vae.checkpoint={wan_dir}/vae", "--config.data.source=tfds",
-            "--config.data.tfds_name=apt2_local_videos/mine", f"--config.data.data_dir={data}",
+  # The README's DATA_FLAGS at tiny size (+ the tiny model taking embeddings); stages 2 and 3
+  # skip the final evaluation to save compiles.
+  common = ["--config.data.source=tfds", "--config.data.tfds_name=apt2_local_videos/mine",
+            f"--config.data.data_dir={data}", "--config.data.height=32", "--config.data.width=32",
+            "--config.data.frames=9", f"--config.vae.checkpoint={wan_dir}/vae",
             "--config.model.control_channels=0", "--config.data.control_dim=0",
-            "--config.model.caption_vocab_size=0", "--config.batch_size=2", "--config.eval_at_end=false"]
+            "--config.model.dtype=bfloat16", "--config.model.remat_policy=full", "--config.model.query_chunk=1",
+            "--config.batch_size=2", "--config.microbatches=2", "--config.eval.batch_size=1",
+            "--config.model.caption_vocab_size=0"]
   out = _run(["apt2_jax.main", "--config=experiments/stage1_adapt.py:tiny", f"--workdir={runs}/s1",
               f"--config.init_from={wan_dir}", "--config.num_steps=2", *common], ROOT)
   assert "conversion report" in out and "new input channels: recycled" in out
   losses = {m["step"]: m["train/loss"] for m in map(json.loads, open(runs / "s1" / "metrics.jsonl"))
             if "train/loss" in m}
   assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
+  evals = [m for m in map(json.loads, open(runs / "s1" / "metrics.jsonl")) if any(k.startswith("eval/") for k in m)]
+  assert evals and all(np.isfinite(v) for v in evals[-1].values()), evals
   _run(["apt2_jax.main", "--config=experiments/stage2_distill.py:tiny", f"--workdir={runs}/s2",
-        f"--config.init_from={runs}/s1", "--config.num_steps=1", *common], ROOT)
+        f"--config.init_from={runs}/s1", "--config.num_steps=1", "--config.eval_at_end=false", *common], ROOT)
   _run(["apt2_jax.main", "--config=experiments/stage3_adversarial.py:tiny", f"--workdir={runs}/s3",
         f"--config.init_from={runs}/s2", f"--config.adversarial.d_init_from={runs}/s1",
-        "--config.num_steps=1", *common], ROOT)
+        "--config.num_steps=1", "--config.eval_at_end=false", *common], ROOT)
   for stage in ("s2", "s3"):
     assert any("train/loss" in line for line in open(runs / stage / "metrics.jsonl")), stage
   from PIL import Image
