@@ -8,8 +8,15 @@ The KV cache carries every earlier frame's keys/values into later steps, so in s
 gradient of a late frame's loss reaches earlier frames through the cache (unless `detach_cache`).
 
 For the diffusion baseline (stage-1 model) the same rollout runs a multi-step Euler sampler per
-block (`num_steps > 1`); the cache is then written by one extra pass on the clean result, as the
-public peers do (num_steps + 1 forward passes per block), or by the first pass (`cache_from`).
+block (`num_steps = K > 1`). Where the context's keys/values come from is `cache_from`:
+  "matched"  the way stage 1 trained (one t per clip: every context frame noised to the SAME t as
+             the block being denoised): one KV cache per schedule time t_k, stacked `[K, ...]`
+             (`empty_cache`); step k of block i attends to cache k, and once the block is done its
+             clean result, re-noised to t_k with fresh noise (`matched_noise`), is written into
+             cache k for every k. Cost: 2K forward passes per frame (K denoising + K cache writes,
+             the writes batched as one pass over K x B rows) and K caches of memory.
+  "first"    the cache written by the first (t = 1) pass: K passes per frame.
+  "clean"    one extra pass on the clean result at t = 0, as the public peers do: K + 1 passes.
 """
 from __future__ import annotations
 
@@ -19,7 +26,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from apt2_jax.models import kv_cache
 from apt2_jax.models.dit import REMAT_POLICIES, CausalDiT
+
+CACHE_FROM = ("first", "clean", "matched")
+MATCHED_NOISE_SEED = 0x6D617463  # the re-noising key's root (see `matched_noise`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,16 +41,40 @@ class RolloutOptions:
   recycle: bool = True           # False: the no-recycling ablation (recycled input zero after frame 0)
   num_steps: int = 1             # Euler steps per block; 1 = the one-step AAPT generator
   shift: float = 1.0             # time shift s * t / (1 + (s - 1) t) of the Euler schedule
-  cache_from: str = "first"      # multi-step only: "first" pass or an extra "clean" pass writes the cache
+  cache_from: str = "first"      # multi-step only: "first" pass, an extra "clean" pass, or "matched" caches
   remat: str = "none"            # remat policy of the scanned step (see dit.REMAT_POLICIES)
 
   def __post_init__(self):
     if self.num_steps < 1:
       raise ValueError(f"rollout.num_steps={self.num_steps} must be >= 1")
-    if self.cache_from not in ("first", "clean"):
-      raise ValueError(f"rollout.cache_from={self.cache_from!r} must be 'first' or 'clean'")
+    if self.cache_from not in CACHE_FROM:
+      raise ValueError(f"rollout.cache_from={self.cache_from!r} is not one of {CACHE_FROM}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"rollout.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+
+  @property
+  def matched(self) -> bool:
+    """True when the cache is one per schedule time, stacked `[num_steps, ...]`."""
+    return self.num_steps > 1 and self.cache_from == "matched"
+
+  @property
+  def forward_passes(self) -> int:
+    """Forward passes of the DiT per generated frame (per cache batch row)."""
+    k = int(self.num_steps)
+    if k == 1:
+      return 1
+    return {"first": k, "clean": k + 1, "matched": 2 * k}[self.cache_from]
+
+
+def empty_cache(config, batch: int, latent_height: int, latent_width: int,
+                options: RolloutOptions = RolloutOptions()):
+  """The empty cache a rollout under `options` starts from: `kv_cache.init_cache`, or for the
+  matched sampler one such cache per schedule time, every entry stacked on a leading `[K]` axis
+  (the index too: all K advance together)."""
+  if not options.matched:
+    return kv_cache.init_cache(config, batch, latent_height, latent_width)
+  shapes = jax.eval_shape(lambda: kv_cache.init_cache(config, batch, latent_height, latent_width))
+  return {k: jnp.zeros((options.num_steps,) + s.shape, s.dtype) for k, s in shapes.items()}
 
 
 def shifted_schedule(num_steps: int, shift: float):
@@ -48,13 +83,29 @@ def shifted_schedule(num_steps: int, shift: float):
   return shift * t / (1.0 + (shift - 1.0) * t)
 
 
+def matched_noise(noise, num_steps: int):
+  """The fresh noise `[K, B, 1, h, w, C]` that re-noises a finished block into the K matched caches.
+
+  Drawn from a key per sample hashed from that sample's own step noise `noise` [B, 1, h, w, C]:
+  as reproducible as the step noise itself (a chunked stream equals a step-by-step one; rows are
+  independent), with no key to thread through the rollout, and independent of `noise` in
+  distribution (the clean result depends on `noise`; the context noise must not).
+  """
+  b = noise.shape[0]
+  bits = jax.lax.bitcast_convert_type(noise.astype(jnp.float32), jnp.uint32).reshape(b, -1)
+  seeds = jnp.sum(bits, axis=1, dtype=jnp.uint32)
+  root = jax.random.key(MATCHED_NOISE_SEED)
+  draw = lambda s: jax.random.normal(jax.random.fold_in(root, s), (num_steps,) + noise.shape[1:], jnp.float32)
+  return jnp.moveaxis(jax.vmap(draw)(seeds), 1, 0)
+
+
 def generator_step(model: CausalDiT, params, cache, text_kv, noise, recycled, control,
                    options: RolloutOptions = RolloutOptions()):
   """One autoregressive step: `(x [B, 1, h, w, C], new cache)`.
 
   Args:
     noise: [B, 1, h, w, C] fresh noise eps_i; recycled: [B, 1, h, w, C]; control: [B, 1, h, w, Cc]
-    or None.
+    or None; cache: `empty_cache(..., options)`'s layout (stacked `[K, ...]` when `options.matched`).
   """
   b = noise.shape[0]
   apply = lambda x, t, c: model.apply({"params": params}, x, recycled, control,
@@ -63,6 +114,8 @@ def generator_step(model: CausalDiT, params, cache, text_kv, noise, recycled, co
     v, new_cache = apply(noise, 1.0, cache)
     return noise - v, new_cache
   times = shifted_schedule(options.num_steps, options.shift)
+  if options.matched:
+    return _matched_step(apply, cache, noise, times)
   x, new_cache = noise, None
   for k in range(options.num_steps):
     v, c = apply(x, times[k], cache)
@@ -74,6 +127,20 @@ def generator_step(model: CausalDiT, params, cache, text_kv, noise, recycled, co
   return x, new_cache
 
 
+def _matched_step(apply, caches, noise, times):
+  """K Euler steps, step k against cache k; then the clean result re-noised to each t_k is written
+  into cache k (one pass over the K caches, vmapped). 2K forward passes."""
+  k_steps = times.shape[0] - 1
+  x = noise
+  for k in range(k_steps):
+    v, _ = apply(x, times[k], jax.tree.map(lambda c, k=k: c[k], caches))
+    x = x + (times[k + 1] - times[k]) * v
+  t = times[:k_steps].reshape((k_steps,) + (1,) * x.ndim)
+  noised = (1.0 - t) * x[None] + t * matched_noise(noise, k_steps)
+  _, caches = jax.vmap(apply)(noised, times[:k_steps], caches)
+  return x, caches
+
+
 def rollout(model: CausalDiT, params, first_frame, text_kv, noise, controls=None, *, cache,
             options: RolloutOptions = RolloutOptions()):
   """Generates `S` latent frames after `first_frame`, one cached step each, as a `lax.scan`.
@@ -83,8 +150,8 @@ def rollout(model: CausalDiT, params, first_frame, text_kv, noise, controls=None
     text_kv: `model.encode_text(...)` of the prompt.
     noise: [B, S, h, w, C] fresh noise per step (the only randomness).
     controls: [B, S, h, w, Cc] control of each generated frame, or None.
-    cache: the KV cache to continue from (`kv_cache.init_cache` for a new stream, or the cache of
-      a previous segment in long-video training).
+    cache: the KV cache to continue from (`empty_cache(..., options)` for a new stream, or the
+      cache of a previous segment in long-video training).
   Returns:
     (frames [B, S, h, w, C], final cache).
   """

@@ -2,8 +2,10 @@
 
 One long rollout per step, `num_segments` segments of `segment_frames` latent frames; each segment
 continues from the previous segment's detached KV cache, D scores it (with `overlap_frames`
-generated frames before it as context) against the real video at the same positions, gradients
-are accumulated segment by segment (memory independent of the total length). Paper: 60 s in 10 s
+generated frames before it as context) against unpaired real short clips (no long real video is
+needed: the rollout takes only a real first frame, its prompt and a control trajectory; even batch
+rows condition the rollouts, odd rows are the real clips, `apt2_jax/stages/long_video.py`),
+gradients are accumulated segment by segment (memory independent of the total length). Paper: 60 s in 10 s
 segments with 1 s overlap (at 24 fps: 6 segments of 60 latent frames, overlap 6), lr 1e-5. The
 segments can be set in the argument: `small,segment_frames=4,overlap_frames=1,num_segments=4`.
 

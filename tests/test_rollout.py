@@ -1,10 +1,11 @@
-"""The scan rollout: equals the whole-clip pass on its own outputs; gradients through the cache."""
+"""The scan rollout: equals the whole-clip pass on its own outputs; gradients through the cache;
+the matched multi-step sampler equals stage 1's teacher forcing at one t per clip."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from apt2_jax.models import CausalDiT, kv_cache
-from apt2_jax.rollout import RolloutOptions, rollout
+from apt2_jax.rollout import RolloutOptions, empty_cache, matched_noise, rollout, shifted_schedule
 
 B, H, W = 2, 4, 6
 
@@ -71,3 +72,40 @@ def test_no_recycling_and_multistep_variants_run(tiny_dit):
   c, _ = jax.jit(lambda: rollout(model, params, first, tkv, noise, controls, cache=cache,
                                  options=RolloutOptions(num_steps=4, shift=3.0, cache_from="clean")))()
   assert c.shape == noise.shape and np.isfinite(np.asarray(c)).all()
+
+
+def test_matched_sampler_is_teacher_forced_euler_at_one_t(tiny_dit):
+  """cache_from="matched": every block is a K-step Euler integration of the whole-clip
+  block-causal model with ALL frames at the same t_k (stage 1 trains one t per clip): the frames
+  before it (the sampler's own), re-noised to t_k with the sampler's fresh noise, the clean
+  previous frames recycled. Cache k holds the keys/values of exactly that clip at t_k (written by
+  cached steps, which equal the whole-clip pass: tests/test_dit.py)."""
+  model, params, config = tiny_dit
+  k_steps, shift, steps = 3, 3.0, config.window + 3  # past the window: ring eviction
+  first, noise, controls, text = _setup(config, steps)
+  options = RolloutOptions(num_steps=k_steps, shift=shift, cache_from="matched")
+  assert options.forward_passes == 2 * k_steps
+  tkv = model.apply({"params": params}, text, method=CausalDiT.encode_text)
+  caches = empty_cache(config, B, H, W, options)
+  assert caches["ring_k"].shape[0] == k_steps and caches["index"].shape == (k_steps,)
+  frames, caches = jax.jit(lambda c: rollout(model, params, first, tkv, noise, controls, cache=c, options=options))(caches)
+  times = [float(t) for t in shifted_schedule(k_steps, shift)]
+  fresh = jnp.stack([matched_noise(noise[:, i:i + 1], k_steps)[:, :, 0] for i in range(steps)], axis=2)  # [K, B, S, ...]
+  recycled = jnp.concatenate([first, frames[:, :-1]], axis=1)
+  whole = jax.jit(lambda x, t: model.apply({"params": params}, x, recycled, controls, jnp.full((B,), t), text))
+  for i in range(steps):
+    x = noise[:, i]
+    for k in range(k_steps):
+      clip = ((1 - times[k]) * frames + times[k] * fresh[k]).at[:, i].set(x)  # frames > i: unseen
+      x = x + (times[k + 1] - times[k]) * whole(clip, times[k])[:, i]
+    np.testing.assert_allclose(x, frames[:, i], atol=1e-4, rtol=0, err_msg=f"block {i}")
+
+  step = jax.jit(lambda x, r, c, cache, t: model.apply({"params": params}, x, r, c, jnp.full((B,), t), cache, tkv,
+                                                       method=CausalDiT.step)[1])
+  for k in range(k_steps):
+    cache = kv_cache.init_cache(config, B, H, W)
+    noised = (1 - times[k]) * frames + times[k] * fresh[k]
+    for j in range(steps):
+      cache = step(noised[:, j:j + 1], recycled[:, j:j + 1], controls[:, j:j + 1], cache, times[k])
+    for name in cache:
+      np.testing.assert_allclose(caches[name][k], cache[name], atol=1e-5, rtol=0, err_msg=f"cache {k} {name}")

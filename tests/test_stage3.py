@@ -1,4 +1,5 @@
-"""Stage 3: adversarial step (sharded == single device), variants, long-video memory."""
+"""Stage 3: adversarial step (sharded == single device), variants (teacher forcing judged in the
+real context), long video (memory, unpaired real short clips)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,8 +7,8 @@ import pytest
 
 from apt2_jax import sharding, train
 from apt2_jax.models.dit import unbox
-from apt2_jax.stages import adversarial
 from apt2_jax.train import data as train_data
+from apt2_jax.train import registry
 from tests.config_files import stage3_adversarial, stage3_long_video
 
 
@@ -30,7 +31,7 @@ def _config(arg="tiny", mesh=None, **overrides):
 
 def _build(config, devices):
   mesh = sharding.make_mesh(config.mesh, devices)
-  stage = adversarial.make_stage(config, mesh)
+  stage = registry.make_stage(config, mesh)
   rules = sharding.rules_from_config(config)
   with sharding.use_mesh(mesh, rules):
     _, shardings = train.state_shardings(stage, mesh, rules, jax.random.key(0))
@@ -102,6 +103,67 @@ def test_teacher_forcing_variant_recycles_real_frames():
   assert stage.fake_recycled(mb["first"], fake, mb["real_recycled"]) is mb["real_recycled"]
   with pytest.raises(ValueError, match="adversarial.variant"):
     _build(_config("tiny,variant=half_forcing"), jax.devices()[:1])
+
+
+def test_teacher_forcing_discriminator_judges_fakes_in_the_real_context():
+  """Teacher forcing: D judges generated frame i with the REAL frames < i as its context (as G made
+  it): equal to a brute-force block-causal pass per frame over the real clip with block i
+  replaced; the D loss and G's loss use these logits. Past the window (ring eviction)."""
+  config = _config("tiny,variant=teacher_forcing")
+  config.data.frames = 1 + 4 * 6  # 6 judged frames, window 3
+  mesh, stage, state, batch, _ = _build(config, jax.devices()[:1])
+  mb = jax.jit(stage.draw)(stage.frozen, batch, jax.random.key(1))
+  # Any generated frames will do; far from the real ones, so that the context matters to a fresh D.
+  fake = 10.0 * jax.random.normal(jax.random.key(2), mb["real"].shape)
+  d_params = state["d_params"]
+  tf = jax.jit(lambda d, mb, f: stage.teacher_forced_logits(d, mb, [f, f + 0.1])[0])(d_params, mb, fake)
+  logits = jax.jit(lambda judged: stage.d_logits(d_params, judged, mb["real_recycled"], mb["controls"], mb["text"],
+                                                 mb["t_d"], mb["d_eps"]))
+  steps = fake.shape[1]
+  brute = jnp.stack([logits(mb["real"].at[:, i].set(fake[:, i]))[:, i] for i in range(steps)], axis=1)
+  np.testing.assert_allclose(tf, brute, atol=5e-6, rtol=0)
+  own_context = logits(fake)  # the old formulation: generated frames as D's context
+  assert float(jnp.abs(own_context[:, 1:] - brute[:, 1:]).max()) > 5e-5
+  np.testing.assert_allclose(own_context[:, 0], brute[:, 0], atol=5e-6)  # frame 0: no context either way
+  mb_d = dict(mb, fake=fake, fake_recycled=mb["real_recycled"])
+  _, metrics = jax.jit(stage.d_loss_fn)(d_params, mb_d)
+  np.testing.assert_allclose(float(metrics["d_fake"]), float(jnp.mean(brute)), rtol=1e-5, atol=1e-6)
+  _, g_metrics = jax.jit(stage._g_loss_on)(d_params, mb, fake, mb["real_recycled"])
+  np.testing.assert_allclose(float(g_metrics["g_fake_logit"]), float(jnp.mean(brute)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_teacher_forcing_step_runs():
+  config = _config("tiny,variant=teacher_forcing")
+  mesh, stage, state, batch, _ = _build(config, jax.devices()[:1])
+  with sharding.use_mesh(mesh):
+    _, metrics = jax.jit(stage.train_step)(state, stage.frozen, batch, jax.random.key(0))
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["r2"]) >= 0
+
+
+def test_long_video_judges_unpaired_real_clips():
+  """Long video: the rollouts (even batch rows) need only their first frame, prompt and controls;
+  D's real side comes from the independent clips of the odd rows. Changing the even rows' later
+  frames changes nothing; changing the odd rows' frames changes D's real logits."""
+  config = _config("tiny,num_segments=2", _kind="long")
+  mesh, stage, state, batch, _ = _build(config, jax.devices()[:1])
+  latents = np.asarray(batch["latents"])
+  even, odd = latents.copy(), latents.copy()
+  even[0::2, 1:] = -even[0::2, 1:] + 1.0
+  odd[1::2, 1:] = -odd[1::2, 1:] + 1.0
+  with sharding.use_mesh(mesh):
+    step = jax.jit(stage.train_step)
+    runs = [step(state, stage.frozen, dict(batch, latents=jnp.asarray(x)), jax.random.key(3))
+            for x in (latents, even, odd)]
+  (a, ma), (b, mb), (_, mc) = runs
+  for k in ("g_loss", "d_loss", "d_real", "d_fake", "r1"):
+    assert float(ma[k]) == float(mb[k]), k
+  for x, y in zip(jax.tree.leaves((a["params"], a["d_params"])), jax.tree.leaves((b["params"], b["d_params"]))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert abs(float(ma["d_real"]) - float(mc["d_real"])) > 1e-4
+  assert float(ma["d_fake"]) == float(mc["d_fake"])  # the rollouts never see the real clips
+  with pytest.raises(ValueError, match="batch_size=7 must be even"):
+    _build(_config("tiny,num_segments=2", _kind="long", batch_size=7), jax.devices()[:1])
 
 
 def test_long_video_segments_scan_as_one_program_and_memory_does_not_grow_with_length():

@@ -53,7 +53,10 @@ def adversarial_config(arg: str = "small") -> ml_collections.ConfigDict:
 
 
 def long_video_config(arg: str = "small") -> ml_collections.ConfigDict:
-  """Stage 3b: `num_segments` segments of `segment_frames` latent frames per long rollout."""
+  """Stage 3b: `num_segments` segments of `segment_frames` latent frames per long rollout, judged
+  against unpaired real short clips. Batch layout (`apt2_jax/stages/long_video.py`): even rows give
+  the `batch_size / 2` rollouts their first frame, prompt and control trajectory; odd rows are the
+  real clips (windows of `segment_frames` + context latent frames); `batch_size` must be even."""
   size, extra = diffusion.parse_arg(arg)
   c = adversarial_config(arg)
   c.stage = "long_video"

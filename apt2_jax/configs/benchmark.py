@@ -1,7 +1,8 @@
 """The benchmark's config (`python -m apt2_jax.benchmark`) and its validation.
 
 Sizes: `tiny` (CI: 64x64 pixels, seconds), `small` (256x256, the CPU figure), `wan_1_3b`
-(832x480), `apt2_8b` (736x416, N = 30, bfloat16; the paper's single-H100 setting). This module is
+(832x480), `apt2_8b` (736x416, N = 30, bfloat16; the paper's single-H100 setting). The training
+figure's flow shift follows the tokens per latent frame (`sizes.flow_shift`: 2.78, 11.1, 27.4, 24). This module is
 a config file itself (`--config=<this file>:<size>`); `experiments/benchmark.py` calls it.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
   c.train.rollout_steps = rollout_steps  # stage 3: generated latent frames per student-forcing rollout
   c.train.remat = "full"               # stage-3 rollout remat policy (dit.REMAT_POLICIES)
   c.train.reps = 3
-  c.train.shift = 24.0
+  c.train.shift = sizes.flow_shift(sizes.tokens_per_frame(height, width, c.model.patch_size))  # the rule
 
   c.num_devices = 1                    # devices to use (0 = all); the mesh below spans them
   c.mesh = sizes.mesh_config()         # data=-1 fills; e.g. --config.mesh.sequence=-1 --config.mesh.data=1

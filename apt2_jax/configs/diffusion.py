@@ -16,10 +16,15 @@ is `size` or `size,world=puppet` (`parse_arg`). Field reference (validated at st
   ema_decay                   0 = no EMA; else `ema_params` is kept (and evaluated)
   init_from, init_from_key    workdir of an earlier stage and its entry ("ema_params" / "params")
   caption_dropout             probability of training a clip on empty text (for CFG sampling)
-  flow.shift                  s of the time shift s t / (1 + (s - 1) t)
+  flow.shift                  s of the time shift s t / (1 + (s - 1) t): `sizes.flow_shift` of the
+                              tokens per latent frame (24 at the paper's 736x416 = 1196 tokens,
+                              `wan_1_3b`/`apt2_8b`; 1.39 at `tiny`'s 32x32, 2.78 at `small`'s 64x64),
+                              set with the eval and distillation shifts by `apply_shift`
   data                        source ("pipeline" | "worlds" | "random_latents" | "tfds"), tfds_name,
                               data_dir, latents (source "tfds", `apt2_jax/train/data.py`), world, frames (1 + 4k video
-                              frames), height, width (video pixels), control_dim, text_len,
+                              frames), height, width (video pixels), control_dim, control_encoding
+                              (the world's unit-scale default: camera "rays" = 24 model channels,
+                              pose "keypoint_maps" = 60; "raw" stays loadable), text_len,
                               pool_size (clips rendered by the "worlds" source), pre_encode
                               ("worlds" only: encode the pool with the frozen VAE once at start
                               and train on its latents, instead of encoding every batch)
@@ -27,14 +32,16 @@ is `size` or `size,world=puppet` (`parse_arg`). Field reference (validated at st
   log_every, eval_every       metric and evaluation periods (steps); eval_at_end
   checkpoint_every, keep_checkpoints, async_checkpointing
   max_nonfinite_in_a_row      abort after this many skipped (non-finite) steps in a row
-  eval                        seed, batch_size, loss_times, sample_steps / sample_shift / guidance
-                              (stage-1 baseline: multi-step Euler sampler with CFG)
+  eval                        seed, batch_size, loss_times, sample_steps / sample_shift / guidance /
+                              sample_cache_from (stage-1 baseline: multi-step Euler sampler with CFG;
+                              "matched": one KV cache per schedule time, as stage 1 trains, see
+                              `apt2_jax.rollout`; 2 x sample_steps passes and caches per frame)
 """
 import ml_collections
 
 from apt2_jax.configs import sizes
 
-CONTROL_DIM = {"camera": 5, "puppet": 30, "bouncing": 0}  # apt2_jax.data.worlds *World.control_dim
+CONTROL_DIM = {"camera": 5, "puppet": 30, "bouncing": 0, "panorama": 5}  # apt2_jax.data.worlds *World.control_dim
 
 # size: (batch, video frames, height, width, steps, toy learning rate)
 _SIZE_SETTINGS = {
@@ -55,7 +62,8 @@ def base_config(stage: str, size: str, world: str = "camera") -> ml_collections.
   c = ml_collections.ConfigDict()
   c.stage = stage
   c.seed = 0
-  c.model = sizes.model_config(size, control_channels=4 * CONTROL_DIM[world])
+  encoding, channels = control_encoding(world)
+  c.model = sizes.model_config(size, control_channels=channels)
   c.mesh = sizes.mesh_config(data=-1, fsdp=1) if toy else sizes.mesh_config(data=1, fsdp=-1)
   c.logical_rules = sizes.logical_rules()
   c.num_devices = 0  # 0 = all devices
@@ -70,11 +78,11 @@ def base_config(stage: str, size: str, world: str = "camera") -> ml_collections.
   c.init_from = ""
   c.init_from_key = "ema_params"
   c.caption_dropout = 0.1
-  c.flow = ml_collections.ConfigDict(dict(shift=24.0))
+  c.flow = ml_collections.ConfigDict(dict(shift=1.0))  # apply_shift below
 
   c.data = ml_collections.ConfigDict(dict(
       source="pipeline", world=world, frames=frames, height=height, width=width,
-      control_dim=CONTROL_DIM[world], text_len=16, pool_size=64, pre_encode=False,
+      control_dim=CONTROL_DIM[world], control_encoding=encoding, text_len=16, pool_size=64, pre_encode=False,
       # source "tfds": a built dataset (e.g. apt2_local_videos/<name>); latents "auto" | "stored" | "encode"
       tfds_name="", data_dir="", latents="auto"))
   c.vae = ml_collections.ConfigDict(dict(size="tiny" if size == "tiny" else "small" if toy else "wan",
@@ -90,7 +98,28 @@ def base_config(stage: str, size: str, world: str = "camera") -> ml_collections.
   c.max_nonfinite_in_a_row = 10
   c.eval = ml_collections.ConfigDict(dict(
       seed=1234, batch_size=batch, loss_times=(0.25, 0.5, 0.75, 0.95),
-      sample_steps=4 if size == "tiny" else 32, sample_shift=24.0, guidance=1.0 if size == "tiny" else 3.0))
+      sample_steps=4 if size == "tiny" else 32, sample_shift=1.0, sample_cache_from="matched",
+      guidance=1.0 if size == "tiny" else 3.0))
+  return apply_shift(c)
+
+
+def control_encoding(world: str) -> tuple[str, int]:
+  """(encoding, model control channels) of `world`'s controls at unit scale: camera "rays" (24),
+  pose "keypoint_maps" (60), none ("", 0) (`apt2_jax.controls.default_encoding`)."""
+  from apt2_jax import controls  # imports JAX: only when a config is built
+  encoding = controls.default_encoding(controls.WORLD_CONTROL_TYPES[world])
+  return encoding, controls.control_channels(encoding, CONTROL_DIM[world])
+
+
+def apply_shift(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Sets every time shift of a DiT stage config from its tokens per latent frame
+  (`sizes.flow_shift`): `flow.shift`, `eval.sample_shift` and (stage 2) `distill.shift`. Call it
+  again after changing `data.height`/`data.width` or `model.patch_size`."""
+  shift = sizes.flow_shift(sizes.tokens_per_frame(c.data.height, c.data.width, c.model.patch_size))
+  c.flow.shift = shift
+  c.eval.sample_shift = shift
+  if "distill" in c:
+    c.distill.shift = shift
   return c
 
 
@@ -121,11 +150,12 @@ def adapt_config(arg: str = "small") -> ml_collections.ConfigDict:
 
 
 def distill_config(arg: str = "small") -> ml_collections.ConfigDict:
-  """Stage 2: consistency distillation to one step: 32-step schedule, shift 24, no CFG."""
+  """Stage 2: consistency distillation to one step: 32-step schedule (shift 24 at the paper's
+  tokens per frame, `sizes.flow_shift`), no CFG."""
   size, extra = parse_arg(arg)
   c = base_config("distill", size, extra.get("world", "camera"))
   c.caption_dropout = 0.0  # no CFG in distillation
   c.optimizer.learning_rate = {"tiny": 1e-3, "small": 1e-4}.get(size, 1e-5)
-  c.distill = ml_collections.ConfigDict(dict(num_steps=32, shift=24.0, teacher="", teacher_key="ema_params"))
+  c.distill = ml_collections.ConfigDict(dict(num_steps=32, shift=1.0, teacher="", teacher_key="ema_params"))
   c.eval.sample_steps = 1
-  return c
+  return apply_shift(c)

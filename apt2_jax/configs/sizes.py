@@ -6,10 +6,27 @@ Sizes (the `<size>` of `get_config("<size>")` in every stage file):
   small     the toy pipeline and CPU streaming: 12 blocks, width 384 (~30M parameters)
   wan_1_3b  Wan2.1 1.3B dimensions (30 blocks, width 1536): starts from public Wan2.1 weights
   apt2_8b   the paper's scale: 36 blocks, about 8B parameters
+
+The timestep shift rule (`flow_shift`): the paper's s = 24 is for its 736x416 frames, 1196 tokens
+per latent frame (8x VAE, 2x2 patches: 46 x 26), Wan's 480p being 1560; fewer tokens per frame
+carry less redundancy, so less shift. SD3-style square-root scaling in tokens per frame:
+
+    shift = max(1, 24 * sqrt(tokens_per_frame / 1196))
+
+  4 tokens (32x32 px, `tiny`): 1.39; 16 (64x64, the toy pipeline): 2.78; 256 (256x256): 11.1;
+  1196 (736x416, `wan_1_3b` / `apt2_8b` stage configs): 24; 1560 (832x480): 27.4.
+Every config builder takes stage 0/1's `flow.shift`, the distillation schedule's shift and the
+eval samplers' shift from it (`diffusion.apply_shift`).
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
+
+VAE_SPATIAL_STRIDE = 8          # apt2_jax.models.vae.SPATIAL_FACTOR (a test checks they agree)
+PAPER_SHIFT = 24.0              # the paper's time shift ...
+PAPER_TOKENS_PER_FRAME = (416 // 16) * (736 // 16)  # ... at its 736x416 frames: 1196 tokens
 
 SIZES = ("tiny", "toy", "small", "wan_1_3b", "apt2_8b")
 
@@ -51,3 +68,15 @@ def logical_rules():
   """The logical-axis table (see `apt2_jax/sharding.py`), copied into each config."""
   from apt2_jax import sharding  # imports JAX: only when a config is built
   return tuple(sharding.LOGICAL_RULES)
+
+
+def tokens_per_frame(height: int, width: int, patch_size=(1, 2, 2)) -> int:
+  """DiT tokens per latent frame of `height` x `width` pixel video (8x VAE, then the patch)."""
+  _, ph, pw = tuple(patch_size)
+  return (int(height) // VAE_SPATIAL_STRIDE // ph) * (int(width) // VAE_SPATIAL_STRIDE // pw)
+
+
+def flow_shift(tokens: int) -> float:
+  """The time shift `s` for `tokens` DiT tokens per latent frame (module docstring):
+  `max(1, 24 * sqrt(tokens / 1196))`."""
+  return max(1.0, PAPER_SHIFT * math.sqrt(float(tokens) / PAPER_TOKENS_PER_FRAME))

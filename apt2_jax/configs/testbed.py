@@ -16,8 +16,10 @@ The testbed (see `apt2_jax.data.panorama` and `apt2_jax.models.pixel_codec`):
                   `frames` video frames = 10 latent frames > N + 2 = 8 (the window's eviction is
                   trained); long-video rollouts of `segments` latent frames, well past the short clips
   model           DiT width 96, 4 blocks, 2 heads, window N = 6 (the `testbed` model below)
-  shift           `flow_shift(tokens_per_frame)`: 24 x sqrt(16 / 1560) = 2.43 (the paper's 24 is for
-                  ~1.5k tokens per latent frame; SD3-style square-root scaling in tokens per frame)
+  shift           `sizes.flow_shift(tokens_per_frame)`: 24 x sqrt(16 / 1196) = 2.78 (the paper's 24
+                  is for its 736x416 frames, 1196 tokens per latent frame; SD3-style square-root
+                  scaling in tokens per frame), for stage 1, the distillation schedule and the
+                  baseline's Euler sampler, whose KV cache matches stage 1 ("matched")
   evaluation      `apt2_jax.evaluation.testbed` on two fixed sets (in distribution, unseen appearance),
                   with the claims' criteria fixed in `apt2_jax.evaluation.claims`, after the stage-1
                   learning check (`apt2_jax.evaluation.learning`)
@@ -31,18 +33,13 @@ Variants (the argument):
 import ml_collections
 
 from apt2_jax.configs import adversarial, diffusion, sizes
+from apt2_jax.configs.sizes import flow_shift  # the one shift rule
 
 ORDER = ("adapt", "distill", "adversarial", "adversarial_teacher_forcing", "adversarial_no_recycle",
          "long_video")
 
 PIXELS = 64
-TOKENS_PER_FRAME = (PIXELS // 8 // 2) ** 2   # latent 8x8, patch 2x2
-
-
-def flow_shift(tokens_per_frame: int) -> float:
-  """The time shift for `tokens_per_frame`: 24 (the paper's, at Wan's ~1560 tokens per latent
-  frame) scaled by the square root of the token ratio, at least 1."""
-  return max(1.0, 24.0 * (tokens_per_frame / 1560.0) ** 0.5)
+TOKENS_PER_FRAME = sizes.tokens_per_frame(PIXELS, PIXELS)   # latent 8x8, patch 2x2: 16
 
 
 def model_config(layers: int = 4):
@@ -145,7 +142,8 @@ def get_config(arg: str = "short"):
   e.short_clips = v["short_clips"]   # rollout length in short training clips (claim (d): >= 20)
   e.fps = 24
   e.models = ml_collections.ConfigDict({
-      "diffusion": dict(workdir="adapt", num_steps=v["euler_steps"], shift=flow_shift(TOKENS_PER_FRAME)),
+      "diffusion": dict(workdir="adapt", num_steps=v["euler_steps"], shift=flow_shift(TOKENS_PER_FRAME),
+                        cache_from="matched"),
       "distilled": dict(workdir="distill"),
       "aapt": dict(workdir="long_video"),
       "aapt_short": dict(workdir="adversarial"),

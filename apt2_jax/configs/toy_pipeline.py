@@ -12,6 +12,12 @@ Variants (the argument):
   full  the same models trained for thousands of steps, evaluated on 2 held-out worlds with 1- and
         5-minute rollouts: ~75 minutes on 2 CPU cores (VAE 11, DiT stages ~40, evaluation 22);
         results in README.md and docs/toy_full/
+
+Controls: the camera world's relative motion as unit-std ray maps ("rays", 24 channels). Time
+shift: `sizes.flow_shift` of the tokens per latent frame (`tiny` 32x32 px: 4 tokens, 1.39;
+`demo`/`full` 64x64 px: 16 tokens, 2.78) for stage 1's flow, the distillation schedule and the
+stage-1 baseline's Euler sampler, whose KV cache matches stage-1 training ("matched": one cache
+per schedule time, 2 x euler_steps passes per frame).
 """
 import ml_collections
 
@@ -69,7 +75,7 @@ def _common(c, v, world, steps, lr):
   c.eval.batch_size = v["batch"]
   c.eval.sample_steps = v["euler_steps"] if c.stage == "adapt" else c.eval.sample_steps
   c.ema_decay = 0.0 if v["model"] == "tiny" else 0.99
-  return c
+  return diffusion.apply_shift(c)  # the pixels changed: the shifts follow the tokens per frame
 
 
 def get_config(arg: str = "demo"):
@@ -137,7 +143,8 @@ def get_config(arg: str = "demo"):
   e.fps = 24
   e.seed = 0
   e.models = ml_collections.ConfigDict({
-      "diffusion_stage1": dict(workdir="adapt", num_steps=v["euler_steps"], shift=24.0, guidance=3.0),
+      "diffusion_stage1": dict(workdir="adapt", num_steps=v["euler_steps"], shift=s.adapt.eval.sample_shift,
+                               guidance=3.0, cache_from="matched"),
       "distilled_1nfe": dict(workdir="distill"),
       "aapt": dict(workdir="long_video"),
       "aapt_short_only": dict(workdir="adversarial"),

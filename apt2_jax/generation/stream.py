@@ -13,7 +13,9 @@ stream demo and the stages' in-training samples) calls these; none keeps a copy.
 Conventions, each defined once here:
   noise    step i (generating latent frame i + 1) draws `normal(fold_in(key(seed), i), [B, 1, h, w, C])`
            (`noise`, `noise_block`): a chunked stream equals a step-by-step one.
-  state    {"cache": KV cache, "recycled": [B, 1, h, w, C] float32, "seed": int32, "counter": int32}.
+  state    {"cache": KV cache, "recycled": [B, 1, h, w, C] float32, "seed": int32, "counter": int32};
+           the matched multi-step sampler (`cache_from="matched"`) keeps one KV cache per schedule
+           time, every entry stacked on a leading [K] axis (`rollout.empty_cache`).
   controls the raw per-video-frame controls of the step's 4 video frames, float32 [B, 4, D]
            (chunk: [B, L, 4, D]); they are encoded into the model's control channels inside the
            jitted step by `apt2_jax.controls.frame_group_maps` (the same code the trainer uses),
@@ -23,7 +25,7 @@ Conventions, each defined once here:
            all-padding one (zeros), as in caption dropout.
   rebase   the cache index is kept in [0, 2N] (`rebase_index`): the read/write layout of the cache
            depends only on min(i, N + 1) and i mod N, so a stream runs forever with the numbers of
-           its first minute.
+           its first minute. It applies to every cache of a stacked one alike.
 """
 from __future__ import annotations
 
@@ -36,9 +38,9 @@ import jax
 import jax.numpy as jnp
 
 from apt2_jax import controls as controls_lib
-from apt2_jax.models import CausalDiT, DiTConfig, kv_cache
+from apt2_jax.models import CausalDiT, DiTConfig
 from apt2_jax.models import vae as vae_lib
-from apt2_jax.rollout import RolloutOptions, generator_step, rollout
+from apt2_jax.rollout import RolloutOptions, empty_cache, generator_step, rollout
 
 FRAMES_PER_STEP = vae_lib.TEMPORAL_FACTOR
 
@@ -71,9 +73,7 @@ class StreamSpec:
 
   @property
   def forward_passes_per_frame(self) -> int:
-    o = self.options
-    n = int(o.num_steps) + (1 if o.num_steps > 1 and o.cache_from == "clean" else 0)
-    return n * self.cache_batch_factor
+    return self.options.forward_passes * self.cache_batch_factor
 
 
 class GuidedDiT(nn.Module):
@@ -136,7 +136,8 @@ def rebase_index(cache, window: int):
   """Moves the cache index back by whole windows into [N + 1, 2N] once it is past N + 1.
 
   The slot of frame j is (j - 1) mod N and positions depend on min(i, N + 1), so i and i - kN
-  read and write the same layout: the index, hence every position, stays bounded forever.
+  read and write the same layout: the index, hence every position, stays bounded forever. The
+  index of a stacked (matched-sampler) cache is `[K]`: each is rebased alike.
   """
   index = cache["index"]
   return dict(cache, index=index - window * jnp.maximum((index - (window + 1)) // window, 0))
@@ -169,7 +170,7 @@ def encode_image(spec: StreamSpec, vae_params, image):
 def init_state(spec: StreamSpec, latent0, seed):
   """An empty stream state continuing from latent frame 0 `[B, 1, h, w, C]`."""
   b, _, h, w, _ = latent0.shape
-  return {"cache": kv_cache.init_cache(spec.dit_config, spec.cache_batch_factor * b, h, w),
+  return {"cache": empty_cache(spec.dit_config, spec.cache_batch_factor * b, h, w, spec.options),
           "recycled": latent0.astype(jnp.float32), "seed": jnp.asarray(seed, jnp.int32),
           "counter": jnp.zeros((), jnp.int32)}
 
@@ -260,7 +261,7 @@ def generate(spec: StreamSpec, params, first_frame, prompt, controls, eps, *, co
   """
   b, _, h, w, _ = first_frame.shape
   net, p = _net(spec, params)
-  cache = kv_cache.init_cache(spec.dit_config, spec.cache_batch_factor * b, h, w)
+  cache = empty_cache(spec.dit_config, spec.cache_batch_factor * b, h, w, spec.options)
   maps = control_maps(spec, controls, (h, w)) if control_maps_ is None else control_maps_
   frames, _ = rollout(net, p, first_frame, text(spec, params, prompt), eps, maps, cache=cache,
                       options=spec.options)

@@ -1,4 +1,4 @@
-"""Stage 3: adversarial post-training with student forcing (AAPT), and long-video training.
+"""Stage 3: adversarial post-training with student forcing (AAPT).
 
 Stage "adversarial" (`experiments/stage3_adversarial.py`). Each step, for a batch of real latent
 clips `x_0 .. x_S` with their controls:
@@ -9,19 +9,15 @@ clips `x_0 .. x_S` with their controls:
      recycles the real previous frame, one whole-clip pass) and `recycle=False` (no recycling).
   2. D (backbone from stage 1) scores real and generated clips in one block-causal pass each: the
      judged frame in the noise slot, noised to D's own t ~ U(0, 1) (unshifted), the previous frame
-     of the same video in the recycled slot, one logit per latent frame.
+     of the same video in the recycled slot, one logit per latent frame. Under teacher forcing D
+     judges each generated frame i in the context of the REAL frames < i, as G produced it
+     (`teacher_forced_logits`: D's cached step over the real clip's KV cache).
   3. `d_steps` D updates on `L_D = softplus(D(fake) - D(real)) + R1 + R2` (approximated R1 on real,
      R2 on fake, lambda * (D(x) - D(x + sigma n))^2), then one G update on
      `L_G = softplus(D(real) - D(fake))`, both RMSProp-like Adam (b1 = 0, b2 = 0.9) by default.
      Gradient accumulation over `microbatches`; EMA of G.
 
-Stage "long_video" (`experiments/stage3_long_video.py`): one long rollout per step, cut into
-`num_segments` segments of `segment_frames` latent frames. Each segment continues from the
-previous segment's *detached* KV cache and last frame; D scores the segment's frames, with the last
-`overlap_frames` generated frames before it as context, against the real clip at the same
-positions (the synthetic worlds render long real videos with fresh random control trajectories);
-the gradients of every segment are computed right after it and accumulated (a `lax.scan` over
-segments), so memory does not grow with the video's length.
+Long-video training (stage "long_video") builds on this stage: `apt2_jax/stages/long_video.py`.
 
 State: {params, opt_state, [ema_params], d_params, d_opt_state, counters}.
 """
@@ -29,11 +25,14 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from apt2_jax import train
-from apt2_jax.models import CausalDiT, DiTConfig, init_params, kv_cache
+from apt2_jax.models import CausalDiT, DiTConfig, init_params, kv_cache, rope
+from apt2_jax.models import dit
+from apt2_jax.models.conditioning import TimeTextEmbedder
 from apt2_jax.models.discriminator import Discriminator, init_discriminator_params, noise_judged
 from apt2_jax.objectives import gan
 from apt2_jax.rollout import RolloutOptions, rollout
@@ -147,22 +146,65 @@ class AdversarialStage(train.Stage):
   # Losses
   # ---------------------------------------------------------------------------------------------
   def d_logits_many(self, d_params, pairs, mb):
-    """D's logits for several (judged, recycled) pairs of one batch in a single pass, the pairs
-    stacked on the batch axis (D treats rows independently), with the batch's controls, text,
-    t_d and d_eps for each. One pass instead of several keeps the compiled step small."""
-    n = len(pairs)
-    tile = lambda x: None if x is None else jnp.concatenate([x] * n, axis=0)
-    logits = self.d_logits(d_params, jnp.concatenate([p[0] for p in pairs], axis=0),
-                           jnp.concatenate([p[1] for p in pairs], axis=0),
-                           *(tile(mb[k]) for k in ("controls", "text", "t_d", "d_eps")))
-    return jnp.split(logits, n, axis=0)
+    """D's logits for several (judged, recycled, is_real) triples of one batch in a single pass,
+    stacked on the batch axis (D treats rows independently), with the batch's t_d and d_eps for
+    each and its controls and text: the real side's own (`real_controls`, `real_text`) where
+    real clips are unpaired (long video), else the shared ones. One pass instead of several keeps
+    the compiled step small."""
+    side = lambda key, real: mb.get("real_" + key, mb[key]) if real else mb[key]
+    cat = lambda xs: None if xs[0] is None else jnp.concatenate(xs, axis=0)
+    logits = self.d_logits(d_params, cat([p[0] for p in pairs]), cat([p[1] for p in pairs]),
+                           cat([side("controls", p[2]) for p in pairs]), cat([side("text", p[2]) for p in pairs]),
+                           cat([mb["t_d"]] * len(pairs)), cat([mb["d_eps"]] * len(pairs)))
+    return jnp.split(logits, len(pairs), axis=0)
+
+  def judge(self, d_params, mb, reals, fakes):
+    """D's logits `[B, S]`: (one per real clip of `reals` (judged frames, with the batch's real
+    recycled frames), one per generated clip of `fakes` ((judged, recycled) pairs)).
+
+    Student forcing: every clip in its own context, one block-causal pass for all. Teacher forcing
+    (ablation): the generated frames in the real clip's context (`teacher_forced_logits`)."""
+    real_pairs = [(x, mb["real_recycled"], True) for x in reals]
+    if self.config.adversarial.variant == "teacher_forcing":
+      return self.d_logits_many(d_params, real_pairs, mb), self.teacher_forced_logits(d_params, mb, [x for x, _ in fakes])
+    logits = self.d_logits_many(d_params, real_pairs + [(x, r, False) for x, r in fakes], mb)
+    return logits[:len(reals)], logits[len(reals):]
+
+  def teacher_forced_logits(self, d_params, mb, fakes):
+    """D's logit of each generated frame i judged with the REAL frames < i as its context (the
+    teacher-forcing ablation: G made frame i from real frames), for each clip `fakes` [B, S, ...].
+
+    A `lax.scan` of D's cached step over the real clip: at block i the generated frames' blocks
+    (judged slot: generated frame i noised to t_d; recycled slot: the real frame i - 1, as G saw
+    it; frame i's control) attend to D's KV cache of the real blocks < i; then the real block i is
+    written into it. Exactly S block-causal passes over the real clip with block i replaced by the
+    generated one (tests/test_stage3.py), for the cost of (1 + len(fakes)) whole-clip passes.
+    Returns a list of [B, S] logits."""
+    c, backbone = self.model_config, d_params["backbone"]
+    b, _, h, w, _ = mb["real"].shape
+    fake = jnp.stack([noise_judged(x, mb["t_d"], mb["d_eps"]) for x in fakes])  # [n, B, S, ...]
+    xs = (_frames_first(noise_judged(mb["real"], mb["t_d"], mb["d_eps"])), _frames_first(fake, 2),
+          _frames_first(mb["real_recycled"]), _frames_first(mb["controls"]))
+    text_kv = CausalDiT(c).apply({"params": backbone}, mb["text"], method=CausalDiT.encode_text)
+
+    def body(cache, inputs):
+      real_i, fake_i, recycled_i, control_i = inputs
+      step = lambda x, cache: _BackboneStep(c).apply({"params": backbone}, x, recycled_i, control_i, mb["t_d"],
+                                                      cache, text_kv)
+      hidden, _ = jax.vmap(lambda x: step(x, cache))(fake_i)  # [n, L, B, 1, P, dim]
+      logits = jax.vmap(lambda x: self.disc.apply({"params": d_params}, x, method=_head_logits))(hidden)
+      return step(real_i, cache)[1], logits[..., 0]  # [n, B]
+
+    if self.options.remat != "none":
+      body = jax.checkpoint(body, policy=dit.REMAT_POLICIES[self.options.remat], prevent_cse=False)
+    _, logits = jax.lax.scan(body, kv_cache.init_cache(c, b, h, w), xs)  # [S, n, B]
+    return list(jnp.moveaxis(logits, 0, -1))
 
   def d_loss_fn(self, d_params, mb, mask=None):
     a = self.config.adversarial
-    real, fake, real_p, fake_p = self.d_logits_many(d_params, (
-        (mb["real"], mb["real_recycled"]), (mb["fake"], mb["fake_recycled"]),
-        (mb["real"] + self.sigma * mb["n_real"], mb["real_recycled"]),
-        (mb["fake"] + self.sigma * mb["n_fake"], mb["fake_recycled"])), mb)
+    (real, real_p), (fake, fake_p) = self.judge(
+        d_params, mb, [mb["real"], mb["real"] + self.sigma * mb["n_real"]],
+        [(mb["fake"], mb["fake_recycled"]), (mb["fake"] + self.sigma * mb["n_fake"], mb["fake_recycled"])])
     if mask is not None:  # long video: only the segment's new frames are judged
       real, fake, real_p, fake_p = (x[:, mask] for x in (real, fake, real_p, fake_p))
     adv = gan.discriminator_loss(real, fake, a.loss_type)
@@ -176,8 +218,7 @@ class AdversarialStage(train.Stage):
     return self._g_loss_on(d_params, mb, fake, self.fake_recycled(mb["first"], fake, mb["real_recycled"]))
 
   def _g_loss_on(self, d_params, mb, fake, fake_recycled, mask=None):
-    real, fake_logits = self.d_logits_many(d_params, ((mb["real"], mb["real_recycled"]),
-                                                      (fake, fake_recycled)), mb)
+    (real,), (fake_logits,) = self.judge(d_params, mb, [mb["real"]], [(fake, fake_recycled)])
     real = jax.lax.stop_gradient(real)
     if mask is not None:
       real, fake_logits = real[:, mask], fake_logits[:, mask]
@@ -292,124 +333,36 @@ def common_clip(latents, controls):
   return flow.teacher_forcing_inputs(latents, controls)
 
 
-# ================================================================================================
-# Long-video training
-# ================================================================================================
+class _BackboneStep(CausalDiT):
+  """CausalDiT's cached step (same parameters) returning the hidden states after every block,
+  `[L, B, 1, P, dim]` for D's heads, and the new cache. Interim, until `apt2_jax.models` offers
+  it (`CausalDiT(mode="step", return_hidden=True)` and a `Discriminator.step`)."""
 
-class LongVideoStage(AdversarialStage):
-  """Segment-by-segment rollouts with detached caches and per-segment gradient accumulation."""
+  @nn.compact
+  def __call__(self, noise, recycled, control, t, cache, text_kv):
+    c = self.config
+    b, _, hh, ww, _ = noise.shape
+    x = self._embed_inputs(noise, recycled, control)
+    _, mod = TimeTextEmbedder(c, name="condition_embedder").time(jnp.broadcast_to(t[:, None], (b, 1)))
+    _, ph, pw = c.patch_size
+    ctx = {"mod": mod, "index": cache["index"],
+           "spatial": jnp.asarray(rope.spatial_angles(hh // ph, ww // pw, c.head_dim, c.rope_theta))}
+    layer_cache = {k: cache[k] for k in ("sink_k", "sink_v", "ring_k", "ring_v")}
+    _, ys = dit._stack(c, "step", True)(x, {"cache": layer_cache, "text_kv": text_kv}, ctx)  # pylint: disable=protected-access
+    return ys["hidden"], dict(ys["cache"], index=cache["index"] + 1)
 
-  def __init__(self, config, mesh):
-    super().__init__(config, mesh)
-    lv = config.long_video
-    self.seg, self.overlap, self.num_segments = int(lv.segment_frames), int(lv.overlap_frames), int(lv.num_segments)
-    if self.seg < 1 or self.num_segments < 1:
-      raise ValueError("config.long_video.segment_frames and num_segments must be >= 1")
-    if not 1 <= self.overlap <= self.seg:
-      raise ValueError(f"config.long_video.overlap_frames={self.overlap} must be in [1, segment_frames={self.seg}]")
-    # D's context before segment 0 (the first frame) is as wide as the overlap after it when the
-    # overlap is 1: every segment then has the same shapes and one scanned program serves all.
-    self.fold_segments = self.overlap == 1
-    if config.adversarial.variant != "student_forcing":
-      raise ValueError("long_video training needs config.adversarial.variant='student_forcing'")
-    f, _, _ = train_data.latent_shape(config)
-    if f != 1 + self.seg * self.num_segments:
-      raise ValueError(f"config.data.frames gives {f} latent frames; long_video needs 1 + segment_frames x "
-                       f"num_segments = {1 + self.seg * self.num_segments} (video frames "
-                       f"{1 + 4 * self.seg * self.num_segments})")
 
-  def _segment(self, params, d_params, seg_in, cache, recycled, context):
-    """Gradients of one segment. `context`: [B, K, ...] frames before it (detached) that D sees
-    as context (K = 1 for the first segment: the first frame; else `overlap`).
+def _frames_first(x, axis=1):
+  """Scan inputs over frames: [..., S (at `axis`), ...] -> [S, ..., 1, ...] (None stays None)."""
+  return None if x is None else jnp.expand_dims(jnp.moveaxis(x, axis, 0), axis + 1)
 
-    Returns (g_grads, d_grads, metrics, new cache (detached), last frame, new context)."""
-    k = context.shape[1]
 
-    def g_loss(params):
-      frames, new_cache = self.generate(params, recycled, seg_in["eps"], seg_in["g_controls"], seg_in["text"],
-                                        cache=cache)
-      clip = jnp.concatenate([context, frames], axis=1)
-      mb = self._d_inputs(seg_in, clip)
-      loss, metrics = self._g_loss_on(d_params, mb, clip[:, 1:], clip[:, :-1], mask=slice(k - 1, None))
-      return loss, (metrics, frames, new_cache)
-
-    (g_loss_value, (g_metrics, frames, new_cache)), g_grads = jax.value_and_grad(g_loss, has_aux=True)(params)
-    frames = jax.lax.stop_gradient(frames)
-    clip = jnp.concatenate([context, frames], axis=1)
-    mb = dict(self._d_inputs(seg_in, clip), fake=clip[:, 1:], fake_recycled=clip[:, :-1])
-    (d_loss_value, d_metrics), d_grads = jax.value_and_grad(
-        lambda d: self.d_loss_fn(d, mb, mask=slice(k - 1, None)), has_aux=True)(d_params)
-    metrics = dict(d_metrics, **g_metrics, g_loss=g_loss_value, d_loss=d_loss_value)
-    return (g_grads, d_grads, metrics, jax.lax.stop_gradient(new_cache), frames[:, -1:],
-            frames[:, -self.overlap:])
-
-  def _d_inputs(self, seg_in, clip):
-    real_clip = seg_in["real_clip"][:, -clip.shape[1]:]
-    return {"real": real_clip[:, 1:], "real_recycled": real_clip[:, :-1],
-            "controls": seg_in["d_controls"][:, -(clip.shape[1] - 1):], "text": seg_in["text"],
-            "t_d": seg_in["t_d"], "d_eps": seg_in["d_eps"][:, -(clip.shape[1] - 1):],
-            "n_real": seg_in["n_real"][:, -(clip.shape[1] - 1):], "n_fake": seg_in["n_fake"][:, -(clip.shape[1] - 1):]}
-
-  def _segment_inputs(self, latents, controls, text, rng, start, first: bool):
-    """Inputs of the segment generating latent frames start+1 .. start+seg (`start` may be traced;
-    `first` is static). The real clip also spans D's context before the segment: the first frame
-    for the first segment, `overlap` frames after that. Slices only, no copies of the video."""
-    b, _, h, w, c = latents.shape
-    ctx = 1 if first else self.overlap
-    width = self.seg + ctx
-    real_clip = jax.lax.dynamic_slice_in_dim(latents, start + 1 - ctx, width, axis=1)
-    ks = jax.random.split(jax.random.fold_in(rng, start), 5)
-    shape = (b, width - 1, h, w, c)
-    seg = {"real_clip": real_clip, "text": text,
-           "eps": jax.random.normal(ks[0], (b, self.seg, h, w, c)),
-           "t_d": jax.random.uniform(ks[1], (b,)), "d_eps": jax.random.normal(ks[2], shape),
-           "n_real": jax.random.normal(ks[3], shape), "n_fake": jax.random.normal(ks[4], shape),
-           "g_controls": None, "d_controls": None}
-    if controls is not None:
-      seg["g_controls"] = jax.lax.dynamic_slice_in_dim(controls, start + 1, self.seg, axis=1)
-      seg["d_controls"] = jax.lax.dynamic_slice_in_dim(controls, start + 2 - ctx, width - 1, axis=1)
-    return seg
-
-  def train_step(self, state, frozen, batch, rng):
-    latents, controls, text = self.inputs(frozen, batch)
-    params, d_params = state["params"], state["d_params"]
-    b, _, h, w, _ = latents.shape
-    cache = kv_cache.init_cache(self.model_config, b, h, w)
-    first = latents[:, :1]
-
-    def body(carry, k):
-      g_acc, d_acc, cache, last, context = carry
-      seg_in = self._segment_inputs(latents, controls, text, rng, k * self.seg, False)
-      g, d, m, cache, last, context = self._segment(params, d_params, seg_in, cache, last, context)
-      return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, d_acc, d), cache, last, context), m
-
-    if self.fold_segments:  # one segment program instead of two: half the compile
-      zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-      (g_acc, d_acc, cache, last, context), seg_metrics = jax.lax.scan(
-          body, (zeros(params), zeros(d_params), cache, first, first), jnp.arange(self.num_segments))
-      metrics = jax.tree.map(lambda s: jnp.sum(s) / self.num_segments, seg_metrics)
-    else:
-      # Segment 0 continues from the real first frame (D context: the first frame).
-      g_acc, d_acc, metrics, cache, last, context = self._segment(
-          params, d_params, self._segment_inputs(latents, controls, text, rng, 0, True), cache, first, first)
-      if self.num_segments > 1:
-        (g_acc, d_acc, cache, last, context), seg_metrics = jax.lax.scan(
-            body, (g_acc, d_acc, cache, last, context), jnp.arange(1, self.num_segments))
-        metrics = jax.tree.map(lambda a, s: (a + jnp.sum(s)) / self.num_segments, metrics, seg_metrics)
-    scale = 1.0 / self.num_segments
-    g_grads = jax.tree.map(lambda g: g * scale, g_acc)
-    d_grads = jax.tree.map(lambda g: g * scale, d_acc)
-    d_params, d_opt_state, d_extra = train.apply_gradients(self.d_tx, d_params, state["d_opt_state"], d_grads)
-    params, opt_state, g_extra = train.apply_gradients(self.tx, params, state["opt_state"], g_grads)
-    new = dict(state, params=params, opt_state=opt_state, d_params=d_params, d_opt_state=d_opt_state)
-    if self.ema_decay:
-      new["ema_params"] = train.ema_update(state["ema_params"], params, self.ema_decay)
-    metrics = dict(metrics, g_grad_norm=g_extra["grad_norm"], d_grad_norm=d_extra["grad_norm"],
-                   loss=metrics["g_loss"] + metrics["d_loss"])
-    return new, metrics
+def _head_logits(disc: Discriminator, hidden):
+  """`Discriminator`'s per-frame logits `[B, F]` from its backbone's hidden states (as in its
+  `__call__`; interim, with `_BackboneStep`)."""
+  pooled = [head(hidden[l - 1]) for l, head in zip(disc._layers, disc.heads)]  # pylint: disable=protected-access
+  return disc.out_proj(disc.out_norm(jnp.concatenate(pooled, axis=-1)))[..., 0].astype(jnp.float32)
 
 
 def make_stage(config, mesh):
-  if config.stage == "long_video":
-    return LongVideoStage(config, mesh)
   return AdversarialStage(config, mesh)

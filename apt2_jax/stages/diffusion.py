@@ -11,7 +11,9 @@ Caption dropout (`config.caption_dropout`) lets the baseline sample with classif
 State: {params, opt_state, [ema_params], step, nonfinite_in_a_row, nonfinite_total}.
 Eval: the flow loss on a fixed validation batch at fixed times, and (adapt) a streamed sample of
 the validation clips with the multi-step Euler sampler through `apt2_jax.rollout`, scored against
-the ground-truth latents (`rollout_mse*`).
+the ground-truth latents (`rollout_mse*`). The sampler's context matches training
+(`eval.sample_cache_from = "matched"`, the default: one KV cache per schedule time, every context
+frame at the time of the block being denoised, as stage 1's one t per clip).
 """
 from __future__ import annotations
 
@@ -118,14 +120,16 @@ class DiffusionStage(train.Stage):
       losses[f"loss_t{t:g}"] = self.loss_fn(params, mbt)[0]
     out = dict(losses, loss=jnp.mean(jnp.stack(list(losses.values()))))
     if self.mode == "block_causal" and ev.sample_steps:
-      out.update(self.sample_metrics(params, frozen, batch, ev.sample_steps, ev.sample_shift, ev.guidance))
+      out.update(self.sample_metrics(params, frozen, batch, ev.sample_steps, ev.sample_shift, ev.guidance,
+                                     ev.get("sample_cache_from", "matched")))
     return out
 
-  def sample_metrics(self, params, frozen, batch, num_steps, shift, guidance):
-    """Streams the validation clips from their true first frame and controls (Euler sampler)."""
+  def sample_metrics(self, params, frozen, batch, num_steps, shift, guidance, cache_from="matched"):
+    """Streams the validation clips from their true first frame and controls (Euler sampler; its
+    KV cache per `cache_from`, `apt2_jax.rollout`)."""
     latents, controls, text = self.inputs(frozen, batch)
     noise = jax.random.normal(jax.random.key(self.config.eval.seed + 1), latents[:, 1:].shape)
-    options = RolloutOptions(num_steps=num_steps, shift=shift)
+    options = RolloutOptions(num_steps=num_steps, shift=shift, cache_from=cache_from)
     frames = common.stream_sample(self.model_config, params, latents[:, :1], text,
                                   None if controls is None else controls[:, 1:], noise, options, guidance)
     return common.rollout_metrics(frames, latents[:, 1:])

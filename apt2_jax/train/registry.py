@@ -17,7 +17,7 @@ REGISTRY = {
     "adapt": "apt2_jax.stages.diffusion:make_stage",
     "distill": "apt2_jax.stages.distill:make_stage",
     "adversarial": "apt2_jax.stages.adversarial:make_stage",
-    "long_video": "apt2_jax.stages.adversarial:make_stage",
+    "long_video": "apt2_jax.stages.long_video:make_stage",
     "pipeline": "apt2_jax.pipeline:run_pipeline",  # every stage in order, then the evaluation
 }
 LOOP = "apt2_jax.train.loop:train_and_evaluate"
