@@ -32,6 +32,7 @@ ARGS = {
                                        "small,detach_cache=1,loss=non_saturating"),
     "stage3_long_video": DIT_SIZES + ("tiny,segment_frames=3,overlap_frames=1,num_segments=2",),
     "toy_pipeline": ("tiny", "demo", "full"),
+    "testbed": ("tiny", "short", "full"),
     "vae": ("tiny", "small", "wan", "slim_decoder"),
 }
 
