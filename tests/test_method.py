@@ -108,3 +108,37 @@ def test_matched_stream_step_equals_chunk_past_the_rebase():
   assert int(s1["cache"]["index"][0]) <= 2 * config.window
   for name in ("sink_k", "ring_k", "ring_v"):
     np.testing.assert_allclose(s1["cache"][name], s2["cache"][name], atol=1e-5, rtol=0)
+
+
+def test_x0_prediction_gives_the_velocity_of_its_clean_estimate(tiny_dit):
+  """`model.prediction="x0"`: the head's output is the clean latent and v = (x_t - x0) / max(t, 0.05);
+  the one-step generator then returns the head's output; cached steps equal the whole clip."""
+  import dataclasses
+  from apt2_jax.models import kv_cache
+  from apt2_jax.models.dit import X0_MIN_T
+  model, params, config = tiny_dit
+  x0_model = CausalDiT(dataclasses.replace(config, prediction="x0"))
+  b, f, h, w = 2, 3, 4, 6
+  ks = jax.random.split(jax.random.key(7), 4)
+  noise = jax.random.normal(ks[0], (b, f, h, w, config.latent_channels))
+  recycled = jax.random.normal(ks[1], noise.shape)
+  control = jax.random.normal(ks[2], (b, f, h, w, config.control_channels))
+  text = jax.random.normal(ks[3], (b, 5, config.text_dim))
+  t = jnp.array([1.0, 0.02])
+
+  def both(p):
+    head = model.apply({"params": p}, noise, recycled, control, t, text)  # same parameters: the raw head
+    v = x0_model.apply({"params": p}, noise, recycled, control, t, text)
+    tkv = x0_model.apply({"params": p}, text, method=CausalDiT.encode_text)
+    cache, steps = kv_cache.init_cache(x0_model.config, b, h, w), []
+    for i in range(f):
+      vi, cache = x0_model.apply({"params": p}, noise[:, i:i + 1], recycled[:, i:i + 1], control[:, i:i + 1], t,
+                                 cache, tkv, method=CausalDiT.step)
+      steps.append(vi)
+    return head, v, jnp.concatenate(steps, 1)
+
+  head, v, stepped = jax.jit(both)(params)
+  scale = jnp.maximum(t, X0_MIN_T)[:, None, None, None, None]
+  np.testing.assert_allclose(v, (noise - head) / scale, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(stepped, v, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose((noise - v)[0], head[0], atol=1e-5)  # t = 1: x = eps - v is the head's x0

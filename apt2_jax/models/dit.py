@@ -39,6 +39,8 @@ REMAT_POLICIES = {
     "everything": jax.checkpoint_policies.everything_saveable,
 }
 MODES = ("full", "block_causal", "step", "text")
+PREDICTIONS = ("velocity", "x0")
+X0_MIN_T = 0.05  # x0-prediction: the velocity's denominator is clipped here (as JiT clips 1 - t)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,10 @@ class DiTConfig:
   remat_policy: str = "none"       # one of REMAT_POLICIES
   attention_impl: Any = None       # None (auto), "xla" or "cudnn"
   query_chunk: int = 0             # query frames per chunk in the block-causal pass (0 = all)
+  prediction: str = "velocity"     # what the head outputs: "velocity" v (Wan), or "x0", the clean
+                                   # latent, from which v = (x_t - x0) / max(t, X0_MIN_T): a head
+                                   # narrower than a token (e.g. 16 pixel-codec tokens of 3072 values
+                                   # at width 96) cannot pass white noise through, clean content it can
 
   def __post_init__(self):
     if self.dim % self.num_heads:
@@ -80,6 +86,8 @@ class DiTConfig:
       raise ValueError(f"model.patch_size={self.patch_size}: the time patch must be 1 (one block per latent frame)")
     for name in ("dtype", "param_dtype"):
       jnp.dtype(getattr(self, name))
+    if self.prediction not in PREDICTIONS:
+      raise ValueError(f"model.prediction={self.prediction!r} is not one of {PREDICTIONS}")
 
   @property
   def in_channels(self) -> int:
@@ -165,6 +173,36 @@ class Block(nn.Module):
     return h, ys
 
 
+class PatchEmbedding(nn.Module):
+  """Wan's patch embedding (a Conv3d with kernel = stride = `patch_size`), as reshape + einsum.
+
+  The parameters are those of `nn.Conv` (`kernel` [pt, ph, pw, in_channels, dim], `bias` [dim],
+  same initialisers), so Wan converters and checkpoints are unchanged. It is not computed as a
+  strided convolution because XLA's SPMD partitioner gets the kernel's gradient of that wrong
+  (`tensor` times too large) when the output tokens are sharded over `sequence` while the mesh has
+  a `tensor` axis; the einsum is exact on every mesh (tests/test_sharding.py).
+  """
+  config: DiTConfig
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [B, F, H, W, Cin] -> tokens [B, F / pt, (H / ph) * (W / pw), dim]."""
+    c = self.config
+    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    pt, ph, pw = c.patch_size
+    cin = x.shape[-1]
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "in_channels", "embed")),
+        (pt, ph, pw, cin, c.dim), param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (c.dim,), param_dtype)
+    b, f, hh, ww, _ = x.shape
+    gf, gh, gw = f // pt, hh // ph, ww // pw
+    x = x.astype(dtype).reshape(b, gf, pt, gh, ph, gw, pw, cin)
+    y = jnp.einsum("bftuivjc,tijcd->bfuvd", x, kernel.astype(dtype))  # [B, F/pt, H/ph, W/pw, dim]
+    y = y + bias.astype(dtype)
+    return y.reshape(b, gf, gh * gw, c.dim)
+
+
 def _stack(config: DiTConfig, mode: str, return_hidden: bool = False):
   block = Block
   policy = REMAT_POLICIES[config.remat_policy]
@@ -222,14 +260,21 @@ class CausalDiT(nn.Module):
       ctx["index"] = index
       layer_cache = {k: cache[k] for k in ("sink_k", "sink_v", "ring_k", "ring_v")}
       h, ys = _stack(c, "step")(x, {"cache": layer_cache, "text_kv": text_kv}, ctx)
-      return self._head(h, temb, hh, ww), dict(ys["cache"], index=index + 1)
+      return self._velocity(self._head(h, temb, hh, ww), noise, t), dict(ys["cache"], index=index + 1)
 
     ctx["text"] = self._text(text, embedder)
     if mode == "full":
       ctx["full_positions"] = jnp.arange(f)
     h, ys = _stack(c, mode, return_hidden)(x, {}, ctx)
-    v = self._head(h, temb, hh, ww)
+    v = self._velocity(self._head(h, temb, hh, ww), noise, t)
     return (v, ys["hidden"]) if return_hidden else v
+
+  def _velocity(self, out, noise, t):
+    """The head's output as a velocity: itself, or from an x0 prediction `(x_t - x0) / t`."""
+    if self.config.prediction == "velocity":
+      return out
+    t = jnp.maximum(t, X0_MIN_T)[:, :, None, None, None]  # [B, F] -> [B, F, 1, 1, 1]
+    return (noise.astype(jnp.float32) - out) / t
 
   def step(self, noise, recycled, control, t, cache, text_kv):
     """One cached autoregressive step: generates the frame `cache['index']`.
@@ -278,13 +323,7 @@ class CausalDiT(nn.Module):
     _, ph, pw = c.patch_size
     if x.shape[2] % ph or x.shape[3] % pw:
       raise ValueError(f"latent size {x.shape[2:4]} is not divisible by the patch {c.patch_size[1:]}")
-    x = nn.Conv(
-        c.dim, kernel_size=tuple(c.patch_size), strides=tuple(c.patch_size), padding="VALID",
-        dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), name="patch_embedding",
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, "in_channels", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(x)  # [B, F, h/2, w/2, dim]
-    b, f, gh, gw, d = x.shape
-    return x.reshape(b, f, gh * gw, d)
+    return PatchEmbedding(c, name="patch_embedding")(x)  # [B, F, h/2 * w/2, dim]
 
   def _head(self, h, temb, hh, ww):
     c = self.config

@@ -68,8 +68,8 @@ class RandomLatents:
                                   for j in range(f)]) for i in range(b)])
     control_dim = int(d.get("control_dim", 0))
     controls = np.zeros((b, d.frames, control_dim), np.float32)
-    if control_dim:
-      controls[:, 1:, 0] = direction[:, None] * 2.0 - 1.0
+    if control_dim:  # +-0.1: inside every control's limits (a camera pan of 0.1 rad per frame)
+      controls[:, 1:, 0] = 0.1 * (direction[:, None] * 2.0 - 1.0)
     if c.model.get("caption_vocab_size", 0):
       text = rng.integers(2, c.model.caption_vocab_size, size=(b, d.get("text_len", 8))).astype(np.int32)
     else:  # a text-embedding model (Wan sizes): random embeddings [b, L, text_dim]
