@@ -116,7 +116,9 @@ def test_one_step_smoke_and_loss_decreases_on_a_fixed_batch(single, reference):
     assert np.isfinite(losses[-1]) and int(m["nonfinite_total"]) == 0
   assert int(state["step"]) == 30
   assert set(m) >= {"loss", "grad_norm", "learning_rate"}
-  assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+  # 0.7: with the token-rule shift (1.4 at 4 tokens) and ray-map controls the ratio is ~0.61-0.66
+  # after 30 steps (it was 0.60 with shift 24 and raw controls); the fit is what this checks.
+  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
 
 
 def test_gradient_accumulation_matches_one_big_batch(single, reference):
