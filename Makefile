@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 # Tests use 8 virtual CPU devices (tests/conftest.py); two workers match the 2-core CI machine.
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo stream test test-all e2e bench aot clean
+.PHONY: demo stream test test-all e2e bench aot tensorboard clean
 
 $(VENV)/.installed-core: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,8 @@ $(VENV)/.installed-core: setup.cfg pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed-core
-	# torch is pinned to the CPU build that lies on the machines' disk (parity tests only).
+	# torch is pinned to the CPU build that lies on the machines' disk (parity tests only). Elsewhere
+	# the pin alone gets the multi-GB CUDA build: install the CPU build first (BUILD.md).
 	$(PIP) install --quiet -e '.[test,parity]'
 	touch $@
 
@@ -45,6 +46,13 @@ e2e: $(VENV)/.installed-test
 	$(PIP) install --quiet -e '.[e2e]'
 	@test -x /usr/bin/chromium || { echo "make e2e needs: apt-get install -y chromium"; exit 1; }
 	APT2_SCREENSHOT=$${APT2_SCREENSHOT:-build/demo_page.png} $(PY) -m pytest -q -m e2e tests/e2e
+
+# TensorBoard over a run (or the pipeline's root): scalars, config/hparams, evaluation rollouts,
+# profiles (xprof plugin). LOGDIR=... to choose; binds localhost:6006.
+LOGDIR ?= demo_out/pipeline
+tensorboard: $(VENV)/.installed-core
+	$(PIP) install --quiet -e '.[tensorboard]'
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -5,8 +5,8 @@
 Builds the generator (`small`: ~30M parameters) and the streaming VAE decoder with random weights
 (no download), encodes a first frame, then streams `--frames` latent frames (4 video frames each)
 through the KV-cached 1-NFE step and the streaming VAE decode, each jitted once with the caches
-donated. Prints per-step latency and frames per second, and writes the stream as MP4/GIF and a
-JSON of the timings into `--out_dir`. Random weights draw noise-like frames: this measures the
+donated. Logs per-step latency and frames per second, and writes the stream as MP4/GIF and a
+JSON of the timings into `--out_dir` (the log names the files). Random weights draw noise-like frames: this measures the
 real computation; `make demo`'s toy pipeline trains the weights.
 """
 from __future__ import annotations
@@ -15,11 +15,13 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from apt2_jax import runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("size", "small", "model size (apt2_jax/configs/sizes.py)")
@@ -29,6 +31,7 @@ flags.DEFINE_integer("width", 256, "pixels")
 flags.DEFINE_string("vae_size", None, "VAE size (default: tiny for the tiny model, else small)")
 flags.DEFINE_string("out_dir", "demo_out/stream", "where the MP4/GIF and timings JSON go")
 flags.DEFINE_integer("seed", 0, "noise seed")
+runtime.define_flags()
 
 
 def first_frame_image(height: int, width: int) -> np.ndarray:
@@ -44,7 +47,7 @@ def first_frame_image(height: int, width: int) -> np.ndarray:
 
 
 def stream(size="small", frames=120, height=256, width=256, vae_size=None, seed=0, out_dir=None,
-           log=lambda s: print(s, flush=True)):
+           log=logging.info):
   """Runs the stream; returns a dict of timings (and writes media when `out_dir` is set).
 
   The computation is `apt2_jax.generation.stream`'s jitted `step` and `decode` (the functions
@@ -117,7 +120,9 @@ def stream(size="small", frames=120, height=256, width=256, vae_size=None, seed=
     from apt2_jax import media
     media.write_mp4(os.path.join(out_dir, "stream.mp4"), frames_u8, fps=24)
     media.write_gif(os.path.join(out_dir, "stream.gif"), frames_u8[:97], fps=24)
-    log(f"[demo] wrote {os.path.join(out_dir, 'stream.mp4')}, stream.gif and stream.json")
+    out_dir = os.path.abspath(out_dir)
+    result["files"] = [os.path.join(out_dir, n) for n in ("stream.mp4", "stream.gif", "stream.json")]
+    log(f"[demo] wrote {', '.join(result['files'])}")
   log(f"[demo] {frames} latent frames ({1 + 4 * frames} video frames): DiT step "
       f"{result['step_latency_ms']:.1f} ms, VAE decode {result['decode_latency_ms']:.1f} ms per latent frame "
       f"-> {result['fps']:.1f} fps (DiT alone {result['dit_fps']:.1f} fps)")
@@ -126,6 +131,7 @@ def stream(size="small", frames=120, height=256, width=256, vae_size=None, seed=
 
 def main(argv):
   del argv
+  runtime.setup()
   stream(FLAGS.size, FLAGS.frames, FLAGS.height, FLAGS.width, FLAGS.vae_size, FLAGS.seed, FLAGS.out_dir)
 
 

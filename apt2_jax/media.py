@@ -5,10 +5,35 @@ Frames are uint8 `[frames, height, width, 3]` (or an iterable of `[height, width
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable, Optional
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def _plain_spawn():
+  """Starts ffmpeg without a Python `preexec_fn`.
+
+  imageio-ffmpeg puts ffmpeg in its own process group (`preexec_fn=os.setpgrp`, so that Ctrl-C
+  does not kill it mid-write). A `preexec_fn` is Python code run between fork and exec, which
+  runs the interpreter's fork hooks: JAX's then warns on every MP4 that `os.fork()` in a
+  multithreaded process may deadlock (the child would run Python while JAX's threads hold their
+  locks). Without it the child only execs (`_posixsubprocess` runs no Python, no hooks): no
+  warning and no risk; ffmpeg then receives a Ctrl-C with us and ends its file itself.
+  `IMAGEIO_FFMPEG_NO_PREVENT_SIGINT` is imageio-ffmpeg's switch for exactly this.
+  """
+  key = "IMAGEIO_FFMPEG_NO_PREVENT_SIGINT"
+  previous = os.environ.get(key)
+  os.environ[key] = "1"
+  try:
+    yield
+  finally:
+    if previous is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = previous
 
 
 def _check(frames: np.ndarray) -> np.ndarray:
@@ -47,7 +72,8 @@ class VideoWriter:
           self.path, (w, h), fps=self.fps, codec="libx264", pix_fmt_out="yuv420p",
           quality=self.quality, macro_block_size=1, ffmpeg_log_level="error",
           output_params=["-movflags", "+faststart"])
-      self._writer.send(None)
+      with _plain_spawn():
+        self._writer.send(None)  # starts ffmpeg
     for frame in frames:
       self._writer.send(np.ascontiguousarray(frame))
       if self.gif_path and len(self._gif_frames) < self.gif_max_frames:
@@ -92,7 +118,8 @@ def write_gif(path: str, frames, fps: float = 24.0, loop: int = 0) -> str:
 def read_video(path: str) -> np.ndarray:
   """Reads a video (MP4 or GIF) back as uint8 `[T, H, W, 3]` (for tests and tools)."""
   import imageio.v3 as iio
-  frames = iio.imread(path, index=None)
+  with _plain_spawn():  # MP4s are read through ffmpeg too
+    frames = iio.imread(path, index=None)
   frames = np.asarray(frames)
   if frames.ndim == 3:
     frames = frames[None]

@@ -32,8 +32,7 @@ from apt2_jax import checkpointing
 
 
 def _log(msg: str):
-  print(f"[pipeline] {msg}", flush=True)
-  logging.info(msg)
+  logging.info("[pipeline] %s", msg)
 
 
 def _is_done(workdir: str, stage_config) -> bool:

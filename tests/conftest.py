@@ -20,6 +20,13 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_threefry_partitionable", True)
 
+# The per-user persistent compilation cache every command uses (apt2_jax/runtime.py): a rerun of
+# the suite loads the programs it compiled before. APT2_COMPILATION_CACHE=off (or a directory)
+# applies here too; modules that measure caching point JAX at their own temporary cache.
+from apt2_jax import runtime  # noqa: E402
+
+runtime.enable_compilation_cache(runtime.cache_dir_setting())
+
 import pytest  # noqa: E402
 
 

@@ -1,6 +1,7 @@
 """The benchmark in CI size: every figure present and sane (nothing here is timed), the AOT path
 on tiny configs, the peak-FLOP table, and that the streaming figures time the generation path's
 own step."""
+import glob
 import json
 import math
 
@@ -48,6 +49,34 @@ def test_benchmark_tiny_one_device():
   _check(benchmark.run(ci_config()), devices=1)
 
 
+def test_inspect_profiles_and_dumps_cost_analysis(tmp_path):
+  """`--profile_dir` / `--dump_dir` on one small program (the benchmark's own runs: slow test)."""
+  f = jax.jit(lambda x: jnp.tanh(x @ x))
+  x = jnp.ones((32, 32))
+  inspect = benchmark.Inspect(str(tmp_path / "profile"), 2, str(tmp_path / "cost"))
+  inspect.profile("matmul", f, x)
+  cost = inspect.dump("matmul", f.lower(x).compile())
+  assert cost["flops"] >= 2 * 32 ** 3
+  assert glob.glob(str(tmp_path / "profile" / "matmul" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  assert glob.glob(str(tmp_path / "profile" / "matmul" / "plugins" / "profile" / "*" / "perfetto_trace.json.gz"))
+  assert "dot" in (tmp_path / "cost" / "matmul.hlo.txt").read_text()
+  assert benchmark.Inspect().profile("none", f, x) is x  # off by default: nothing runs
+
+
+@pytest.mark.slow  # the tiny benchmark plus profiles of its four programs and two more compiles
+def test_benchmark_profiles_and_dumps_every_program(tmp_path):
+  inspect = benchmark.Inspect(str(tmp_path / "profile"), 1, str(tmp_path / "cost"))
+  result = benchmark.run(ci_config(), inspect)
+  _check(result, devices=1)
+  for name in ("stream_step", "vae_decode", "stage1_train_step", "stage3_train_step"):
+    assert glob.glob(str(tmp_path / "profile" / name / "plugins" / "profile" / "*" / "*.xplane.pb")), name
+    assert glob.glob(str(tmp_path / "profile" / name / "plugins" / "profile" / "*" / "perfetto_trace.json.gz"))
+    with open(tmp_path / "cost" / f"{name}.cost.json") as f:
+      assert json.load(f)["cost_analysis"]["flops"] > 0, name
+    assert (tmp_path / "cost" / f"{name}.hlo.txt").stat().st_size > 0
+  assert result["step_xla_flops"] > 0 and result["stage3_xla_flops"] > 0
+
+
 @pytest.mark.slow
 def test_benchmark_tiny_eight_devices(devices):
   c = ci_config(num_devices=0, batch=2)
@@ -73,6 +102,8 @@ def test_aot_tiny_compiles_stream_and_train_without_running(devices):
 def test_peak_table_and_config_validation():
   assert benchmark.spec_peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
   assert benchmark.spec_peak_flops("NVIDIA H200", "bfloat16") == 989e12
+  assert benchmark.spec_peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12  # not the SXM figure
+  assert benchmark.spec_peak_flops("NVIDIA H100 NVL", "float32") == 60e12
   assert benchmark.spec_peak_flops("cpu", "float32") is None
   assert set(benchmark.AOT_CASES) >= {"stream_736x416_n30_1dev", "stream_1280x720_n15_8dev"}
   c = bench_cfg.get_config("small")

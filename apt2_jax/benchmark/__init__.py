@@ -13,6 +13,8 @@
   aot        AOT_CASES, aot_case, run_aot: compile-only cases on virtual CPU devices
   suite      run(config): every figure of one config as a dict
   report     table, aot_table, write_json
+  programs   Inspect: jax.profiler traces of steady-state calls, XLA cost analyses (--profile_dir,
+             --dump_dir)
   cli        the absl flags and `main` (`python -m apt2_jax.benchmark`)
 
 Names are loaded on first use, so that importing this package neither starts a JAX backend nor
@@ -29,8 +31,9 @@ _EXPORTS = {
     "Setup": "setup", "make_setup": "setup", "init_sharded_params": "setup",
     "streaming_figures": "streaming", "stream_fns": "streaming",
     "training_figures": "training", "stage_step": "training",
+    "Inspect": "programs",
 }
-_MODULES = ("aot", "cli", "report", "setup", "streaming", "suite", "timing", "training")
+_MODULES = ("aot", "cli", "programs", "report", "setup", "streaming", "suite", "timing", "training")
 __all__ = sorted(_EXPORTS)
 
 

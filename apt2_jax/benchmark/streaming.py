@@ -141,8 +141,10 @@ def make_recompute_fn(s: Setup, batch: int, frames: int):
   return jax.jit(recompute, in_shardings=(s.param_sharding, zs, zs, s.batch_sharding(s.text_shape(batch).shape)))
 
 
-def dit_figures(s: Setup, fns: StreamFns, params, prompt, peak: float) -> dict:
-  """Cached step (steady and at the growth frames), peer block, recompute, FLOPs and MFU."""
+def dit_figures(s: Setup, fns: StreamFns, params, prompt, peak: float, inspect=None) -> dict:
+  """Cached step (steady and at the growth frames), peer block, recompute, FLOPs and MFU.
+
+  `inspect` (`programs.Inspect`): profile the steady step, dump its cost analysis."""
   c, mc, (h, w) = s.config, s.model_config, s.latent_hw
   b, n = c.batch, mc.window
   ks = jax.random.split(jax.random.key(c.seed + 1), 2)
@@ -159,6 +161,12 @@ def dit_figures(s: Setup, fns: StreamFns, params, prompt, peak: float) -> dict:
 
     steady = n + 2  # the ring is full from index N + 1 on
     out["step_latency_ms"] = timed(fns.step, steady, c.reps)
+    if inspect is not None:
+      inspect.profile("stream_step", lambda st: fns.step(params, st, tkv, control)[1],
+                      fns.new_state(latent0, jnp.int32(steady)))
+      if inspect.dump_dir:
+        cost = inspect.dump("stream_step", fns.step.lower(*abstract_step_args(s, fns, b)).compile())
+        out["step_xla_flops"] = cost.get("flops")
     peer_ms = timed(fns.peer, steady, max(2, c.reps // 2))
     out["peer_block_latency_ms"] = peer_ms
     out["nfe_speedup"] = peer_ms / out["step_latency_ms"]
@@ -184,7 +192,7 @@ def dit_figures(s: Setup, fns: StreamFns, params, prompt, peak: float) -> dict:
   return out
 
 
-def vae_figures(s: Setup, fns: StreamFns, params, prompt) -> dict:
+def vae_figures(s: Setup, fns: StreamFns, params, prompt, inspect=None) -> dict:
   """`stream.decode` of one latent frame, and the first-frame latency of a new stream."""
   c, (h, w) = s.config, s.latent_hw
   b, vcfg = c.batch, s.vae_config
@@ -197,7 +205,12 @@ def vae_figures(s: Setup, fns: StreamFns, params, prompt) -> dict:
   jitted = stream.compiled(fns.spec)  # start / decode: unsharded, where the VAE parameters live
   z = jax.device_put(jax.random.normal(jax.random.key(c.seed + 3), (b, 1, h, w, vcfg.z_dim)), device)
   _, dcache = jitted.decode(vparams, vae_lib.init_decode_cache(vae, b, h, w), z, first=True)
-  decode_ms, _ = time_carry_ms(lambda dc: jitted.decode(vparams, dc, z)[1], dcache, reps=c.reps, warmup=c.warmup)
+  if inspect is not None and inspect.dump_dir:
+    inspect.dump("vae_decode", jitted.decode.lower(vparams, dcache, z).compile())
+  decode_ms, dcache = time_carry_ms(lambda dc: jitted.decode(vparams, dc, z)[1], dcache, reps=c.reps,
+                                    warmup=c.warmup)
+  if inspect is not None:
+    inspect.profile("vae_decode", lambda dc: jitted.decode(vparams, dc, z)[1], dcache)
   out = {"decode_latency_ms": decode_ms, "vae_size": c.vae_size}
 
   image = jax.device_put(jnp.zeros((b, c.height, c.width, 3), jnp.uint8), device)
@@ -217,12 +230,13 @@ def vae_figures(s: Setup, fns: StreamFns, params, prompt) -> dict:
   return out
 
 
-def streaming_figures(s: Setup, params, peak: float, progress=lambda what: None) -> dict:
-  """Every streaming figure of `s.config` (the DiT's, then the VAE's)."""
+def streaming_figures(s: Setup, params, peak: float, progress=lambda what: None, inspect=None) -> dict:
+  """Every streaming figure of `s.config` (the DiT's, then the VAE's); `inspect`
+  (`programs.Inspect`) profiles the steady step and decode and dumps their cost analyses."""
   c = s.config
   fns = stream_fns(s, c.batch, c.seed)
   prompt = jax.device_put(s.text(c.batch, jax.random.key(c.seed + 4)), s.batch_sharding(s.text_shape(c.batch).shape))
-  out = dit_figures(s, fns, params, prompt, peak)
+  out = dit_figures(s, fns, params, prompt, peak, inspect)
   progress(f"VAE decode ({c.vae_size}) and first frame; DiT step {out['step_latency_ms']:.2f} ms")
-  out.update(vae_figures(s, fns, params, prompt))
+  out.update(vae_figures(s, fns, params, prompt, inspect))
   return out

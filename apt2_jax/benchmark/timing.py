@@ -18,14 +18,19 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 # Dense peak FLOP/s per device by `device_kind` substring and compute dtype (vendor spec sheets;
-# bfloat16 is the tensor-core figure without sparsity, float32 the non-tensor-core figure).
+# bfloat16 is the tensor-core figure without sparsity, float32 the non-tensor-core figure). The
+# first matching key wins, so the PCIe and NVL boards come before their SXM namesakes: an H100 SXM
+# reports e.g. "NVIDIA H100 80GB HBM3", a PCIe board "NVIDIA H100 PCIe" (756 TFLOP/s, not 989).
 PEAK_FLOPS = {
-    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
-    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
-    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12},
+    "H100 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12},
+    "H200 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12},
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},       # SXM
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},       # SXM
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},     # SXM and PCIe alike
     "L40S": {"bfloat16": 362e12, "float16": 362e12, "float32": 91.6e12},
 }
-H100_BF16_PEAK = PEAK_FLOPS["H100"]["bfloat16"]
+H100_BF16_PEAK = PEAK_FLOPS["H100"]["bfloat16"]  # SXM: the projections assume it
 H100_MEMORY_BYTES = 80e9
 PAPER_STEP_S = 0.16  # AAPT: one 8B step (4 video frames) at 736x416 on one H100
 VIDEO_FRAMES_PER_LATENT = 4
@@ -33,8 +38,9 @@ VIDEO_FRAMES_PER_LATENT = 4
 
 def spec_peak_flops(device_kind: str, dtype: str) -> float | None:
   """The spec-sheet peak of one device, or None when the kind is not in `PEAK_FLOPS`."""
+  kind = " ".join(device_kind.lower().split())
   for name, table in PEAK_FLOPS.items():
-    if name.lower() in device_kind.lower():
+    if name.lower() in kind:
       return table.get(dtype)
   return None
 

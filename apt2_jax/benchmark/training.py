@@ -129,8 +129,9 @@ def step_flops(s: Setup, name: str, batch: int, frames: int) -> float:
   return flops.stage3_step_flops(mc, batch=batch, steps=frames, tokens=s.tokens, text_len=c.text_len)
 
 
-def training_figures(s: Setup, peak: float) -> dict:
-  """Compile, then time each stage's step on a random state and a fixed random batch."""
+def training_figures(s: Setup, peak: float, inspect=None) -> dict:
+  """Compile, then time each stage's step on a random state and a fixed random batch; `inspect`
+  (`programs.Inspect`) profiles each step and dumps its cost analysis."""
   c = s.config
   tb = c.train.batch
   frames = {"stage1": c.train.clip_frames, "stage3": c.train.rollout_steps}
@@ -142,10 +143,16 @@ def training_figures(s: Setup, peak: float) -> dict:
       st = stage_step(s, name, tb, frames[name])
       compiled = st.fn.lower(*st.args).compile()
       out[f"{name}_peak_bytes_per_device"] = memory_bytes(compiled)
+      if inspect is not None and inspect.dump_dir:
+        out[f"{name}_xla_flops"] = inspect.dump(f"{name}_train_step", compiled).get("flops")
       batch = materialise(st.batch, c.seed + 10)
       frozen = st.stage.frozen
-      ms, _ = time_carry_ms(lambda state: compiled(state, frozen, batch)[0], st.init(c.seed),
-                            reps=c.train.reps, warmup=1)
+      ms, state = time_carry_ms(lambda state: compiled(state, frozen, batch)[0], st.init(c.seed),
+                                reps=c.train.reps, warmup=1)
+      if inspect is not None:
+        state = inspect.profile(f"{name}_train_step", lambda state: compiled(state, frozen, batch)[0], state,
+                                warmup=0)
+      del state
       fl = step_flops(s, name, tb, frames[name])
       out[f"{name}_step_ms"] = ms
       out[f"{name}_flops"] = fl

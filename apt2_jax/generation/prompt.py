@@ -149,7 +149,8 @@ class TextEncoder:
     """Yields (index range start, embeddings [b, max_length, dim]) over `captions`, `batch_size`
     at a time, with a progress bar."""
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    with tqdm(total=len(captions), desc=desc, unit="caption", disable=not progress) as bar:
+    # disable=None: no bar when stderr is not a terminal
+    with tqdm(total=len(captions), desc=desc, unit="caption", disable=None if progress else True) as bar:
       for start in range(0, len(captions), batch_size):
         chunk = list(captions[start:start + batch_size])
         yield start, self.encode(chunk)
