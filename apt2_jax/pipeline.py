@@ -156,7 +156,7 @@ def evaluate(config, workdir: str) -> dict:
     models[label] = evaluation.model_spec_from_workdir(
         sub, vae_workdir=vae_dir, num_steps=int(spec.get("num_steps", 1)), shift=float(spec.get("shift", 1.0)),
         guidance=float(spec.get("guidance", 1.0)), recycle=bool(spec.get("recycle", True)),
-        cache_from=str(spec.get("cache_from", "first")))
+        cache_from=str(spec.get("cache_from", "matched")))
   out_dir = os.path.join(workdir, "report")
   if ev.get("kind", "") == "testbed":
     return _evaluate_testbed(config, workdir, models, out_dir)

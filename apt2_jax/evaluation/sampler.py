@@ -49,7 +49,7 @@ class ModelSpec:
   shift: float = 1.0
   guidance: float = 1.0
   recycle: bool = True
-  cache_from: str = "first"
+  cache_from: str = "matched"   # multi-step: context at each step's t, as stage 1 trained (`RolloutOptions`)
   benchmark: Optional[dict] = None
 
   @property
@@ -89,7 +89,7 @@ class ModelSpec:
 
 def model_spec_from_workdir(workdir: str, *, vae_workdir: Optional[str] = None, num_steps: int = 1,
                             shift: float = 1.0, guidance: float = 1.0, recycle: bool = True,
-                            key: str = "ema_params", cache_from: str = "first") -> ModelSpec:
+                            key: str = "ema_params", cache_from: str = "matched") -> ModelSpec:
   """A `ModelSpec` from a training workdir (any DiT stage) or an export bundle (`generation.load`).
 
   `vae_workdir`: a `vae`/`vae_distill` workdir or a diffusers AutoencoderKLWan folder; None uses
