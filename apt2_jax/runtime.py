@@ -119,6 +119,7 @@ def setup(*, compilation_cache: str | None = None) -> str | None:
 # ================================================================================================
 
 _FINISHED_SAVE = re.compile(r"Finished (?:save|synchronous save).*? in ([0-9.]+) seconds? @ (\S+)")
+_STATE_METADATA = re.compile(r"Metadata file does not exist: .*/state/_CHECKPOINT_METADATA")
 _NOISE = (
     re.compile(r"Unable to initialize backend '(tpu|cuda|rocm)'"),
 )
@@ -131,16 +132,14 @@ class ConsoleFilter(py_logging.Filter):
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     if record.levelno >= py_logging.WARNING:
-      return True
+      # load_params reads `<step>/state` as a checkpoint of its own: orbax then misses the step's
+      # metadata file there, which is expected and harmless
+      return not (record.levelno == py_logging.WARNING and _STATE_METADATA.search(_message(record)))
     if getattr(record, "apt2_kept", False):  # rewritten by this filter on the logger already
       return True
     path = record.pathname or ""
     if f"{os.sep}orbax{os.sep}" in path:
-      try:
-        message = record.getMessage()
-      except Exception:  # pragma: no cover - a malformed record: drop it like the rest
-        return False
-      m = _FINISHED_SAVE.search(message)
+      m = _FINISHED_SAVE.search(_message(record))
       if not m:
         return False
       record.msg, record.args = "saved checkpoint %s (%.1f s)", (m.group(2), float(m.group(1)))
@@ -149,6 +148,13 @@ class ConsoleFilter(py_logging.Filter):
     if any(p.search(str(record.msg)) for p in _NOISE):
       return False
     return True
+
+
+def _message(record: py_logging.LogRecord) -> str:
+  try:
+    return record.getMessage()
+  except Exception:  # pragma: no cover - a malformed record
+    return str(record.msg)
 
 
 _FILTER = ConsoleFilter()

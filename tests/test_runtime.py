@@ -43,7 +43,9 @@ def test_console_filter_keeps_one_line_per_save():
   done = _record(orbax, "[process=0] [async] Finished save (blocking + background) in 1.35 seconds @ /w/checkpoints/3")
   assert f.filter(done) and done.getMessage() == "saved checkpoint /w/checkpoints/3 (1.4 s)"
   assert f.filter(done)  # the logger's and the handler's filter both see it
-  assert f.filter(_record(orbax, "disk full", level=py_logging.WARNING))  # warnings always pass
+  assert f.filter(_record(orbax, "disk full", level=py_logging.WARNING))  # warnings pass
+  assert not f.filter(_record(orbax, "Metadata file does not exist: /w/checkpoints/3/state/_CHECKPOINT_METADATA",
+                              level=py_logging.WARNING))  # but this expected one of load_params
   assert not f.filter(_record("xla_bridge.py", "Unable to initialize backend 'tpu': INTERNAL: ..."))
   assert f.filter(_record("loop.py", "resumed from /w at step 3"))
 
