@@ -98,8 +98,10 @@ def run_pipeline(config, workdir: str) -> dict:
   curves = training_curves(plan, os.path.join(workdir, "report"))
   report = {}
   if config.evaluation.enabled:
-    _log(f"evaluation on {config.evaluation.num_worlds} held-out {config.world} worlds, "
-         f"{', '.join(f'{float(d):g}' for d in config.evaluation.durations)} s rollouts; {(time.time() - start) / 60:.1f} min elapsed")
+    durations = config.evaluation.get("durations", None)
+    _log(f"evaluation on {config.evaluation.num_worlds} {config.world} worlds per set"
+         + (f", {', '.join(f'{float(d):g}' for d in durations)} s rollouts" if durations else "")
+         + f"; {(time.time() - start) / 60:.1f} min elapsed")
     t0 = time.time()
     report = evaluate(config, workdir)
     timings["evaluation"] = time.time() - t0

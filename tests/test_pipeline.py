@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from apt2_jax import pipeline
-from apt2_jax.configs import toy_pipeline
+from apt2_jax.configs import testbed, toy_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,15 +35,26 @@ def test_stage_chain_points_each_stage_at_the_previous_one(tmp_path):
   assert not pipeline._is_done(path("vae"), plan["vae"][0])
 
 
-def test_tiny_pipeline_end_to_end_then_the_readme_commands_on_its_output(tmp_path):
-  """`make demo`'s job at tiny size, then the README's commands in order on what it wrote:
-  sample from the workdir, export a bundle (the CLI, from another directory), sample from the
-  bundle, and the demo server answering one step of the bundle's stream."""
+@pytest.mark.slow  # the camera world's chain (VAE stage included); make demo runs the testbed's
+def test_toy_pipeline_end_to_end(tmp_path):
   config = toy_pipeline.get_config("tiny")
   pipeline.run_pipeline(config, str(tmp_path))
   report = json.load(open(tmp_path / "report" / "report.json"))
   assert set(report["models"]) >= {"diffusion_stage1", "distilled_1nfe", "aapt"}
   assert (tmp_path / "report" / "training_curves.png").exists()
+  summary = json.load(open(tmp_path / "pipeline_summary.json"))
+  assert "adversarial" in summary["final_train_metrics"]
+
+
+def test_testbed_pipeline_end_to_end_then_the_readme_commands_on_its_output(tmp_path):
+  """`make demo`'s job (the testbed) at tiny size, then the README's commands in order on what it
+  wrote: sample from the AAPT workdir, export a bundle (the CLI, from another directory), sample
+  from the bundle, and the demo server answering one step of the bundle's stream."""
+  config = testbed.get_config("tiny")
+  pipeline.run_pipeline(config, str(tmp_path))
+  report = json.load(open(tmp_path / "report" / "report.json"))
+  assert set(report["claims"]) == {"a", "b", "c", "d"} and report["learning"]["teacher_forced"]
+  assert (tmp_path / "report" / "claims.md").exists() and (tmp_path / "report" / "training_curves.png").exists()
   summary = json.load(open(tmp_path / "pipeline_summary.json"))
   assert "adversarial" in summary["final_train_metrics"]
 
@@ -66,10 +77,10 @@ def test_tiny_pipeline_end_to_end_then_the_readme_commands_on_its_output(tmp_pat
     assert media.read_video(str(out)).shape[0] == 9
     assert os.path.exists(os.path.splitext(str(out))[0] + ".gif")
 
-  run_sample(tmp_path / "long_video", tmp_path / "out.mp4")
+  run_sample(tmp_path / "adversarial", tmp_path / "out.mp4")
   bundle = tmp_path / "bundle"
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  done = subprocess.run([sys.executable, "-m", "apt2_jax.export", f"--checkpoint={tmp_path / 'long_video'}",
+  done = subprocess.run([sys.executable, "-m", "apt2_jax.export", f"--checkpoint={tmp_path / 'adversarial'}",
                          f"--out={bundle}"], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
   assert (bundle / "bundle.json").exists() and (bundle / "dit_step.jaxexport").exists()
