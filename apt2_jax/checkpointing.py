@@ -6,6 +6,9 @@ Layout of a workdir (one stage run):
   {workdir}/checkpoints/{step}/data/     the grain iterator state, one JSON file per process
                                          (`process_{i}-of-{n}.json`, grain's orbax handler)
   {workdir}/checkpoints/{step}/config/   the run's ConfigDict as JSON (never pickle)
+  {workdir}/checkpoints/{step}/fingerprints/   one uint32 per array of the state (JSON): readers
+                                         check the arrays they restore against it, so garbled
+                                         array data fails to restore instead of loading garbage
   {workdir}/metrics.jsonl, {workdir}/tensorboard/   (written by `apt2_jax.train.metrics`)
 
 Every stage, the VAE's included, uses this layout. The state is a plain dict (see
@@ -14,12 +17,23 @@ under `params` and, when `config.ema_decay > 0`, their EMA under `ema_params`; o
 statistics (stage 3's discriminator, the VAE's `latent_stats`) live under their own keys. So
 `load_params(dir, key=...)` works for any stage without knowing it, and restores only the
 requested subtree (`partial_restore`).
+
+Damaged checkpoints: every reader (`restore` for resuming, `load_params`, `load_config`, and so
+`generation.load`, `generation.vae.load_vae`, sample, export, serve) goes through `newest_intact`:
+a step that fails to restore (unreadable or garbled arrays, metadata, data-iterator state or
+config; a step without `state/`) is reported with its path and the reason, and the next older
+step is used, with a warning that names both steps. When no step is intact, one
+`CheckpointError` lists each step and its reason. Nothing is deleted; resuming training moves the
+damaged steps newer than the one it resumes from to `{workdir}/damaged_checkpoints/` (the run
+saves those steps again), see `set_aside`.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -34,7 +48,19 @@ try:  # grain registers its orbax handler (CheckpointSave / CheckpointRestore) o
 except (ImportError, AttributeError):  # pragma: no cover
   _GRAIN_SAVE = _GRAIN_RESTORE = None
 
-STATE, DATA, CONFIG = "state", "data", "config"
+STATE, DATA, CONFIG, FINGERPRINTS = "state", "data", "config", "fingerprints"
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored: a requested step, or every step of a directory."""
+
+
+class MissingEntryError(KeyError):
+  """The requested state entry does not exist (a caller's mistake, not damage: no fallback)."""
+
+  def __str__(self):
+    return str(self.args[0]) if self.args else ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -48,11 +74,13 @@ def checkpoint_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
-def _steps(directory: str) -> list[int]:
+def _steps(directory: str, with_state: bool = True) -> list[int]:
+  """Saved steps (directories named by an integer), those with a `state/` folder by default."""
   if not os.path.isdir(directory):
     return []
   return sorted(int(n) for n in os.listdir(directory)
-                if re.fullmatch(r"\d+", n) and os.path.isdir(os.path.join(directory, n, STATE)))
+                if re.fullmatch(r"\d+", n) and os.path.isdir(os.path.join(directory, n))
+                and (not with_state or os.path.isdir(os.path.join(directory, n, STATE))))
 
 
 def resolve(path: str, step: int | None = None) -> tuple[str, int]:
@@ -86,6 +114,236 @@ def has_checkpoint(path: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
+# Falling back past damaged steps
+# ------------------------------------------------------------------------------------------------
+
+def _reason(e: BaseException) -> str:
+  """One line saying why a restore failed (TensorStore errors carry pages of spec)."""
+  text = str(e).split("See full TensorStore details")[0]
+  if isinstance(e, KeyError) and not isinstance(e, MissingEntryError):
+    text = f"missing entry {text}"
+  text = " ".join(text.split())
+  cause = e.__cause__ or e.__context__
+  if type(e) is Exception and cause is not None:  # orbax's generic wrapper: the cause says why
+    text = f"{text} ({_reason(cause)})"
+  text = text if len(text) <= 300 else text[:297] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _check_json(step_dir: str, parts=(STATE, DATA, CONFIG, FINGERPRINTS)) -> None:
+  """Raises ValueError naming the first JSON file of the step that does not parse (the state's
+  metadata, the data iterators' states, the config, the fingerprints)."""
+  for part in parts:
+    folder = os.path.join(step_dir, part)
+    if not os.path.isdir(folder):
+      continue
+    for name in sorted(os.listdir(folder)):
+      path = os.path.join(folder, name)
+      is_json = name == "_METADATA" if part == STATE else not name.startswith(("_", "commit"))
+      if not is_json or not os.path.isfile(path):
+        continue
+      try:
+        with open(path, "rb") as f:
+          json.loads(f.read().decode("utf-8"))
+      except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({' '.join(str(e).split())[:120]})") from None
+
+
+def _is_restore_leftover(unraisable) -> bool:
+  """orbax's pending reads of a step that failed to restore, failing again as they are collected
+  (pages of TensorStore spec each) or after their event loop closed: not news, the warning says."""
+  exc, obj = unraisable.exc_value, repr(getattr(unraisable, "object", ""))
+  return ("_read_array_index_and_device_put" in obj or "orbax" in obj
+          or (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)))
+
+
+def _quiet_restore_leftovers() -> None:
+  """Installs (once) an unraisable-exception hook that drops `_is_restore_leftover` reports."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_apt2_quiet", False):
+    return
+
+  def hook(unraisable):
+    if not _is_restore_leftover(unraisable):
+      previous(unraisable)
+  hook._apt2_quiet = True
+  sys.unraisablehook = hook
+
+
+def _agree(ok: bool) -> bool:
+  """Whether every process succeeded (multi-process runs must pick the same step)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def newest_intact(path: str, load, *, step: int | None = None, what: str = "checkpoint"):
+  """`(load(directory, s), s)` for the newest step `s` under `path` that loads.
+
+  A step that fails (any exception but `MissingEntryError`) is reported with its path and the
+  reason, and the next older step is tried; a warning then names the step used and the newest
+  one. `step`, or a step directory as `path`, asks for that step alone: no fallback. Raises
+  FileNotFoundError when `path` holds no checkpoint, CheckpointError when none loads.
+  """
+  directory, newest = resolve(path, step)
+  pinned = step is not None or os.path.abspath(os.fspath(path)) == os.path.join(directory, str(newest))
+  candidates = [newest] if pinned else sorted(_steps(directory, with_state=False), reverse=True)
+  failures = []
+  for s in candidates:
+    step_dir = os.path.join(directory, str(s))
+    error = None
+    try:
+      if not os.path.isdir(os.path.join(step_dir, STATE)):
+        raise FileNotFoundError(f"no {STATE}/ folder")
+      result = load(directory, s)
+    except MissingEntryError:
+      raise
+    except Exception as e:  # noqa: BLE001  any failure to read a step is damage to report
+      error = e
+      _quiet_restore_leftovers()
+      gc.collect()  # orbax's abandoned reads fail now, quietly, not in the middle of the next step
+    if _agree(error is None):
+      if len(failures) == 1:
+        logging.warning("%s: using step %d instead of step %d, which could not be restored (%s)",
+                        directory, s, failures[0][0], failures[0][2])
+      elif failures:
+        logging.warning("%s: using step %d instead of steps %s, which could not be restored (reasons above)",
+                        directory, s, ", ".join(str(f[0]) for f in failures))
+      return result, s
+    reason = _reason(error) if error is not None else "failed on another process"
+    failures.append((s, step_dir, reason))
+    logging.warning("%s %s could not be restored: %s", what, step_dir, reason)
+  if pinned:
+    raise CheckpointError(f"{what} {failures[0][1]} could not be restored: {failures[0][2]}")
+  listing = "; ".join(f"step {s} ({reason})" for s, _, reason in failures)
+  raise CheckpointError(f"no intact {what} under {directory}: {listing}")
+
+
+def set_aside(directory: str, steps) -> list[str]:
+  """Moves damaged step folders out of `directory` (to a sibling `damaged_checkpoints/`), so
+  that a resumed run can save those steps again; nothing is deleted. Returns the new paths."""
+  moved = []
+  target_root = os.path.join(os.path.dirname(os.path.abspath(directory)), DAMAGED_DIR)
+  for s in steps:
+    src = os.path.join(directory, str(s))
+    if not os.path.isdir(src):
+      continue
+    os.makedirs(target_root, exist_ok=True)
+    dst, n = os.path.join(target_root, str(s)), 1
+    while os.path.exists(dst):
+      dst, n = os.path.join(target_root, f"{s}.{n}"), n + 1
+    os.rename(src, dst)
+    moved.append(dst)
+  return moved
+
+
+# ------------------------------------------------------------------------------------------------
+# Fingerprints: one uint32 per array, computed where the array lives (sharded arrays on device)
+# ------------------------------------------------------------------------------------------------
+
+_GOLDEN, _M1, _M2 = 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35
+
+
+def _fmix(h, xp):
+  """murmur3's 32-bit finaliser on uint32 arrays (numpy or jax.numpy; wraps mod 2^32)."""
+  h = h ^ (h >> xp.uint32(16))
+  h = h * xp.uint32(_M1)
+  h = h ^ (h >> xp.uint32(13))
+  h = h * xp.uint32(_M2)
+  return h ^ (h >> xp.uint32(16))
+
+
+def _bits_np(x: np.ndarray) -> np.ndarray:
+  x = np.ascontiguousarray(x)
+  if x.dtype == np.bool_:
+    x = x.astype(np.uint8)
+  size = x.dtype.itemsize
+  if size == 8:
+    return x.reshape(-1).view(np.uint32)
+  return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[size]).reshape(-1).astype(np.uint32)
+
+
+def _fingerprint_np(x) -> int:
+  """The fingerprint of a host array: sum_i fmix(bits_i + i * golden) mod 2^32 (row-major i)."""
+  bits = _bits_np(np.asarray(x))
+  with np.errstate(over="ignore"):
+    idx = np.arange(bits.size, dtype=np.uint64).astype(np.uint32)
+    h = _fmix(bits + idx * np.uint32(_GOLDEN), np)
+    return int(np.sum(h, dtype=np.uint32))
+
+
+def _fingerprint_jnp(x):
+  """The same fingerprint as `_fingerprint_np`, traced (sharded arrays reduce where they live)."""
+  import jax.numpy as jnp
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = x.dtype.itemsize
+  if size == 8:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2], the words in memory order
+  else:
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]).astype(jnp.uint32)
+  idx = jnp.zeros(bits.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(bits.ndim)):
+    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2 ** 32)
+    stride *= bits.shape[axis]
+  return jnp.sum(_fmix(bits + idx * jnp.uint32(_GOLDEN), jnp), dtype=jnp.uint32)
+
+
+def _is_array(x) -> bool:
+  return hasattr(x, "dtype") and hasattr(x, "shape")
+
+
+def _leaf_names(tree, prefix=()) -> dict:
+  """{'a/b/c': leaf} for the array leaves of a (nested dict / sequence) pytree."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(prefix + tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in p)): x
+          for p, x in flat if _is_array(x)}
+
+
+def fingerprints(tree, prefix=()) -> dict:
+  """{leaf name: uint32 fingerprint} of every array in `tree` (jax arrays on their devices, in one
+  jitted program; numpy arrays on the host)."""
+  leaves = _leaf_names(tree, prefix)
+  dev = {k: v for k, v in leaves.items() if isinstance(v, jax.Array)}
+  out = {k: _fingerprint_np(v) for k, v in leaves.items() if k not in dev}
+  if dev:
+    values = jax.device_get(_device_fingerprints(list(dev.values())))
+    out.update({k: int(v) for k, v in zip(dev, values)})
+  return out
+
+
+@jax.jit
+def _device_fingerprints(arrays):
+  return [_fingerprint_jnp(x) for x in arrays]
+
+
+def _read_fingerprints(step_dir: str) -> dict | None:
+  folder = os.path.join(step_dir, FINGERPRINTS)
+  files = [f for f in os.listdir(folder) if not f.startswith("_") and not f.startswith("commit")] \
+      if os.path.isdir(folder) else []
+  if not files:
+    return None  # saved before fingerprints existed: nothing to check
+  with open(os.path.join(folder, files[0])) as f:
+    return json.load(f)["leaves"]
+
+
+def _verify(step_dir: str, tree, prefix=()) -> None:
+  """Raises ValueError naming the arrays of `tree` whose data differ from the saved fingerprints."""
+  saved = _read_fingerprints(step_dir)
+  if saved is None:
+    return
+  got = fingerprints(tree, prefix)
+  bad = sorted(k for k, v in got.items() if k in saved and int(saved[k]) != v)
+  if bad:
+    raise ValueError(f"array data differ from the fingerprints saved with them (garbled files): "
+                     f"{bad[:3]}{' and %d more' % (len(bad) - 3) if len(bad) > 3 else ''}")
+
+
+# ------------------------------------------------------------------------------------------------
 # The manager: async saves every K steps, keep N
 # ------------------------------------------------------------------------------------------------
 
@@ -104,9 +362,12 @@ def save(manager: ocp.CheckpointManager, step: int, state, *, data_iterator=None
   """Saves (asynchronously) when `step` is due or `force`; returns whether a save started.
 
   Every process must call this with the same step: arrays are global, the iterator state is
-  written per process, the config by the primary process.
+  written per process, the config and the fingerprints by the primary process.
   """
-  items = {STATE: ocp.args.PyTreeSave(state)}
+  if not force and not manager.should_save(step):
+    return False
+  items = {STATE: ocp.args.PyTreeSave(state),
+           FINGERPRINTS: ocp.args.JsonSave({"version": 1, "leaves": fingerprints(state)})}
   if data_iterator is not None and _GRAIN_SAVE is not None:
     items[DATA] = _GRAIN_SAVE(data_iterator)
   if config is not None:
@@ -120,19 +381,48 @@ def abstract_with_shardings(shapes, shardings):
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, *, data_iterator=None, step=None):
-  """Restores `(state, step)`; `abstract_state` holds ShapeDtypeStructs with target shardings.
+  """Restores `(state, step)` from `step`, else the newest intact step (`newest_intact`).
 
+  `abstract_state` holds ShapeDtypeStructs with the target shardings. A step is intact when its
+  state (checked against its fingerprints), its data-iterator state and its config all load.
   The data iterator, when given, is restored in place from this process's saved state.
   """
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-  items = {STATE: ocp.args.PyTreeRestore(
-      item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
-  if data_iterator is not None and _GRAIN_RESTORE is not None:
-    items[DATA] = _GRAIN_RESTORE(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
-  return restored[STATE], step
+  directory = os.fspath(manager.directory)
+  if step is None and not _steps(directory, with_state=False):
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+
+  def load(directory, s):
+    step_dir = os.path.join(directory, str(s))
+    _check_json(step_dir)
+    items = {STATE: ocp.args.PyTreeRestore(
+        item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
+    if data_iterator is not None and _GRAIN_RESTORE is not None and os.path.isdir(os.path.join(step_dir, DATA)):
+      items[DATA] = _GRAIN_RESTORE(data_iterator)
+    if os.path.isdir(os.path.join(step_dir, CONFIG)):
+      items[CONFIG] = ocp.args.JsonRestore()
+    state = manager.restore(s, args=ocp.args.Composite(**items))[STATE]
+    _verify(step_dir, state)
+    return state
+
+  return newest_intact(directory, load, step=step)
+
+
+def resume(manager: ocp.CheckpointManager, abstract_state, *, data_iterator=None):
+  """`restore` for a run that goes on training: the damaged steps newer than the one restored
+  are moved to `{workdir}/damaged_checkpoints/` (`set_aside`, never deleted), so that the run can
+  save those steps again. Returns `(state, step)`."""
+  state, step = restore(manager, abstract_state, data_iterator=data_iterator)
+  directory = os.fspath(manager.directory)
+  newer = [s for s in _steps(directory, with_state=False) if s > step]
+  if newer:
+    moved = set_aside(directory, newer) if jax.process_index() == 0 else []
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("apt2_jax.checkpointing.resume")
+    manager.reload()
+    logging.warning("resuming from step %d; the damaged step(s) %s were moved (not deleted) to %s",
+                    step, ", ".join(map(str, newer)), ", ".join(moved) or "damaged_checkpoints/")
+  return state, step
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,15 +435,21 @@ def config_to_dict(config) -> dict:
   return json.loads(json.dumps(config))
 
 
-def load_config(path: str, step: int | None = None) -> ml_collections.ConfigDict:
-  """The ConfigDict saved with a checkpoint (workdir, checkpoints dir or step dir)."""
-  directory, step = resolve(path, step)
+def _read_config(directory: str, step: int) -> ml_collections.ConfigDict:
   config_dir = os.path.join(directory, str(step), CONFIG)
-  files = [f for f in os.listdir(config_dir) if not f.startswith("_")] if os.path.isdir(config_dir) else []
+  files = [f for f in os.listdir(config_dir) if not f.startswith("_") and not f.startswith("commit")] \
+      if os.path.isdir(config_dir) else []
   if not files:
     raise FileNotFoundError(f"no config saved in {config_dir}")
+  _check_json(os.path.join(directory, str(step)), (CONFIG,))
   with open(os.path.join(config_dir, files[0])) as f:
     return ml_collections.ConfigDict(json.load(f))
+
+
+def load_config(path: str, step: int | None = None) -> ml_collections.ConfigDict:
+  """The ConfigDict saved with a checkpoint (workdir, checkpoints dir or step dir): the newest
+  step whose config reads (`newest_intact`; the arrays are not read)."""
+  return newest_intact(path, _read_config, step=step, what="checkpoint config")[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,38 +463,65 @@ def load_params(path: str, *, key: str = "ema_params", step: int | None = None, 
     path: a workdir, its `checkpoints/` directory, or one step directory.
     key: the state entry, "ema_params" (falls back to "params" with a warning when the run kept
       no EMA) or "params", or any other top-level key (e.g. a discriminator's).
-    step: a saved step (default: the latest).
+    step: a saved step (default: the newest intact one, see `newest_intact`).
     shardings: where to put the arrays: None (numpy on the host), one `jax.sharding.Sharding`
       for every leaf, a pytree of them matching the subtree, or a callable
       `(path: tuple[str, ...], shape) -> Sharding` (e.g. the target layout where shapes agree).
   Returns:
     (params as a nested dict of arrays, the run's ConfigDict).
+  Raises:
+    MissingEntryError (a KeyError) when the state has no `key`; CheckpointError when no step
+    restores.
   """
-  directory, step = resolve(path, step)
-  state_dir = os.path.join(directory, str(step), STATE)
-  checkpointer = ocp.PyTreeCheckpointer()
-  metadata = checkpointer.metadata(state_dir)
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
-  if key not in tree:
-    if key == "ema_params" and "params" in tree:
-      logging.warning("%s has no ema_params (config.ema_decay was 0); loading params", state_dir)
-      key = "params"
-    else:
-      raise KeyError(f"checkpoint {state_dir} has no entry {key!r}; entries: {sorted(tree)}")
-  sub = tree[key]
+  return load_entries(path, (key,), step=step, shardings=shardings)[:2]
+
+
+def load_entries(path: str, keys, *, step: int | None = None, shardings=None):
+  """`load_params` for several entries of one step: `(params or {key: subtree}, config, step)`.
+
+  With one key the first result is that subtree, with several a dict of them; all come from the
+  same (newest intact) step as the config.
+  """
+  keys = tuple(keys)
+
+  def load(directory, s):
+    state_dir = os.path.join(directory, str(s), STATE)
+    _check_json(os.path.dirname(state_dir), (STATE, CONFIG, FINGERPRINTS))
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(state_dir)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, dict):
+      raise ValueError(f"unreadable state metadata in {state_dir}")
+    items, args = {}, {}
+    for key in keys:
+      if key not in tree:
+        if key == "ema_params" and "params" in tree:
+          logging.warning("%s has no ema_params (config.ema_decay was 0); loading params", state_dir)
+          key = "params"
+        else:
+          raise MissingEntryError(f"checkpoint {state_dir} has no entry {key!r}; entries: {sorted(tree)}")
+      items[key], args[key] = _restore_item(tree[key], shardings)
+    restored = checkpointer.restore(
+        state_dir, args=ocp.args.PyTreeRestore(item=items, restore_args=args, partial_restore=True))
+    _verify(os.path.dirname(state_dir), restored)
+    config = _read_config(directory, s)
+    subtrees = [restored["params" if k == "ema_params" and k not in restored else k] for k in keys]
+    return (subtrees[0] if len(keys) == 1 else dict(zip(keys, subtrees))), config
+
+  (params, config), s = newest_intact(path, load, step=step)
+  return params, config, s
+
+
+def _restore_item(sub, shardings):
+  """(item, restore_args) restoring the metadata subtree `sub` as numpy or onto `shardings`."""
   if shardings is None:
-    restore_args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), sub)
-    item = jax.tree.map(lambda m: np.zeros((), np.float32), sub)
-  else:
-    if isinstance(shardings, jax.sharding.Sharding):
-      shardings = jax.tree.map(lambda m, s=shardings: s, sub)
-    elif callable(shardings):
-      shardings = jax.tree_util.tree_map_with_path(
-          lambda p, m, f=shardings: f(tuple(str(getattr(k, "key", k)) for k in p), tuple(m.shape)), sub)
-    item = jax.tree.map(lambda m, sh: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh), sub, shardings)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-  restored = checkpointer.restore(
-      state_dir, args=ocp.args.PyTreeRestore(item={key: item}, restore_args={key: restore_args},
-                                             partial_restore=True))
-  return restored[key], load_config(directory, step)
+    return (jax.tree.map(lambda m: np.zeros((), np.float32), sub),
+            jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), sub))
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda m, s=shardings: s, sub)
+  elif callable(shardings):
+    shardings = jax.tree_util.tree_map_with_path(
+        lambda p, m, f=shardings: f(tuple(str(getattr(k, "key", k)) for k in p), tuple(m.shape)), sub)
+  item = jax.tree.map(lambda m, sh: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh), sub, shardings)
+  return item, ocp.checkpoint_utils.construct_restore_args(item)

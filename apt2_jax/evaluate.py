@@ -138,5 +138,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from apt2_jax import cli
   define_flags()
-  app.run(main)
+  cli.run(main)  # bad inputs: one line and exit status 1

@@ -204,11 +204,19 @@ def main(argv):
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not os.path.isdir(FLAGS.checkpoint):
+    raise app.UsageError(f"--checkpoint={FLAGS.checkpoint}: no such directory (a training workdir or an "
+                         "export bundle)")
+  for name in ("height", "width"):
+    value = getattr(FLAGS, name)
+    if value and (value < 0 or value % 16):
+      raise app.UsageError(f"--{name}={value} must be a positive multiple of 16 (the VAE's 8x stride times "
+                           f"the 2x patch), or 0 for the checkpoint's")
   kwargs = {k: getattr(FLAGS, k) for k in ("height", "width", "batch") if getattr(FLAGS, k)}
-  try:
+  try:  # a damaged newest checkpoint falls back to an older step (checkpointing.newest_intact)
     gen = streaming.StreamingGenerator.from_checkpoint(FLAGS.checkpoint, **kwargs)
   except FileNotFoundError as e:
-    raise app.UsageError(f"--checkpoint: {e}") from None
+    raise app.UsageError(f"--checkpoint={FLAGS.checkpoint}: {e}") from None
   platforms = tuple(FLAGS.platforms.split(",")) if FLAGS.platforms else None
   export_bundle(gen, FLAGS.out, bf16=FLAGS.bf16, serialize=FLAGS.serialize, platforms=platforms)
   print(f"wrote {FLAGS.out}: {sorted(os.listdir(FLAGS.out))}")
@@ -227,6 +235,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
+  from apt2_jax import cli
   _define_flags()
-  app.run(main)
+  cli.run(main)  # bad inputs: one line and exit status 1

@@ -54,4 +54,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from apt2_jax import cli
+  cli.run(main, config_flags=("config",))  # bad flags, configs and checkpoints: one line, exit 1

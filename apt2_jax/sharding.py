@@ -87,8 +87,28 @@ def make_mesh(mesh_config, devices: Sequence[Any] | None = None) -> jax.sharding
 
 
 def rules_from_config(config) -> tuple:
+  """`config.logical_rules` (default `LOGICAL_RULES`), checked by `check_rules`."""
   rules = config.get("logical_rules", None) if hasattr(config, "get") else None
-  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in (rules or LOGICAL_RULES))
+  return check_rules(tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in (rules or LOGICAL_RULES)))
+
+
+def check_rules(rules) -> tuple:
+  """`rules` as a tuple; ValueError naming `config.logical_rules` when an entry is not a known
+  logical axis name mapped to None, a mesh axis or a tuple of mesh axes (a misspelt name would
+  otherwise be ignored silently, and an unknown mesh axis fail deep inside the first compile)."""
+  rules = tuple(tuple(r) for r in rules)
+  known = {name for name, _ in LOGICAL_RULES}
+  bad_entries = [r for r in rules if len(r) != 2 or not isinstance(r[0], str)]
+  if bad_entries:
+    raise ValueError(f"config.logical_rules: entries must be (logical name, mesh axes) pairs, got {bad_entries}")
+  unknown = sorted({name for name, _ in rules} - known)
+  if unknown:
+    raise ValueError(f"config.logical_rules: unknown logical axis name(s) {unknown}; known: {sorted(known)}")
+  for name, axes in rules:
+    for axis in (axes,) if axes is None or isinstance(axes, str) else axes:
+      if axis is not None and axis not in MESH_AXES:
+        raise ValueError(f"config.logical_rules: {name!r} maps to {axis!r}, not a mesh axis {MESH_AXES} or None")
+  return rules
 
 
 def logical_to_sharding(logical_tree, mesh, rules=LOGICAL_RULES):

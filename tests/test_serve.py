@@ -102,6 +102,11 @@ def test_stream_controls_errors_busy_and_disconnect(server):
       assert "control.camera[3]: 5 is outside [-0.25, 0.25] (forward)" in (await _recv_json(ws, "error"))["message"]
       await ws.send("{not json")
       assert "not valid JSON" in (await _recv_json(ws, "error"))["message"]
+      # Deeply nested JSON (past json's recursion limit, or just deep): answered, the session stays.
+      await ws.send("[" * 5000 + "]" * 5000)
+      assert "nested too deeply (at most 32 levels)" in (await _recv_json(ws, "error"))["message"]
+      await ws.send(json.dumps({"type": "control", "camera": json.loads("[" * 40 + "]" * 40)}))
+      assert "nested too deeply" in (await _recv_json(ws, "error"))["message"]
       await ws.send(json.dumps({"type": "control", "keys": ["w", "F13"]}))
       assert "control.keys[1]: unknown key 'F13'" in (await _recv_json(ws, "error"))["message"]
       await ws.send(json.dumps({"type": "teleport"}))

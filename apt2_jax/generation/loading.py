@@ -128,7 +128,13 @@ def _run_vae(config, override: Optional[str], source: str):
   cfg = vae_config_from_block(block)
   if cfg.codec == "learned":  # the lossless pixel codec has no parameters
     log.warning("%s: config.vae.checkpoint is empty; decoding with a RANDOM %r VAE", source, block.get("size", "tiny"))
-  return cfg, vae_lib.init_params(vae_lib.VAE(cfg), jax.random.key(0), 16, 16)
+  return cfg, jax.tree.map(jnp.asarray, _random_vae_params(cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _random_vae_params(cfg: vae_lib.VAEConfig):
+  """Host copies of a random VAE's parameters (its init compiles once per config, not per load)."""
+  return jax.device_get(vae_lib.init_params(vae_lib.VAE(cfg), jax.random.key(0), 16, 16))
 
 
 def _control_of(dit_config: DiTConfig, data) -> tuple[str, str, int]:

@@ -67,15 +67,17 @@ _LOADED: dict = {}
 
 
 def _from_workdir(path: str, overrides: dict):
-  directory, step = checkpointing.resolve(path)
-  key = (directory, step, os.path.getmtime(os.path.join(directory, str(step))), tuple(sorted(overrides.items())))
+  directory, newest = checkpointing.resolve(path)
+  key = (os.path.abspath(path), newest, os.path.getmtime(os.path.join(directory, str(newest))),
+         tuple(sorted(overrides.items())))
   if key not in _LOADED:
-    config = checkpointing.load_config(directory, step)
+    config = checkpointing.load_config(path)  # the stage, before reading any array
     if config.get("stage", None) not in VAE_STAGES:
       raise ValueError(f"{path} is a {config.get('stage', None)!r} workdir, not a VAE stage's "
                        f"({' or '.join(VAE_STAGES)})")
-    params, _ = checkpointing.load_params(directory, key="params", step=step)
-    stats, _ = checkpointing.load_params(directory, key="latent_stats", step=step)
+    # params, statistics and config of one step: the newest intact one (checkpointing.newest_intact)
+    entries, config, _ = checkpointing.load_entries(path, ("params", "latent_stats"))
+    params, stats = entries["params"], entries["latent_stats"]
     cfg = dataclasses.replace(
         vae_config_from_block(config.vae),
         latents_mean=tuple(float(x) for x in np.asarray(stats["mean"])),

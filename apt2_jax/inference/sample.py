@@ -88,32 +88,92 @@ def main(argv):
   if FLAGS.num_frames < 5 or (FLAGS.num_frames - 1) % 4:
     raise app.UsageError(f"--num_frames={FLAGS.num_frames} must be 1 + 4k with k >= 1")
   num_steps = (FLAGS.num_frames - 1) // 4
+  check_flags()
   from apt2_jax.inference.streaming import StreamingGenerator
   kwargs = {k: getattr(FLAGS, k) for k in ("height", "width") if getattr(FLAGS, k)}
-  image = load_image(FLAGS.image)
+  image = read_image_flag(FLAGS.image)
   # Validate the controls before loading anything heavy... except that the control type comes
   # from the model config: read it from the bundle's JSON when there is one.
   kind = _control_type_of(FLAGS.checkpoint)
   steps = [{"control": None, "text": None}] * num_steps
   if FLAGS.controls and kind is not None:
-    try:
-      parsed = controls_lib.load_controls_file(FLAGS.controls, kind)
-      steps = controls_lib.controls_for_steps(parsed, num_steps, FLAGS.controls)
-    except controls_lib.ControlError as e:
-      raise app.UsageError(f"bad controls file: {e}")
+    steps = read_controls_flag(FLAGS.controls, kind, num_steps)
   if FLAGS.text_encoder:  # caption strings -> umT5 embeddings for models that take embeddings
     from apt2_jax.generation import prompt
     prompt.set_text_encoder(FLAGS.text_encoder)
-  gen = StreamingGenerator.from_checkpoint(FLAGS.checkpoint, **kwargs)
+  try:  # a damaged newest checkpoint falls back to an older step (checkpointing.newest_intact)
+    gen = StreamingGenerator.from_checkpoint(FLAGS.checkpoint, **kwargs)
+  except FileNotFoundError as e:
+    raise app.UsageError(f"--checkpoint={FLAGS.checkpoint}: {e}") from None
   if FLAGS.controls and kind is None:
-    try:
-      parsed = controls_lib.load_controls_file(FLAGS.controls, gen.control_type)
-      steps = controls_lib.controls_for_steps(parsed, num_steps, FLAGS.controls)
-    except controls_lib.ControlError as e:
-      raise app.UsageError(f"bad controls file: {e}")
+    steps = read_controls_flag(FLAGS.controls, gen.control_type, num_steps)
   result = sample(gen, image, steps, FLAGS.text, FLAGS.seed, FLAGS.out, FLAGS.fps)
   print(f"wrote {result['mp4']} and {result['gif']}: {result['frames']} frames in "
         f"{result['seconds']:.1f} s ({result['fps']:.1f} fps, compilation included)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs: one line naming the flag (apt2_jax.cli), before anything heavy starts
+# ------------------------------------------------------------------------------------------------
+
+VIDEO_SUFFIX = ".mp4"
+SIZE_MULTIPLE = 16  # the VAE's 8x spatial stride times the DiT's 2x patch
+
+
+def _os_reason(e: OSError) -> str:
+  if isinstance(e, FileNotFoundError):
+    return "no such file"
+  if isinstance(e, IsADirectoryError):
+    return "is a directory, not a file"
+  if isinstance(e, PermissionError):
+    return "cannot be read (permission denied)"
+  return e.strerror or str(e)
+
+
+def check_flags() -> None:
+  """--checkpoint, --height, --width and --out, checked before any model work."""
+  ckpt = FLAGS.checkpoint
+  if not os.path.exists(ckpt):
+    raise app.UsageError(f"--checkpoint={ckpt}: no such directory (a training workdir or an export bundle)")
+  if not os.path.isdir(ckpt):
+    raise app.UsageError(f"--checkpoint={ckpt}: not a directory (a training workdir or an export bundle)")
+  for name in ("height", "width"):
+    value = getattr(FLAGS, name)
+    if value and (value < 0 or value % SIZE_MULTIPLE):
+      raise app.UsageError(f"--{name}={value} must be a positive multiple of {SIZE_MULTIPLE} (the VAE's 8x "
+                           f"stride times the 2x patch), or 0 for the checkpoint's")
+  if os.path.splitext(FLAGS.out)[1].lower() != VIDEO_SUFFIX:
+    raise app.UsageError(f"--out={FLAGS.out}: the video is written as MP4, name it *{VIDEO_SUFFIX} (the GIF "
+                         "goes beside it)")
+  if os.path.isdir(FLAGS.out):
+    raise app.UsageError(f"--out={FLAGS.out}: is a directory")
+
+
+def read_image_flag(path: str) -> np.ndarray:
+  """`load_image(path)`; app.UsageError naming --image when it is not a readable image."""
+  from PIL import UnidentifiedImageError
+  try:
+    return load_image(path)
+  except UnidentifiedImageError:
+    raise app.UsageError(f"--image={path}: not an image (PNG or JPEG expected)") from None
+  except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    raise app.UsageError(f"--image={path}: {_os_reason(e)}") from None
+  except (OSError, SyntaxError, ValueError) as e:  # PIL on damaged files: "truncated", "broken PNG"
+    raise app.UsageError(f"--image={path}: cannot be read as an image ({e})") from None
+
+
+def read_controls_flag(path: str, kind: str, num_steps: int) -> list[dict]:
+  """The controls file's steps for `num_steps`; app.UsageError naming --controls when it cannot be
+  read or is not a valid controls file."""
+  try:
+    parsed = controls_lib.load_controls_file(path, kind)
+    return controls_lib.controls_for_steps(parsed, num_steps, path)
+  except controls_lib.ControlError as e:
+    raise app.UsageError(f"bad controls file: {e}") from None
+  except UnicodeDecodeError:
+    raise app.UsageError(f"--controls={path}: not a text (JSON) file") from None
+  except OSError as e:
+    raise app.UsageError(f"--controls={path}: {_os_reason(e)}") from None
 
 
 def _control_type_of(checkpoint: str):
@@ -126,5 +186,6 @@ def _control_type_of(checkpoint: str):
 
 
 if __name__ == "__main__":
+  from apt2_jax import cli
   define_flags()
-  app.run(main)
+  cli.run(main)  # bad inputs: one line and exit status 1

@@ -65,6 +65,21 @@ class ClientError(ValueError):
   """A client's message is malformed; answered with {"type": "error"}, the stream continues."""
 
 
+MAX_JSON_DEPTH = 32  # the protocol nests 3 levels; deeper messages are answered with an error
+
+
+def _json_depth(value) -> int:
+  """Nesting depth of parsed JSON, without recursion."""
+  depth, stack = 0, [(value, 1)]
+  while stack:
+    v, d = stack.pop()
+    if isinstance(v, (list, dict)):
+      depth = max(depth, d)
+      if d <= MAX_JSON_DEPTH:
+        stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+  return depth
+
+
 @dataclasses.dataclass
 class ServerOptions:
   host: str = "127.0.0.1"
@@ -170,6 +185,10 @@ class Session:
       msg = json.loads(message)
     except json.JSONDecodeError as e:
       raise ClientError(f"message is not valid JSON ({e.msg} at {e.pos})") from None
+    except RecursionError:  # json's recursion limit: "[[[[...]]]]" thousands deep
+      raise ClientError(f"message is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    if _json_depth(msg) > MAX_JSON_DEPTH:
+      raise ClientError(f"message is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
       raise ClientError("message must be a JSON object with a string 'type'")
     return msg
@@ -434,7 +453,11 @@ def build_generator(checkpoint: str, size: str, control: str, height: int, width
   from apt2_jax.inference.streaming import StreamingGenerator
   if checkpoint:
     kwargs = {k: v for k, v in (("height", height), ("width", width)) if v}
-    return StreamingGenerator.from_checkpoint(checkpoint, **kwargs)
+    try:  # a damaged newest checkpoint falls back to an older step (checkpointing.newest_intact)
+      return StreamingGenerator.from_checkpoint(checkpoint, **kwargs)
+    except FileNotFoundError as e:
+      from absl import app
+      raise app.UsageError(f"--checkpoint={checkpoint}: {e}") from None
   from apt2_jax.configs import sizes
   from apt2_jax.models import DiTConfig
   from apt2_jax.models import vae as vae_lib
@@ -451,7 +474,8 @@ def main(argv):
   from absl import flags
   FLAGS = flags.FLAGS
   if len(argv) > 1:
-    raise ValueError(f"unexpected arguments {argv[1:]}")
+    from absl import app
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.basicConfig(level=logging.INFO)
   if FLAGS.text_encoder:  # caption strings -> umT5 embeddings for models that take embeddings
     from apt2_jax.generation import prompt
@@ -487,6 +511,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
+  from apt2_jax import cli
   _define_flags()
-  app.run(main)
+  cli.run(main)  # bad inputs: one line and exit status 1

@@ -46,7 +46,7 @@ from apt2_jax.train import registry
 from apt2_jax.train.metrics import MetricWriter
 from apt2_jax.train.optim import unalias
 from apt2_jax.train.step import check_nonfinite, guarded_step
-from apt2_jax.train.validate import validate_config
+from apt2_jax.train.validate import ConfigError, validate_config
 
 make_stage = registry.make_stage
 
@@ -112,12 +112,17 @@ def _start_state(stage, manager, abstract, shardings, train_iter, init_rng):
   """The run's weights, in order of precedence: this workdir's latest checkpoint (with the data
   iterator's state), else a fresh init plus whatever the stage loads (`load_pretrained`)."""
   if manager.latest_step() is not None:
-    state, _ = checkpointing.restore(
+    # the newest intact step; damaged newer ones are reported and set aside, never deleted
+    state, _ = checkpointing.resume(
         manager, checkpointing.abstract_with_shardings(abstract, shardings), data_iterator=train_iter)
     logging.info("resumed from %s at step %d", manager.directory, int(jax.device_get(state["step"])))
     return state
   state = jax.jit(lambda r: unbox(stage.init_state(r)), out_shardings=shardings)(init_rng)
-  return unalias(jax.device_put(stage.load_pretrained(state), shardings))
+  try:
+    state = stage.load_pretrained(state)
+  except ValueError as e:  # what `init_from` / `teacher` name does not fit the model
+    raise ConfigError(str(e)) from e
+  return unalias(jax.device_put(state, shardings))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -135,7 +140,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   with sharding.use_mesh(mesh, rules):
     # ---------------------------------------------------------------- stage, state, shardings
-    stage = make_stage(config, mesh)
+    try:
+      stage = make_stage(config, mesh)
+    except ValueError as e:  # the stages check their config fields (and load frozen weights) here
+      raise ConfigError(str(e)) from e
     init_rng = jax.random.key(config.seed)
     abstract, shardings = state_shardings(stage, mesh, rules, init_rng)
     train_iter = train_data.make_iterator(config, "train")

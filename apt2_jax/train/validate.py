@@ -13,11 +13,16 @@ import os
 
 import jax
 import ml_collections
+from absl import logging
 
 from apt2_jax import checkpointing, sharding
 from apt2_jax.train import registry
 
 VAE_STAGES = ("vae", "vae_distill")
+
+
+class ConfigError(ValueError):
+  """A config the run cannot use; the message names the field (`config.<field>`)."""
 
 # The VAE configs predate the shared loop: these are the fields it (and the VAE stage) reads that
 # a VAE config may lack. A config's own values always win.
@@ -71,13 +76,27 @@ def _is_weights_dir(path: str, stage: str) -> bool:
 
 
 def validate_config(config, num_devices: int | None = None, process_count: int | None = None):
-  """Checks `config` for `train_and_evaluate`; returns it with the stage's defaults filled in."""
+  """Checks `config` for `train_and_evaluate`; returns it with the stage's defaults filled in.
+
+  Raises ConfigError (a ValueError) naming the field.
+  """
+  try:
+    return _validate(config, num_devices, process_count)
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _validate(config, num_devices, process_count):
   registry.check(config.get("stage", None), registry.LOOP_STAGES)
   config = with_defaults(config)
   stage = config.stage
   num_devices = len(sharding.config_devices(config)) if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
   shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+  sharding.rules_from_config(config)  # config.logical_rules: known names, mesh axes
+  _check_model_axes(config, stage, shape)
   batch_ways = shape["data"] * shape["fsdp"]
   micro = int(config.get("microbatches", 1))
   if micro < 1:
@@ -102,3 +121,27 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
     raise ValueError(f"config.vae.checkpoint={vae_ckpt!r} is not a directory (a `vae` stage workdir "
                      "or a diffusers AutoencoderKLWan folder)")
   return config
+
+
+def _check_model_axes(config, stage: str, shape: dict) -> None:
+  """Mesh axes the model cannot use: an error for the VAE stages (data parallel only: the VAE has
+  no tensor or sequence sharding, its convolutions split the batch alone); a warning where the
+  DiT's heads or a frame's tokens do not divide evenly (correct, padded, slower)."""
+  if stage in VAE_STAGES:
+    extra = {a: shape[a] for a in ("tensor", "sequence") if shape[a] > 1}
+    if extra:
+      raise ConfigError(f"config.mesh: {', '.join(f'{a}={n}' for a, n in extra.items())} is not supported by "
+                        f"stage {stage!r}: the VAE stages are data parallel (set config.mesh.tensor and "
+                        "config.mesh.sequence to 1; data and fsdp split the batch)")
+    return
+  model, data = config.get("model", None), config.get("data", None)
+  if not model or not data or not data.get("height") or not data.get("width"):
+    return
+  heads, (_, ph, pw) = int(model.get("num_heads", 1)), tuple(model.get("patch_size", (1, 2, 2)))
+  tokens = (int(data.height) // 8 // ph) * (int(data.width) // 8 // pw)
+  if heads % shape["tensor"]:
+    logging.warning("config.mesh.tensor=%d does not divide model.num_heads=%d: heads are padded "
+                    "(correct, but some devices idle)", shape["tensor"], heads)
+  if tokens % shape["sequence"]:
+    logging.warning("config.mesh.sequence=%d does not divide the %d tokens of a latent frame: tokens are "
+                    "padded (correct, but some devices idle)", shape["sequence"], tokens)
