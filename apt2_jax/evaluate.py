@@ -9,7 +9,7 @@ bundle, loaded by `apt2_jax.generation.load`), each optionally followed by sampl
 `:k=v,k=v` (options continue until the next `name=...` entry) or in brackets
 `name=WORKDIR[k=v,k=v]`. Options: steps (Euler steps per latent frame, 1 = one-step generator),
 shift, guidance (CFG weight, 1 = off), recycle (0/1), key (checkpoint entry, default ema_params),
-cache_from (first/clean). `--benchmark_json` maps model names to `apt2_jax.benchmark` figures,
+cache_from (matched: the context at each Euler step's t, as stage 1 trained, the default; first; clean). `--benchmark_json` maps model names to `apt2_jax.benchmark` figures,
 copied into the report next to the measured throughput.
 
 Writes DIR/report.json, DIR/drift_*.png and DIR/videos/*.mp4|gif; prints the summary.
@@ -47,7 +47,9 @@ def define_flags():
   _define(flags.DEFINE_integer, "chunk_frames", 24, "latent frames per compiled DiT call")
   _define(flags.DEFINE_float, "gif_seconds", 4.0, "GIF length in seconds")
   _define(flags.DEFINE_string, "benchmark_json", None, "JSON file {model name: benchmark figures}")
-  _define(flags.DEFINE_bool, "progress", True, "progress bars")
+  _define(flags.DEFINE_bool, "progress", True, "progress bars (on a terminal only)")
+  from apt2_jax import runtime
+  runtime.define_flags()
 
 
 OPTION_KEYS = {"steps": ("num_steps", int), "num_steps": ("num_steps", int), "shift": ("shift", float),
@@ -113,6 +115,9 @@ def main(argv):
   if not FLAGS.models:
     raise app.UsageError("--models is required")
   del argv
+  from apt2_jax import runtime
+  runtime.require_local_paths("vae", "out", "benchmark_json")
+  runtime.setup()
   from apt2_jax import evaluation
   entries = parse_models(FLAGS.models)
   benchmark = {}
@@ -126,7 +131,8 @@ def main(argv):
   report = evaluation.evaluate_models(
       specs, world=FLAGS.world, num_worlds=FLAGS.num_worlds,
       seconds=[float(s) for s in FLAGS.seconds], fps=FLAGS.fps, height=FLAGS.height or None,
-      width=FLAGS.width or None, out_dir=FLAGS.out, seed=FLAGS.seed, progress=FLAGS.progress,
+      width=FLAGS.width or None, out_dir=FLAGS.out, seed=FLAGS.seed,
+      progress=FLAGS.progress and runtime.is_terminal(),
       good_psnr=FLAGS.good_psnr, chunk_frames=FLAGS.chunk_frames, gif_seconds=FLAGS.gif_seconds)
   for name, model in report["models"].items():
     for duration, s in model["summary"].items():

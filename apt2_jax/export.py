@@ -204,6 +204,9 @@ def main(argv):
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from apt2_jax import runtime
+  runtime.require_local_paths("checkpoint", "out")
+  runtime.setup()
   if not os.path.isdir(FLAGS.checkpoint):
     raise app.UsageError(f"--checkpoint={FLAGS.checkpoint}: no such directory (a training workdir or an "
                          "export bundle)")
@@ -219,11 +222,14 @@ def main(argv):
     raise app.UsageError(f"--checkpoint={FLAGS.checkpoint}: {e}") from None
   platforms = tuple(FLAGS.platforms.split(",")) if FLAGS.platforms else None
   export_bundle(gen, FLAGS.out, bf16=FLAGS.bf16, serialize=FLAGS.serialize, platforms=platforms)
-  print(f"wrote {FLAGS.out}: {sorted(os.listdir(FLAGS.out))}")
+  from absl import logging
+  logging.info("wrote %s: %s", os.path.abspath(FLAGS.out), sorted(os.listdir(FLAGS.out)))
 
 
 def _define_flags():
   from absl import flags
+  from apt2_jax import runtime
+  runtime.define_flags()
   flags.DEFINE_string("checkpoint", None, "training workdir or export bundle", required=True)
   flags.DEFINE_string("out", None, "output directory", required=True)
   flags.DEFINE_bool("bf16", False, "store the generator's parameters in bfloat16")

@@ -164,6 +164,12 @@ def test_restart_reproduces_uninterrupted_run(tmp_path, devices):
   config = tiny_config(num_steps=6, checkpoint_every=2, **LOOP_MESH)
   full = str(tmp_path / "full")
   train.train_and_evaluate(config, full)
+  with open(os.path.join(full, "metrics.jsonl")) as f:
+    rows = f.read()
+  again = train.train_and_evaluate(config, full)  # finished: says so, trains and writes nothing
+  assert again["finished"] and again["train"]["loss"] == train.read_metrics(full)[6]
+  with open(os.path.join(full, "metrics.jsonl")) as f:
+    assert f.read() == rows
   killed = str(tmp_path / "killed")
   train.train_and_evaluate(config, killed, stop_after_step=5)  # "killed" after step 5
   assert checkpointing.resolve(killed)[1] == 4

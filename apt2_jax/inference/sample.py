@@ -1,4 +1,4 @@
-"""Sample a video from a first frame, a prompt and a controls file.
+r"""Sample a video from a first frame, a prompt and a controls file.
 
     python -m apt2_jax.inference.sample --checkpoint=DIR --image=first.png \
         --controls=controls.json --num_frames=97 --out=out.mp4 [--text="..."] [--seed=0]
@@ -16,9 +16,9 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
-from apt2_jax import media
+from apt2_jax import media, runtime
 from apt2_jax.inference import controls as controls_lib
 
 
@@ -38,6 +38,7 @@ def define_flags():
   _define(flags.DEFINE_float, "fps", 24.0, "frame rate of the written video")
   _define(flags.DEFINE_integer, "height", 0, "override the resolution (0: the checkpoint's)")
   _define(flags.DEFINE_integer, "width", 0, "override the resolution (0: the checkpoint's)")
+  runtime.define_flags()
   _define(flags.DEFINE_string, "text_encoder", None, "umT5 text encoder for --text with Wan-size models: a Wan2.1 "
           "diffusers folder (text_encoder/, tokenizer/) or an encoder folder (generation.prompt)")
 
@@ -61,7 +62,8 @@ def sample(gen, image: np.ndarray, steps: list[dict], text: str, seed: int, out:
   t0 = time.perf_counter()
   with media.VideoWriter(out, fps, gif_path=gif) as writer:
     writer.write(gen.start(image, text=text, seed=seed)[0])
-    bar = tqdm(steps, desc="sampling", unit="step", disable=not progress, file=sys.stderr)
+    # disable=None: no bar when stderr is not a terminal (a log file, a cluster job)
+    bar = tqdm(steps, desc="sampling", unit="step", disable=None if progress else True, file=sys.stderr)
     for entry in bar:
       if entry.get("text"):
         gen.set_text(entry["text"])
@@ -88,7 +90,9 @@ def main(argv):
   if FLAGS.num_frames < 5 or (FLAGS.num_frames - 1) % 4:
     raise app.UsageError(f"--num_frames={FLAGS.num_frames} must be 1 + 4k with k >= 1")
   num_steps = (FLAGS.num_frames - 1) // 4
+  runtime.require_local_paths("checkpoint", "image", "controls", "out")
   check_flags()
+  runtime.setup()
   from apt2_jax.inference.streaming import StreamingGenerator
   kwargs = {k: getattr(FLAGS, k) for k in ("height", "width") if getattr(FLAGS, k)}
   image = read_image_flag(FLAGS.image)
@@ -108,8 +112,8 @@ def main(argv):
   if FLAGS.controls and kind is None:
     steps = read_controls_flag(FLAGS.controls, gen.control_type, num_steps)
   result = sample(gen, image, steps, FLAGS.text, FLAGS.seed, FLAGS.out, FLAGS.fps)
-  print(f"wrote {result['mp4']} and {result['gif']}: {result['frames']} frames in "
-        f"{result['seconds']:.1f} s ({result['fps']:.1f} fps, compilation included)")
+  logging.info("wrote %s and %s: %d frames in %.1f s (%.1f fps, compilation included)", result["mp4"],
+               result["gif"], result["frames"], result["seconds"], result["fps"])
 
 
 # ------------------------------------------------------------------------------------------------

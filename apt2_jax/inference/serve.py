@@ -405,8 +405,8 @@ class DemoServer:
       self._stop = stop or self._loop.create_future()
       self._ready.set()
       if self.announce:
-        print(f"serving the {self.generator.control_type} stream "
-              f"({self.generator.height}x{self.generator.width}) on {self.url}", flush=True)
+        log.info("serving the %s stream (%dx%d) on %s", self.generator.control_type, self.generator.height,
+                 self.generator.width, self.url)
       await self._stop
 
   def start_in_thread(self) -> "DemoServer":
@@ -476,7 +476,9 @@ def main(argv):
   if len(argv) > 1:
     from absl import app
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  logging.basicConfig(level=logging.INFO)
+  from apt2_jax import runtime
+  runtime.require_local_paths("checkpoint")
+  runtime.setup()  # absl logging (its handler also carries this module's records), compilation cache
   if FLAGS.text_encoder:  # caption strings -> umT5 embeddings for models that take embeddings
     from apt2_jax.generation import prompt
     prompt.set_text_encoder(FLAGS.text_encoder)
@@ -495,6 +497,8 @@ def main(argv):
 
 def _define_flags():
   from absl import flags
+  from apt2_jax import runtime
+  runtime.define_flags()
   flags.DEFINE_string("checkpoint", "", "export bundle or training workdir (empty: random weights)")
   flags.DEFINE_string("size", "small", "model size for random weights (apt2_jax/configs/sizes.py)")
   flags.DEFINE_enum("control", "camera", ["none", "camera", "pose"], "control of random weights")

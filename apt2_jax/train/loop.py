@@ -39,11 +39,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from apt2_jax import checkpointing, sharding
+from apt2_jax import checkpointing, runtime, sharding
 from apt2_jax.models.dit import unbox
 from apt2_jax.train import data as train_data
 from apt2_jax.train import registry
-from apt2_jax.train.metrics import MetricWriter
+from apt2_jax.train import samples
+from apt2_jax.train.metrics import MetricWriter, last_metrics
 from apt2_jax.train.optim import unalias
 from apt2_jax.train.step import check_nonfinite, guarded_step
 from apt2_jax.train.validate import ConfigError, validate_config
@@ -125,6 +126,40 @@ def _start_state(stage, manager, abstract, shardings, train_iter, init_rng):
   return unalias(jax.device_put(state, shardings))
 
 
+def finished_run(config, workdir: str) -> dict | None:
+  """The last metrics of a run that already reached `config.num_steps` (and, with
+  `eval_at_end`, logged its final evaluation), else None. Every process decides alike: with
+  several processes only the checkpoints count (metrics.jsonl lives on the primary's disk)."""
+  if not checkpointing.has_checkpoint(workdir):
+    return None
+  step = checkpointing.resolve(workdir)[1]
+  if step < int(config.num_steps):
+    return None
+  last = last_metrics(workdir)
+  if config.get("eval_at_end", True) and jax.process_count() == 1:
+    if not any(int(row.get("step", -1)) >= step for row in _rows_with(workdir, "eval/")):
+      return None  # the final evaluation is missing (killed during it): the loop runs it
+  logging.info("%s already finished: checkpoint at step %d, config.num_steps=%d; nothing to do (raise "
+               "--config.num_steps to train on)", workdir, step, int(config.num_steps))
+  return dict(last, finished=True)
+
+
+def _rows_with(workdir: str, prefix: str):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if any(k.startswith(prefix) for k in row):
+        rows.append(row)
+  return rows
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_step: int | None = None) -> dict:
   """Runs (or resumes) `config.stage` in `workdir`; returns the last train and eval metrics.
@@ -132,7 +167,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   `stop_after_step` ends the loop early as a kill would (no final save or eval): tests use it to
   check that a restarted run reproduces an uninterrupted one.
   """
+  runtime.check_local_path(workdir, "workdir")
   config = validate_config(config)
+  done = finished_run(config, workdir)
+  if done is not None:  # rerunning a finished run: no repeated evaluation, no duplicate rows
+    return done
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh, sharding.config_devices(config))
   rules = sharding.rules_from_config(config)
@@ -163,15 +202,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       out_shardings=(shardings, sharding.replicated(mesh)),
                       donate_argnums=(0,))
 
-    writer = MetricWriter(workdir, enabled=primary)
+    writer = MetricWriter(workdir, enabled=primary, config=config, total_steps=config.num_steps)
+    videos = samples.RolloutVideos(config, samples.num_videos(config))  # eval rollouts, TensorBoard
+    profiler = runtime.StepProfiler(config.get("profile_dir", "") or os.path.join(workdir, "profile"),
+                                    int(config.get("profile_steps", 0) or 0), start)
     if primary and start == 0:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(checkpointing.config_to_dict(config), f, indent=2)
-    progress = None
-    if primary and config.get("progress_bar", True):
-      from tqdm import tqdm
-      progress = tqdm(total=config.num_steps, initial=start, desc=config.stage, unit="step",
-                      dynamic_ncols=True)
+    progress = runtime.progress_bar(primary and config.get("progress_bar", True), total=config.num_steps,
+                                    initial=start, desc=config.stage, unit="step")  # on a terminal only
 
     # ---------------------------------------------------------------- train
     max_bad = int(config.get("max_nonfinite_in_a_row", 10))
@@ -196,7 +235,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     step = last_saved = start
     for step in range(start + 1, config.num_steps + 1):
       batch = global_batch(next(train_iter), b_shard)
+      profiler.before(step)
       state, metrics = step_fn(state, stage.frozen, batch)
+      profiler.after(step, state)
       if pending is not None:  # one step behind: keep the device busy while we look at metrics
         last_train = flush(pending)
       pending = (step, metrics)
@@ -206,6 +247,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           progress.set_postfix(loss=f"{float(last_train['loss']):.4f}", refresh=False)
       if stop_after_step is not None and step >= stop_after_step:
         last_train = flush(pending)
+        profiler.close(state)
+        if progress is not None:
+          progress.close()
         manager.wait_until_finished()
         return {"train": last_train}
       if checkpointing.save(manager, step, state, data_iterator=train_iter, config=config):
@@ -213,8 +257,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if eval_every and step % eval_every == 0 and step < config.num_steps:
         last_eval = stage.evaluate(state, stage.frozen, step)
         writer.write(step, last_eval, prefix="eval")
+        writer.write_videos(step, videos(stage, state))
     if pending is not None:
       last_train = flush(pending)
+    profiler.close(state)
 
     # ---------------------------------------------------------------- final save and eval
     if step > last_saved:
@@ -223,6 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if config.get("eval_at_end", True):
       last_eval = stage.evaluate(state, stage.frozen, step)
       writer.write(step, last_eval, prefix="eval")
+      writer.write_videos(step, videos(stage, state))
     if progress is not None:
       progress.close()
     writer.close()
