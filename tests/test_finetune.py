@@ -166,7 +166,8 @@ def test_init_from_diffusers_folder_widens_patch_embedding(wan, devices, caplog)
     stage = diffusion.make_stage(config, mesh)
     state = jax.jit(lambda r: unbox(stage.init_state(r)))(jax.random.key(0))
     fresh = np.asarray(state["params"]["patch_embedding"]["kernel"])
-    with caplog.at_level(logging.INFO):
+    # The absl logger's own level: flags parsed by another test in this process set it to WARNING.
+    with caplog.at_level(logging.INFO, logger="absl"):
       params = stage.load_pretrained(state)["params"]
   assert "conversion report" in caplog.text and "new input channels: recycled" in caplog.text
   kernel = np.asarray(params["patch_embedding"]["kernel"])

@@ -18,24 +18,29 @@ from absl import flags
 
 from apt2_jax.data import builders
 
-_WORLD = flags.DEFINE_enum('world', 'camera', ['camera', 'puppet', 'bouncing', 'panorama', 'local'],
-                           'World to build, or `local` for a folder of videos.')
-_CONFIG = flags.DEFINE_string('config', 'tiny', 'Builder config: tiny | small | base (worlds); the '
-                              "dataset's name for `local` ('tiny' -> 'default').")
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data_dir.', required=True)
-_FOLDER = flags.DEFINE_string('folder', '', 'local: folder of videos.')
-_NUM_FRAMES = flags.DEFINE_integer('num_frames', 17, 'local: frames per clip (1 + 4k).')
-_CLIP_STRIDE = flags.DEFINE_integer('clip_stride', 8, 'local: frames between clip starts.')
-_FRAME_STEP = flags.DEFINE_integer('frame_step', 1, 'local: take every n-th frame.')
-_SIZE = flags.DEFINE_integer('size', 64, 'local: clip height and width (when --height/--width are 0).')
-_HEIGHT = flags.DEFINE_integer('height', 0, 'local: clip height (multiple of 16; 0: --size).')
-_WIDTH = flags.DEFINE_integer('width', 0, 'local: clip width (multiple of 16; 0: --size).')
-_VALIDATION = flags.DEFINE_float('validation_fraction', 0.0,
-                                 'local: fraction of files (by name hash) in the validation split.')
-_VAE = flags.DEFINE_string('vae', '', 'local: pre-encode latents with this VAE (workdir or diffusers '
-                           'AutoencoderKLWan folder); empty: video only.')
-_STORE_VIDEO = flags.DEFINE_bool('store_video', True, 'local: keep the pixels (with --vae, false '
-                                 'stores latents and the first frame only).')
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command's flags, defined only when it runs as a program (importing `build_local` from a
+  test or a library defines nothing, so no other command meets a required `--data_dir`)."""
+  flags.DEFINE_enum('world', 'camera', ['camera', 'puppet', 'bouncing', 'panorama', 'local'],
+                    'World to build, or `local` for a folder of videos.')
+  flags.DEFINE_string('config', 'tiny', 'Builder config: tiny | small | base (worlds); the '
+                      "dataset's name for `local` ('tiny' -> 'default').")
+  flags.DEFINE_string('data_dir', None, 'TFDS data_dir.', required=True)
+  flags.DEFINE_string('folder', '', 'local: folder of videos.')
+  flags.DEFINE_integer('num_frames', 17, 'local: frames per clip (1 + 4k).')
+  flags.DEFINE_integer('clip_stride', 8, 'local: frames between clip starts.')
+  flags.DEFINE_integer('frame_step', 1, 'local: take every n-th frame.')
+  flags.DEFINE_integer('size', 64, 'local: clip height and width (when --height/--width are 0).')
+  flags.DEFINE_integer('height', 0, 'local: clip height (multiple of 16; 0: --size).')
+  flags.DEFINE_integer('width', 0, 'local: clip width (multiple of 16; 0: --size).')
+  flags.DEFINE_float('validation_fraction', 0.0, 'local: fraction of files (by name hash) in the validation split.')
+  flags.DEFINE_string('vae', '', 'local: pre-encode latents with this VAE (workdir or diffusers '
+                      'AutoencoderKLWan folder); empty: video only.')
+  flags.DEFINE_bool('store_video', True, 'local: keep the pixels (with --vae, false '
+                    'stores latents and the first frame only).')
 
 
 def vae_encoder(vae: str, num_frames: int, height: int, width: int):
@@ -69,19 +74,21 @@ def build_local(folder: str, data_dir: str, name: str = 'default', *, num_frames
 
 def main(argv):
   del argv
-  if _WORLD.value == 'local':
+  f = FLAGS
+  if f.world == 'local':
     builder = build_local(
-        _FOLDER.value, _DATA_DIR.value, _CONFIG.value if _CONFIG.value != 'tiny' else 'default',
-        num_frames=_NUM_FRAMES.value, clip_stride=_CLIP_STRIDE.value, frame_step=_FRAME_STEP.value,
-        height=_HEIGHT.value or _SIZE.value, width=_WIDTH.value or _SIZE.value,
-        validation_fraction=_VALIDATION.value, vae=_VAE.value, store_video=_STORE_VIDEO.value)
+        f.folder, f.data_dir, f.config if f.config != 'tiny' else 'default',
+        num_frames=f.num_frames, clip_stride=f.clip_stride, frame_step=f.frame_step,
+        height=f.height or f.size, width=f.width or f.size,
+        validation_fraction=f.validation_fraction, vae=f.vae, store_video=f.store_video)
     features = sorted(builder.info.features.keys())
     print(f'skipped {len(builder.skipped_files)} unreadable files; features: {features}')
   else:
-    builder = builders.build_world(_WORLD.value, _CONFIG.value, _DATA_DIR.value)
+    builder = builders.build_world(f.world, f.config, f.data_dir)
   print(f'built {builder.name}/{builder.builder_config.name} in {builder.data_dir}:',
         {split: info.num_examples for split, info in builder.info.splits.items()})
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
