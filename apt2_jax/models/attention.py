@@ -9,7 +9,10 @@ when `implementation="cudnn"`, the XLA path elsewhere):
   by `kv_cache.clip_layout`, computed once per shape) and valid groups form a prefix, so the mask is
   a per-row key length (`key_value_seq_lengths`), which flash kernels take natively. Query frames
   are processed in chunks of `query_chunk` frames to bound the gathered keys' memory.
-* `cached_attention`: one new frame against `[self | sink | ring]` of the KV cache.
+* `cached_attention`: one new frame against `[self | sink | ring]` of the KV cache, heads-major
+  `[B, H, ., D]` as the cache is stored. Its kernel is chosen per platform (`step_implementation`):
+  explicit einsums on CPUs (measured faster than `dot_product_attention` there), the XLA path or
+  cuDNN (`attention_impl="cudnn"`) of `jax.nn.dot_product_attention` elsewhere.
 
 Both causal paths apply the temporal RoPE rotation on read, with bounded positions.
 """
@@ -17,15 +20,37 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
+from jax import lax
 
 from apt2_jax.models import kv_cache, rope
+
+
+IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum")
+
+
+def step_implementation(implementation=None):
+  """The cached step's attention kernel: `implementation`, or with None (auto) the fastest
+  measured per platform: "einsum" (heads-major einsums, `_cached_einsum`) on CPUs, else the XLA
+  path of `jax.nn.dot_product_attention` (select "cudnn" for cuDNN flash attention on GPUs)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+  if implementation is None:
+    return "einsum" if jax.default_backend() == "cpu" else None
+  return implementation
+
+
+def _dpa_implementation(implementation):
+  """`jax.nn.dot_product_attention`'s `implementation` ("einsum" is the step's own kernel; the
+  whole-clip passes and cross-attention use the XLA path for it)."""
+  return None if implementation == "einsum" else implementation
 
 
 def _attend(q, k, v, kv_lengths=None, implementation=None):
   """q: [B, T, H, D]; k, v: [B, S, H, D]; kv_lengths: int32 [B] valid key prefix."""
   return jax.nn.dot_product_attention(
-      q, k, v, key_value_seq_lengths=kv_lengths, implementation=implementation)
+      q, k, v, key_value_seq_lengths=kv_lengths, implementation=_dpa_implementation(implementation))
 
 
 def full_attention(q, k, v, implementation=None):
@@ -79,26 +104,62 @@ def cached_attention(q, k, v, layer_cache, index, *, window: int, head_dim: int,
   """One frame attends to `[self | sink | ring]` of one layer's cache.
 
   Args:
-    q, k, v: [B, 1, P, H, D], spatially rotated.
-    layer_cache: dict with sink_k/sink_v [B, P, H, D] and ring_k/ring_v [B, N, P, H, D].
+    q, k, v: [B, H, P, D] (heads-major), spatially rotated: the new frame.
+    layer_cache: dict with sink_k/sink_v [B, H, P, D] and ring_k/ring_v [B, H, N, P, D].
     index: int32 scalar, this frame's index.
+    implementation: `step_implementation`'s choices (None: per platform).
   Returns:
-    [B, 1, P, H, D].
+    [B, H, P, D].
   """
-  b, _, p, h, d = q.shape
   positions, num_valid = kv_cache.read_layout(index, window)
   angles = rope.time_angles(positions, head_dim, theta)  # [N + 2, D/2]
   q = rope.apply_rope(q, angles[0])
-  keys = jnp.concatenate([k, layer_cache["sink_k"][:, None].astype(k.dtype),
-                          layer_cache["ring_k"].astype(k.dtype)], axis=1)  # [B, N+2, P, H, D]
-  values = jnp.concatenate([v, layer_cache["sink_v"][:, None].astype(v.dtype),
-                            layer_cache["ring_v"].astype(v.dtype)], axis=1)
-  keys = rope.apply_rope(keys, angles[None, :, None, None])
-  s = keys.shape[1]
+  k = rope.apply_rope(k, angles[0])
+  # The sink sits at temporal position 0 (`read_layout`): its rotation is the identity.
+  sink_k, sink_v = layer_cache["sink_k"].astype(k.dtype), layer_cache["sink_v"].astype(v.dtype)
+  ring_k = rope.apply_rope(layer_cache["ring_k"].astype(k.dtype), angles[2:, None])  # [B, H, N, P, D]
+  ring_v = layer_cache["ring_v"].astype(v.dtype)
+  implementation = step_implementation(implementation)
+  if implementation == "einsum":
+    return _cached_einsum(q, jnp.stack([k, sink_k], axis=2), jnp.stack([v, sink_v], axis=2), ring_k, ring_v,
+                          num_valid)
+  b, h, p, d = q.shape
+  to_bshd = lambda x: jnp.moveaxis(x.reshape(b, h, -1, d), 1, 2)  # [B, H, S, D] -> [B, S, H, D]
+  keys = jnp.concatenate([k[:, :, None], sink_k[:, :, None], ring_k], axis=2)  # [B, H, N+2, P, D]
+  values = jnp.concatenate([v[:, :, None], sink_v[:, :, None], ring_v], axis=2)
   lengths = jnp.full((b,), num_valid * p, jnp.int32)
-  out = _attend(q.reshape(b, p, h, d), keys.reshape(b, s * p, h, d), values.reshape(b, s * p, h, d),
-                lengths, implementation)
-  return out.reshape(b, 1, p, h, d)
+  out = _attend(jnp.moveaxis(q, 1, 2), to_bshd(keys), to_bshd(values), lengths, implementation)
+  return jnp.moveaxis(out, 2, 1)
+
+
+def _cached_einsum(q, fresh_k, fresh_v, ring_k, ring_v, num_valid):
+  """The cached step's attention as explicit heads-major einsums (the fastest form on CPUs).
+
+  The key groups `[self | sink]` (fresh_k/v [B, H, 2, P, D]) and `[ring slots]` (ring_k/v
+  [B, H, N, P, D], read where they lie: neither is concatenated) share one softmax over their
+  valid groups (the first `num_valid` of `[self | sink | slot 0 .. N-1]`). Numerics follow the XLA
+  path of `jax.nn.dot_product_attention`: float32 logits, scaled after the product, invalid keys
+  at a large negative value, softmax in float32, probabilities cast to the values' dtype.
+  """
+  d = q.shape[-1]
+  n = ring_k.shape[2]
+  precision = lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
+  logits = lambda spec, keys: jnp.einsum(spec, q, keys, precision=precision,
+                                         preferred_element_type=jnp.float32) * jnp.float32(1.0 / np.sqrt(d))
+  lf = logits("bhqd,bhgkd->bhqgk", fresh_k)  # [B, H, P, 2, P]
+  lr = logits("bhqd,bhnkd->bhqnk", ring_k)   # [B, H, P, N, P]
+  big_neg = jnp.float32(-0.7 * np.finfo(np.float32).max)
+  valid_f = (jnp.arange(2) < num_valid)[:, None]
+  valid_r = (jnp.arange(n) + 2 < num_valid)[:, None]
+  lf = jnp.where(valid_f, lf, big_neg)
+  lr = jnp.where(valid_r, lr, big_neg)
+  m = jnp.maximum(lf.max(axis=(3, 4), keepdims=True), lr.max(axis=(3, 4), keepdims=True))
+  ef, er = jnp.exp(lf - m), jnp.exp(lr - m)
+  denom = ef.sum(axis=(3, 4), keepdims=True) + er.sum(axis=(3, 4), keepdims=True)
+  pf, pr = (ef / denom).astype(fresh_v.dtype), (er / denom).astype(ring_v.dtype)
+  out = (jnp.einsum("bhqgk,bhgkd->bhqd", pf, fresh_v, preferred_element_type=jnp.float32)
+         + jnp.einsum("bhqnk,bhnkd->bhqd", pr, ring_v, preferred_element_type=jnp.float32))
+  return out.astype(q.dtype)
 
 
 def dense(features, logical_axes, name, config, use_bias=True):
@@ -144,7 +205,8 @@ class SelfAttention(_Projections):
     """x: [B, F, P, dim]; spatial: [P, head_dim/2] spatial RoPE angles.
 
     mode: "full" (bidirectional; `full_positions` [F] temporal positions), "block_causal" or "step".
-    Returns (out [B, F, P, dim], new layer cache or None).
+    Returns (out [B, F, P, dim], None, or in mode "step" this frame's keys (spatially rotated) and
+    values {"k", "v"}: [B, H, P, D], for `kv_cache.write_frame`).
     """
     c = self.config
     b, f, p, _ = x.shape
@@ -165,12 +227,13 @@ class SelfAttention(_Projections):
     elif mode == "block_causal":
       out = block_causal_attention(q, k, v, window=c.window, head_dim=hd, theta=c.rope_theta,
                                    query_chunk=c.query_chunk, implementation=impl)
-    elif mode == "step":
-      out = cached_attention(q, k, v, layer_cache, index, window=c.window, head_dim=hd,
+    elif mode == "step":  # heads-major, the cache's layout: [B, 1, P, H, D] -> [B, H, P, D]
+      hm = lambda t: jnp.moveaxis(t[:, 0], 2, 1)
+      k, v = hm(k), hm(v)
+      out = cached_attention(hm(q), k, v, layer_cache, index, window=c.window, head_dim=hd,
                              theta=c.rope_theta, implementation=impl)
-      sink_k, ring_k = kv_cache.write(layer_cache["sink_k"], layer_cache["ring_k"], k[:, 0], index, c.window)
-      sink_v, ring_v = kv_cache.write(layer_cache["sink_v"], layer_cache["ring_v"], v[:, 0], index, c.window)
-      new_cache = {"sink_k": sink_k, "sink_v": sink_v, "ring_k": ring_k, "ring_v": ring_v}
+      out = jnp.moveaxis(out, 1, 2)[:, None]  # [B, 1, P, H, D]
+      new_cache = {"k": k, "v": v}  # this frame only: `kv_cache.write_frame` after the layer scan
     else:
       raise ValueError(f"unknown attention mode {mode!r}")
     out = self.to_out(out.reshape(b, f, p, c.dim))

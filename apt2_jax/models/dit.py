@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from apt2_jax.models import rope
+from apt2_jax.models import kv_cache, rope
 from apt2_jax.models.attention import CrossAttention, SelfAttention, dense
 from apt2_jax.models.conditioning import CaptionEncoder, TimeTextEmbedder
 
@@ -67,7 +67,8 @@ class DiTConfig:
   dtype: str = "float32"           # compute dtype ("bfloat16" for speed); params stay param_dtype
   param_dtype: str = "float32"
   remat_policy: str = "none"       # one of REMAT_POLICIES
-  attention_impl: Any = None       # None (auto), "xla" or "cudnn"
+  attention_impl: Any = None       # None (auto: the cached step's einsums on CPUs, else XLA),
+                                   # "xla", "cudnn" or "einsum" (attention.step_implementation)
   query_chunk: int = 0             # query frames per chunk in the block-causal pass (0 = all)
   prediction: str = "velocity"     # what the head outputs: "velocity" v (Wan), or "x0", the clean
                                    # latent, from which v = (x_t - x0) / max(t, X0_MIN_T): a head
@@ -208,10 +209,23 @@ def _stack(config: DiTConfig, mode: str, return_hidden: bool = False):
   policy = REMAT_POLICIES[config.remat_policy]
   if config.remat_policy != "none" and mode != "text":
     block = nn.remat(Block, policy=policy, prevent_cse=False)
-  return nn.scan(
+  scan = nn.scan(
       block, variable_axes={"params": 0}, split_rngs={"params": True},
       in_axes=(0, nn.broadcast), length=config.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"})(config, mode, return_hidden, name="blocks")
+  if mode != "step":
+    return scan
+
+  def step_stack(h, xs, ctx):
+    """The scan reads each layer's cache and emits only the new frame's keys/values
+    ([L, B, H, P, D]); one slot-sized write per entry then updates the stacked cache in place
+    (a donated cache is never rewritten). ys["cache"] is the updated cache, without `index`."""
+    cache = xs["cache"]
+    h, ys = scan(h, xs, ctx)
+    new = kv_cache.write_frame(dict(cache, index=ctx["index"]), ys["cache"], config.window)
+    new.pop("index")
+    return h, dict(ys, cache=new)
+  return step_stack
 
 
 class CausalDiT(nn.Module):

@@ -3,9 +3,14 @@
 Layout (L = layers, B = batch, N = window in latent frames, P = tokens per latent frame,
 H = heads, D = head dim):
 
-  sink_k, sink_v  [L, B, P, H, D]      keys/values of frame 0, the permanent attention sink
-  ring_k, ring_v  [L, B, N, P, H, D]   the last N frames; frame j >= 1 lives in slot (j - 1) % N
+  sink_k, sink_v  [L, B, H, P, D]      keys/values of frame 0, the permanent attention sink
+  ring_k, ring_v  [L, B, H, N, P, D]   the last N frames; frame j >= 1 lives in slot (j - 1) % N
   index           int32 []             the frame the next step generates (0 = nothing cached yet)
+
+Heads-major: the layout the cached step's attention reads (`attention.cached_attention`: per head,
+the ring's N * P keys are one contiguous [N * P, D] matrix), so no per-step transpose of the cache.
+A step writes only the new frame (`write_frame`: one slot-sized `dynamic_update_slice` per entry
+after the layer scan), so a donated cache is updated in place, never rewritten.
 
 Keys are stored with their spatial RoPE rotation only; the temporal rotation is applied on read,
 from positions relative to the query (`rope.causal_time_positions`), so positions stay bounded.
@@ -32,10 +37,10 @@ Cache = dict[str, Any]
 
 # Logical axis names of each cache entry, for `sharding.logical_to_sharding`.
 CACHE_LOGICAL_AXES = {
-    "sink_k": ("layers", "cache_batch", "cache_length", "cache_heads", "cache_kv"),
-    "sink_v": ("layers", "cache_batch", "cache_length", "cache_heads", "cache_kv"),
-    "ring_k": ("layers", "cache_batch", "cache_frames", "cache_length", "cache_heads", "cache_kv"),
-    "ring_v": ("layers", "cache_batch", "cache_frames", "cache_length", "cache_heads", "cache_kv"),
+    "sink_k": ("layers", "cache_batch", "cache_heads", "cache_length", "cache_kv"),
+    "sink_v": ("layers", "cache_batch", "cache_heads", "cache_length", "cache_kv"),
+    "ring_k": ("layers", "cache_batch", "cache_heads", "cache_frames", "cache_length", "cache_kv"),
+    "ring_v": ("layers", "cache_batch", "cache_heads", "cache_frames", "cache_length", "cache_kv"),
     "index": (),
 }
 TEXT_KV_LOGICAL_AXES = {
@@ -53,8 +58,8 @@ def init_cache(config, batch: int, latent_height: int, latent_width: int, dtype=
   dtype = dtype or jnp.dtype(config.dtype)
   head_dim = config.dim // config.num_heads
   L, N, H = config.num_layers, config.window, config.num_heads
-  sink = (L, batch, tokens, H, head_dim)
-  ring = (L, batch, N, tokens, H, head_dim)
+  sink = (L, batch, H, tokens, head_dim)
+  ring = (L, batch, H, N, tokens, head_dim)
   # Separate buffers (not one shared zeros array) so that every entry can be donated.
   return {"sink_k": jnp.zeros(sink, dtype), "sink_v": jnp.zeros(sink, dtype),
           "ring_k": jnp.zeros(ring, dtype), "ring_v": jnp.zeros(ring, dtype),
@@ -114,18 +119,25 @@ def clip_layout(num_frames: int, window: int):
   return frame_ids, positions, num_valid
 
 
-def write(layer_sink, layer_ring, new, index, window: int):
-  """Writes one frame's keys (or values) into one layer's sink/ring.
+def write_frame(cache: Cache, new: dict, window: int) -> Cache:
+  """Writes one frame's keys and values of every layer into the cache; `index` is left as is.
 
   Args:
-    layer_sink: `[B, P, H, D]`; layer_ring: `[B, N, P, H, D]`; new: `[B, P, H, D]`.
+    cache: the KV cache (`init_cache`; its `index` is the frame being written).
+    new: {"k", "v"}: `[L, B, H, P, D]`, the frame's keys (spatially rotated) and values.
   Returns:
-    (sink, ring) updated: frame 0 goes to the sink, frame j >= 1 to ring slot (j - 1) % N. Only
-    slot-sized selects are used so that a donated ring is updated in place.
+    the cache with frame 0 in the sink, frame j >= 1 in ring slot (j - 1) % N. The ring gets one
+    slot-sized `dynamic_update_slice` (of the old slot's contents when index = 0), so a donated
+    ring is updated in place; the sink, 1 / N of the ring, is a select.
   """
-  sink = jnp.where(index == 0, new.astype(layer_sink.dtype), layer_sink)
+  index = cache["index"]
   slot = jnp.mod(jnp.maximum(index - 1, 0), window)
-  old = jax.lax.dynamic_index_in_dim(layer_ring, slot, axis=1, keepdims=False)
-  value = jnp.where(index >= 1, new.astype(layer_ring.dtype), old)
-  ring = jax.lax.dynamic_update_index_in_dim(layer_ring, value, slot, axis=1)
-  return sink, ring
+  out = dict(cache)
+  for name in ("k", "v"):
+    sink, ring = cache[f"sink_{name}"], cache[f"ring_{name}"]
+    frame = new[name]
+    out[f"sink_{name}"] = jnp.where(index == 0, frame.astype(sink.dtype), sink)
+    old = jax.lax.dynamic_index_in_dim(ring, slot, axis=3, keepdims=False)
+    value = jnp.where(index >= 1, frame.astype(ring.dtype), old)
+    out[f"ring_{name}"] = jax.lax.dynamic_update_index_in_dim(ring, value, slot, axis=3)
+  return out
