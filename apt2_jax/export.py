@@ -217,7 +217,7 @@ def main(argv):
                            f"the 2x patch), or 0 for the checkpoint's")
   kwargs = {k: getattr(FLAGS, k) for k in ("height", "width", "batch") if getattr(FLAGS, k)}
   try:  # a damaged newest checkpoint falls back to an older step (checkpointing.newest_intact)
-    gen = streaming.StreamingGenerator.from_checkpoint(FLAGS.checkpoint, **kwargs)
+    gen = streaming.StreamingGenerator.from_checkpoint(FLAGS.checkpoint, decoder=FLAGS.decoder, **kwargs)
   except FileNotFoundError as e:
     raise app.UsageError(f"--checkpoint={FLAGS.checkpoint}: {e}") from None
   platforms = tuple(FLAGS.platforms.split(",")) if FLAGS.platforms else None
@@ -238,6 +238,8 @@ def _define_flags():
   flags.DEFINE_integer("width", 0, "pixel width of the exported steps (0: the checkpoint's)")
   flags.DEFINE_integer("batch", 0, "batch of the exported steps (0: the checkpoint's, or 1)")
   flags.DEFINE_string("platforms", "", "comma-separated lowering platforms (default: current)")
+  flags.DEFINE_string("decoder", None, "light decoder workdir (experiments/light_decoder.py) replacing "
+                      "the VAE's decoder in the bundle")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ A workdir's run config gives the model (`config.model`), the VAE (`config.vae.ch
 stage workdir or a diffusers AutoencoderKLWan folder, through `generation.vae.load_vae`; an empty
 one gives a random VAE with a warning, as the trainer's smoke runs do), the resolution
 (`config.data.height/width`), the prompt length, and the control type and encoding
-(`config.data.world`, `config.data.control_encoding`).
+(`config.data.world`, `config.data.control_encoding`). A light streaming decoder distilled behind
+that VAE's encoder (`experiments/light_decoder.py`) replaces its decoder when given as `decoder=`
+or `config.vae.decoder_checkpoint` (`generation.vae.load_vae(path, decoder=...)`).
 """
 from __future__ import annotations
 
@@ -84,18 +86,24 @@ class Generator:
     return self.height // vae_lib.SPATIAL_FACTOR, self.width // vae_lib.SPATIAL_FACTOR
 
 
-def load(path: str, *, vae: Optional[str] = None, key: str = "ema_params", step: Optional[int] = None) -> Generator:
+def load(path: str, *, vae: Optional[str] = None, decoder: Optional[str] = None, key: str = "ema_params",
+         step: Optional[int] = None) -> Generator:
   """A `Generator` from an export bundle or a training workdir (any DiT stage).
 
   Args:
     path: bundle directory (with bundle.json) or stage workdir (checkpoints/<step>/state).
     vae: a VAE workdir or diffusers folder to use instead of the run's `config.vae.checkpoint`.
+    decoder: a `vae_distill` workdir (the light decoder) whose decoder replaces the VAE's, instead
+      of the run's `config.vae.decoder_checkpoint` (workdirs only; export a bundle with it).
     key: the train-state entry ("ema_params" falls back to "params" when the run kept no EMA).
     step: a saved step (default: the latest).
   Raises FileNotFoundError naming `path` when it holds neither.
   """
   path = os.path.abspath(os.fspath(path))
   if bundle_lib.is_bundle(path):
+    if decoder:
+      raise ValueError(f"{path} is an export bundle: its decoder is fixed; export the run with "
+                       "--decoder instead")
     return _from_bundle(path)
   from apt2_jax import checkpointing
   if not checkpointing.has_checkpoint(path):
@@ -106,7 +114,7 @@ def load(path: str, *, vae: Optional[str] = None, key: str = "ema_params", step:
     raise ValueError(f"{path} is a {config.get('stage')!r} run, not a generator (no config.model)")
   dit_config = DiTConfig.from_dict(dict(config.model))
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(dit_config.param_dtype)), params)
-  vae_config, vae_params = _run_vae(config, vae, path)
+  vae_config, vae_params = _run_vae(config, vae, path, decoder)
   if vae_config.z_dim != dit_config.latent_channels:
     raise ValueError(f"{path}: the VAE has {vae_config.z_dim} latent channels, the DiT "
                      f"{dit_config.latent_channels} (config.vae / --vae)")
@@ -118,12 +126,15 @@ def load(path: str, *, vae: Optional[str] = None, key: str = "ema_params", step:
                    text_len=int(data.get("text_len", 16) or 16), stage=str(config.get("stage", "")), source=path)
 
 
-def _run_vae(config, override: Optional[str], source: str):
+def _run_vae(config, override: Optional[str], source: str, decoder: Optional[str] = None):
   from apt2_jax.generation.vae import load_vae, vae_config_from_block
   block = config.get("vae") or {}
   path = override or block.get("checkpoint", "")
+  decoder = decoder or block.get("decoder_checkpoint", "")
+  if decoder and not path:  # a distilled decoder's workdir holds its teacher's encoder too
+    path, decoder = decoder, None
   if path:
-    model, variables = load_vae(path)
+    model, variables = load_vae(path, decoder=decoder or None)
     return model.config, variables
   cfg = vae_config_from_block(block)
   if cfg.codec == "learned":  # the lossless pixel codec has no parameters

@@ -3,8 +3,10 @@
   vae_config_from_block(block)  a `config.vae`-style block (a named `size` plus any `VAEConfig`
                                 field) -> VAEConfig; other keys (`checkpoint`) are not VAE fields
   vae_config_to_dict / vae_config_from_dict   VAEConfig <-> JSON-able dict (exact round trip)
-  load_vae(path, **overrides)   (VAE, {"params": ...}) from a `vae` / `vae_distill` stage workdir
-                                or a diffusers AutoencoderKLWan folder
+  load_vae(path, decoder=None, **overrides)   (VAE, {"params": ...}) from a `vae` / `vae_distill`
+                                stage workdir or a diffusers AutoencoderKLWan folder; `decoder`: a
+                                `vae_distill` workdir (e.g. the light decoder) whose decoder side
+                                replaces the VAE's (the streaming decode's; the encoder stays)
 
 A VAE stage workdir holds the shared checkpoint layout (`checkpointing`): the state's `params`
 (the whole VAE: encoder, decoder, quant convs) and `latent_stats` ({"mean", "std"}: float32
@@ -24,6 +26,10 @@ from apt2_jax import checkpointing
 from apt2_jax.models import vae as vae_lib
 
 VAE_STAGES = ("vae", "vae_distill")
+# What a distilled decoder brings: its parameters and its config fields (the rest is the encoder's).
+DECODER_PARAMS = ("post_quant_conv", "decoder")
+DECODER_FIELDS = ("decoder_type", "light_dims", "light_blocks", "decoder_base_dim",
+                  "decoder_dim_mult", "decoder_num_res_blocks")
 _FIELDS = tuple(f.name for f in dataclasses.fields(vae_lib.VAEConfig))
 
 
@@ -95,13 +101,38 @@ def _from_diffusers(path: str, overrides: dict):
   return _LOADED[key]
 
 
-def load_vae(path: str, **overrides):
+def _with_decoder(cfg, params, decoder: str, path: str):
+  """The VAE at `path` with the decoder side (parameters and config fields) of the `vae_distill`
+  workdir `decoder`. Raises ValueError unless that decoder was distilled behind this very encoder
+  (same encoder parameters, same latent statistics): another latent space would decode to noise."""
+  if not checkpointing.has_checkpoint(decoder):
+    raise FileNotFoundError(f"decoder {decoder!r} is not a VAE stage workdir "
+                            "(checkpoints/<step>/state), e.g. a `vae_distill` light decoder run")
+  dcfg, dparams = _from_workdir(decoder, {})
+  encoder = lambda p: {k: v for k, v in p["params"].items() if k not in DECODER_PARAMS}
+  mine, theirs = encoder(params), encoder(dparams)
+  same = (jax.tree.structure(mine) == jax.tree.structure(theirs)
+          and all(np.shape(a) == np.shape(b) and np.array_equal(np.asarray(a), np.asarray(b))
+                  for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs))))
+  stats = lambda c: np.asarray([c.latents_mean or (0.0,) * c.z_dim,
+                                c.latents_std or (1.0,) * c.z_dim], np.float64)
+  if not same or cfg.z_dim != dcfg.z_dim or not np.allclose(stats(cfg), stats(dcfg), rtol=1e-6):
+    raise ValueError(f"decoder {decoder!r} was not distilled behind the VAE {path!r} (its encoder "
+                     "parameters or latent statistics differ); distil it with config.teacher="
+                     f"{path!r}, or pass {decoder!r} as the VAE itself")
+  cfg = dataclasses.replace(cfg, **{f: getattr(dcfg, f) for f in DECODER_FIELDS})
+  return cfg, {"params": {**params["params"], **{k: dparams["params"][k] for k in DECODER_PARAMS}}}
+
+
+def load_vae(path: str, decoder: str | None = None, **overrides):
   """(VAE module, variables `{"params": ...}` as fresh jax arrays) from `path`.
 
   `path`: a `vae` / `vae_distill` workdir (its latest checkpoint: params, latent statistics,
-  config), a checkpoint step directory, or a diffusers `AutoencoderKLWan` folder. `overrides`:
-  VAEConfig fields to replace (e.g. `remat=True`). Loads are cached per checkpoint step as host
-  copies; every call returns new device arrays.
+  config), a checkpoint step directory, or a diffusers `AutoencoderKLWan` folder. `decoder`: a
+  `vae_distill` workdir (e.g. `experiments/light_decoder.py`) distilled behind this VAE's encoder,
+  whose decoder replaces the VAE's (a `vae_distill` workdir alone is a whole VAE too: its encoder
+  is its teacher's). `overrides`: VAEConfig fields to replace (e.g. `remat=True`). Loads are
+  cached per checkpoint step as host copies; every call returns new device arrays.
   """
   if checkpointing.has_checkpoint(path):
     cfg, params = _from_workdir(path, overrides)
@@ -111,4 +142,8 @@ def load_vae(path: str, **overrides):
   else:
     raise FileNotFoundError(f"{path!r} is neither a VAE stage workdir (checkpoints/<step>/state) nor "
                             "a diffusers AutoencoderKLWan folder (config.json + safetensors)")
+  if decoder:
+    cfg, params = _with_decoder(cfg, params, decoder, path)
+    if overrides:
+      cfg = dataclasses.replace(cfg, **overrides)
   return vae_lib.VAE(cfg), jax.tree.map(jnp.asarray, params)

@@ -38,6 +38,8 @@ def define_flags():
   _define(flags.DEFINE_float, "fps", 24.0, "frame rate of the written video")
   _define(flags.DEFINE_integer, "height", 0, "override the resolution (0: the checkpoint's)")
   _define(flags.DEFINE_integer, "width", 0, "override the resolution (0: the checkpoint's)")
+  _define(flags.DEFINE_string, "decoder", None, "light decoder workdir (experiments/light_decoder.py) "
+          "replacing the VAE's decoder")
   runtime.define_flags()
   _define(flags.DEFINE_string, "text_encoder", None, "umT5 text encoder for --text with Wan-size models: a Wan2.1 "
           "diffusers folder (text_encoder/, tokenizer/) or an encoder folder (generation.prompt)")
@@ -106,7 +108,7 @@ def main(argv):
     from apt2_jax.generation import prompt
     prompt.set_text_encoder(FLAGS.text_encoder)
   try:  # a damaged newest checkpoint falls back to an older step (checkpointing.newest_intact)
-    gen = StreamingGenerator.from_checkpoint(FLAGS.checkpoint, **kwargs)
+    gen = StreamingGenerator.from_checkpoint(FLAGS.checkpoint, decoder=FLAGS.decoder, **kwargs)
   except FileNotFoundError as e:
     raise app.UsageError(f"--checkpoint={FLAGS.checkpoint}: {e}") from None
   if FLAGS.controls and kind is None:

@@ -448,13 +448,14 @@ def _bones():
 # ------------------------------------------------------------------------------------------------
 
 
-def build_generator(checkpoint: str, size: str, control: str, height: int, width: int):
+def build_generator(checkpoint: str, size: str, control: str, height: int, width: int,
+                    decoder: str = ""):
   """From a checkpoint, or random weights of an `apt2_jax.configs.sizes` size."""
   from apt2_jax.inference.streaming import StreamingGenerator
   if checkpoint:
     kwargs = {k: v for k, v in (("height", height), ("width", width)) if v}
     try:  # a damaged newest checkpoint falls back to an older step (checkpointing.newest_intact)
-      return StreamingGenerator.from_checkpoint(checkpoint, **kwargs)
+      return StreamingGenerator.from_checkpoint(checkpoint, decoder=decoder or None, **kwargs)
     except FileNotFoundError as e:
       from absl import app
       raise app.UsageError(f"--checkpoint={checkpoint}: {e}") from None
@@ -482,7 +483,8 @@ def main(argv):
   if FLAGS.text_encoder:  # caption strings -> umT5 embeddings for models that take embeddings
     from apt2_jax.generation import prompt
     prompt.set_text_encoder(FLAGS.text_encoder)
-  gen = build_generator(FLAGS.checkpoint, FLAGS.size, FLAGS.control, FLAGS.height, FLAGS.width)
+  gen = build_generator(FLAGS.checkpoint, FLAGS.size, FLAGS.control, FLAGS.height, FLAGS.width,
+                        FLAGS.decoder)
   options = ServerOptions(host=FLAGS.host, port=FLAGS.port, max_sessions=FLAGS.max_sessions,
                           max_upload_bytes=FLAGS.max_upload_bytes, jpeg_quality=FLAGS.jpeg_quality)
   server = DemoServer(gen, options, announce=True)
@@ -500,6 +502,8 @@ def _define_flags():
   from apt2_jax import runtime
   runtime.define_flags()
   flags.DEFINE_string("checkpoint", "", "export bundle or training workdir (empty: random weights)")
+  flags.DEFINE_string("decoder", "", "light decoder workdir (experiments/light_decoder.py) replacing "
+                      "the VAE's decoder")
   flags.DEFINE_string("size", "small", "model size for random weights (apt2_jax/configs/sizes.py)")
   flags.DEFINE_enum("control", "camera", ["none", "camera", "pose"], "control of random weights")
   flags.DEFINE_integer("height", 0, "pixel height (0: the checkpoint's, or 64)")

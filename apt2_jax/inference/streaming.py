@@ -61,9 +61,11 @@ class StreamingGenerator:
 
   # -- construction ------------------------------------------------------------------------------
   @classmethod
-  def from_checkpoint(cls, path: str, *, vae: Optional[str] = None, **kwargs) -> "StreamingGenerator":
-    """From an export bundle (`apt2_jax.export`) or a training workdir (EMA parameters)."""
-    return cls(generation.load(path, vae=vae), **kwargs)
+  def from_checkpoint(cls, path: str, *, vae: Optional[str] = None, decoder: Optional[str] = None,
+                      **kwargs) -> "StreamingGenerator":
+    """From an export bundle (`apt2_jax.export`) or a training workdir (EMA parameters);
+    `decoder`: a light decoder's workdir replacing the VAE's decoder (`generation.load`)."""
+    return cls(generation.load(path, vae=vae, decoder=decoder), **kwargs)
 
   from_bundle = from_checkpoint
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apt2_jax.models import pixel_codec
+from apt2_jax.models import light_decoder, pixel_codec
 
 Array = jax.Array
 Cache = Any  # nested dict of arrays (or None leaves for convolutions without temporal context)
@@ -80,6 +80,10 @@ class VAEConfig:
     dtype: computation dtype (parameters stay float32).
     codec: "learned" (this VAE) or "space_to_depth" (`pixel_codec`: lossless, no parameters,
       z_dim 768 = 4 frames x 8 x 8 pixels x RGB).
+    decoder_type: "causal" (Wan's decoder above, sized by the decoder_* fields) or "light"
+      (`apt2_jax.models.light_decoder`: a tiny streaming decoder distilled from the full one).
+    light_dims, light_blocks: the light decoder's channels and residual blocks per scale
+      (`light_decoder.LightDecoder`); unused by the causal decoder.
   """
   base_dim: int = 96
   z_dim: int = 16
@@ -95,9 +99,13 @@ class VAEConfig:
   remat: bool = False
   dtype: Any = jnp.float32
   codec: str = "learned"
+  decoder_type: str = "causal"
+  light_dims: tuple[int, ...] = light_decoder.LIGHT_DIMS
+  light_blocks: tuple[int, ...] = light_decoder.LIGHT_BLOCKS
 
   def __post_init__(self):
     pixel_codec.check_config(self.codec, self.z_dim)
+    light_decoder.check_config(self.decoder_type, self.light_dims, self.light_blocks)
     if len(self.dim_mult) != len(self.temperal_downsample) + 1:
       raise ValueError(f"VAEConfig.dim_mult {self.dim_mult} needs one more entry than "
                        f"temperal_downsample {self.temperal_downsample}")
@@ -515,7 +523,8 @@ class VAE(nn.Module):
     self.encoder = Encoder(cfg)
     self.quant_conv = CausalConv3d(2 * cfg.z_dim, (1, 1, 1), dtype=cfg.dtype)
     self.post_quant_conv = CausalConv3d(cfg.z_dim, (1, 1, 1), dtype=cfg.dtype)
-    self.decoder = Decoder(cfg)
+    self.decoder = (light_decoder.LightDecoder(cfg) if cfg.decoder_type == "light"
+                    else Decoder(cfg))
 
   def _check_video(self, video: Array):
     if video.ndim != 5 or video.shape[-1] != 3:
