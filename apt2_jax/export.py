@@ -238,7 +238,7 @@ def _define_flags():
   flags.DEFINE_integer("width", 0, "pixel width of the exported steps (0: the checkpoint's)")
   flags.DEFINE_integer("batch", 0, "batch of the exported steps (0: the checkpoint's, or 1)")
   flags.DEFINE_string("platforms", "", "comma-separated lowering platforms (default: current)")
-  flags.DEFINE_string("decoder", None, "light decoder workdir (experiments/light_decoder.py) replacing "
+  flags.DEFINE_string("decoder", None, "light decoder workdir (experiments/vae.py:light_decoder) replacing "
                       "the VAE's decoder in the bundle")
 
 

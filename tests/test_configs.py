@@ -33,7 +33,7 @@ ARGS = {
     "stage3_long_video": DIT_SIZES + ("tiny,segment_frames=3,overlap_frames=1,num_segments=2",),
     "toy_pipeline": ("tiny", "demo", "full"),
     "testbed": ("tiny", "short", "full"),
-    "vae": ("tiny", "small", "wan", "slim_decoder"),
+    "vae": ("tiny", "small", "wan", "slim_decoder", "light_decoder"),
 }
 
 

@@ -5,7 +5,7 @@ Sizes (`apt2_jax.models.vae.vae_config`): `tiny` (tests), `small` (the toy pipel
 (fine-tune Wan2.1's VAE: set `init_from` to its diffusers folder), `slim_decoder` (distillation;
 set `teacher` to a diffusers `AutoencoderKLWan` folder or a `vae` workdir), `light_decoder`
 (distillation of the light streaming decoder behind the `small` VAE's frozen encoder: set `teacher`
-to a `small` `vae` workdir; `experiments/light_decoder.py`).
+to a `small` `vae` workdir; `experiments/vae.py:light_decoder`).
 
 The light decoder (`apt2_jax/models/light_decoder.py`, `VAEConfig.decoder_type = "light"`): a
 causal 2x3x3 conv and one residual block with a causal first conv at the latent frame (C0 = 64;

@@ -10,7 +10,7 @@ stage workdir or a diffusers AutoencoderKLWan folder, through `generation.vae.lo
 one gives a random VAE with a warning, as the trainer's smoke runs do), the resolution
 (`config.data.height/width`), the prompt length, and the control type and encoding
 (`config.data.world`, `config.data.control_encoding`). A light streaming decoder distilled behind
-that VAE's encoder (`experiments/light_decoder.py`) replaces its decoder when given as `decoder=`
+that VAE's encoder (`experiments/vae.py:light_decoder`) replaces its decoder when given as `decoder=`
 or `config.vae.decoder_checkpoint` (`generation.vae.load_vae(path, decoder=...)`).
 """
 from __future__ import annotations

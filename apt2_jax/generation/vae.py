@@ -129,7 +129,7 @@ def load_vae(path: str, decoder: str | None = None, **overrides):
 
   `path`: a `vae` / `vae_distill` workdir (its latest checkpoint: params, latent statistics,
   config), a checkpoint step directory, or a diffusers `AutoencoderKLWan` folder. `decoder`: a
-  `vae_distill` workdir (e.g. `experiments/light_decoder.py`) distilled behind this VAE's encoder,
+  `vae_distill` workdir (e.g. `experiments/vae.py:light_decoder`) distilled behind this VAE's encoder,
   whose decoder replaces the VAE's (a `vae_distill` workdir alone is a whole VAE too: its encoder
   is its teacher's). `overrides`: VAEConfig fields to replace (e.g. `remat=True`). Loads are
   cached per checkpoint step as host copies; every call returns new device arrays.

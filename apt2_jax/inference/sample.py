@@ -38,7 +38,7 @@ def define_flags():
   _define(flags.DEFINE_float, "fps", 24.0, "frame rate of the written video")
   _define(flags.DEFINE_integer, "height", 0, "override the resolution (0: the checkpoint's)")
   _define(flags.DEFINE_integer, "width", 0, "override the resolution (0: the checkpoint's)")
-  _define(flags.DEFINE_string, "decoder", None, "light decoder workdir (experiments/light_decoder.py) "
+  _define(flags.DEFINE_string, "decoder", None, "light decoder workdir (experiments/vae.py:light_decoder) "
           "replacing the VAE's decoder")
   runtime.define_flags()
   _define(flags.DEFINE_string, "text_encoder", None, "umT5 text encoder for --text with Wan-size models: a Wan2.1 "

@@ -502,7 +502,7 @@ def _define_flags():
   from apt2_jax import runtime
   runtime.define_flags()
   flags.DEFINE_string("checkpoint", "", "export bundle or training workdir (empty: random weights)")
-  flags.DEFINE_string("decoder", "", "light decoder workdir (experiments/light_decoder.py) replacing "
+  flags.DEFINE_string("decoder", "", "light decoder workdir (experiments/vae.py:light_decoder) replacing "
                       "the VAE's decoder")
   flags.DEFINE_string("size", "small", "model size for random weights (apt2_jax/configs/sizes.py)")
   flags.DEFINE_enum("control", "camera", ["none", "camera", "pose"], "control of random weights")

@@ -2,7 +2,7 @@
 
 In the spirit of the paper's slim real-time decoder, and much lighter: a small convolutional
 decoder, distilled from the full decoder behind its frozen encoder (stage `vae_distill`, config
-`experiments/light_decoder.py`), that turns one latent frame into 4 video frames in tens of
+`experiments/vae.py:light_decoder`), that turns one latent frame into 4 video frames in tens of
 milliseconds on a CPU (`python -m apt2_jax.benchmark_decoder`).
 
 Architecture (`VAEConfig.light_dims = (C0, C1, C2, C3)`, `light_blocks = (n0, n1, n2, n3)`):
