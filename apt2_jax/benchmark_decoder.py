@@ -57,6 +57,9 @@ class _Timer:
     cache = vae_lib.init_decode_cache(vae_lib.VAE(cfg), batch, h, w)
     _, self.cache = _block(self.decode(params, cache, self.z, first=True))
     self.first_s = time.perf_counter() - t
+    cost = self.decode.lower(params, self.cache, self.z).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    self.gflop = float((cost or {}).get("flops", float("nan"))) / 1e9  # XLA's count, one step
     t = time.perf_counter()
     out, self.cache = _block(self.decode(params, self.cache, self.z))
     self.compile_s = time.perf_counter() - t
@@ -76,6 +79,7 @@ class _Timer:
     median = statistics.median(self.times_ms)
     return {"decoder": name, "decoder_type": self.cfg.decoder_type,
             "decoder_params": int(sum(x.size for x in jax.tree.leaves(self.params["params"]["decoder"]))),
+            "gflop_per_latent_frame": round(self.gflop, 3),
             "first_frame_compile_and_run_s": round(self.first_s, 2),
             "later_frame_compile_and_run_s": round(self.compile_s, 2),
             "ms_per_latent_frame_median": round(median, 2),

@@ -13,7 +13,8 @@ its temporal state is the previous latent frame and the block's previous input),
 4 video frames (C1 = 48 each), then per video frame a residual block at 1x, 1x1 conv + pixel
 shuffle to 2x (C2 = 32), a residual block, 1x1 conv + pixel shuffle to 4x (C3 = 16), and a 3x3 conv
 + pixel shuffle to RGB at 8x: `light_dims = (64, 48, 32, 16)`, `light_blocks = (1, 1, 1, 0)`,
-215k parameters (the small VAE's decoder has 10M). Its `config.vae` is the teacher's size
+215k parameters and 1.5 GFLOP per latent frame at 256x256 (the small VAE's decoder: 6.1M, 172
+GFLOP). Its `config.vae` is the teacher's size
 (`small`; the encoder side must match the teacher's, `load_pretrained` checks) with the light
 decoder fields; for another teacher set `--config.vae.size` (and its encoder fields) to match.
 """
