@@ -102,12 +102,55 @@ def test_oracle_chunks_and_visible_region(camera_world):
 def test_long_camera_controls_stay_in_limits_and_are_prefixes():
   world = worlds.make_world("camera", worlds.WorldConfig(height=H, width=W, texture_size=64))
   seed = worlds.split_seed("test", 1)
-  long, _ = evaluation.long_controls(world, np.random.default_rng(0), 81, seed, "orbit", segment_s=1.0)
-  short, _ = evaluation.long_controls(world, np.random.default_rng(0), 41, seed, "orbit", segment_s=1.0)
-  assert long.shape == (81, 5) and np.any(long)
+  long, hover = evaluation.long_controls(world, np.random.default_rng(0), 81, seed, "orbit", segment_frames=8)
+  short, _ = evaluation.long_controls(world, np.random.default_rng(0), 41, seed, "orbit", segment_frames=8)
+  assert long.shape == (81, 5) and hover == 0
   np.testing.assert_array_equal(long[:41], short)
   scene = world._scene(seed)
   assert evaluation._camera_within_limits(world, long, scene["rotation"], scene["position"], 0.0)
+
+
+def test_training_sampler_unchanged_by_the_long_trajectory_helpers():
+  """`random_controls` (training's clips) draws what it drew before `continue_controls` shared
+  its AR(1) helper: a fixed clip of the train split."""
+  world = worlds.make_world("camera", worlds.WorldConfig(height=H, width=W, num_frames=17, texture_size=64))
+  seed = worlds.split_seed("train", 3)
+  c = world.random_controls(np.random.default_rng([seed, 1]), 17, seed=seed)
+  assert c.shape == (17, 5) and not c[0].any() and np.all(np.abs(c[1:]).sum(-1) > 0)
+  rng = np.random.default_rng([seed, 1])
+  trajectory = world._pick_trajectory(rng, seed)
+  std = world._motion_std()
+  mean = world._draw_mean(rng, trajectory, std)
+  rate = mean + std * rng.normal(size=5)
+  want = world._ar_rates(rng, rate, mean, std, 16)[0].astype(np.float32)
+  np.testing.assert_array_equal(world.random_controls(np.random.default_rng([seed, 1]), 17, seed=seed)[1:], want)
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_evaluation_trajectories_keep_moving_at_training_speed(split):
+  """No hovering: over 3 worlds x 60 s every latent step moves, and the median motion per latent
+  step (the 4 frames' summed controls in units of the per-frame std) is within a factor 2 of the
+  training clips' (`World.sample`, 17 frames), as is the oracle's image motion (phase correlation)."""
+  world = worlds.make_world("camera", worlds.WorldConfig(height=H, width=W, num_frames=17, texture_size=64))
+  std = world._motion_std()
+
+  def step_speed(c):
+    c = np.asarray(c[1:])
+    k = len(c) // 4
+    return np.linalg.norm(c[:4 * k].reshape(k, 4, 5).sum(1) / std, axis=-1)
+
+  train = np.concatenate([step_speed(world.sample(worlds.split_seed("train", i), num_frames=17)["controls"])
+                          for i in range(32)])
+  from apt2_jax.evaluation import oracle
+  tests = oracle.eval_worlds(world, 3, 1 + 24 * 60, split=split)
+  assert all(t.hover_segments == 0 for t in tests)
+  speed = np.concatenate([step_speed(t.controls) for t in tests])
+  assert speed.min() > 0.05 * np.median(train)
+  assert 0.5 < np.median(speed) / np.median(train) < 2.0
+  # The same in pixels on the rendered oracle (first 5 s of one world vs 16 training clips).
+  pixels = oracle.latent_step_motion(world.render(tests[0].controls[:121], tests[0].seed))
+  train_pixels = oracle.training_motion(world, 16, 17)
+  assert 0.5 < np.median(pixels) / np.median(train_pixels) < 2.0
 
 
 def test_puppet_figure_metrics():

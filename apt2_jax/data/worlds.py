@@ -160,11 +160,30 @@ class CameraWorld(World):
     sky = horizon * (1 - up) + zenith * up
     return image + transmittance[..., None] * sky
 
+  def _motion_std(self) -> np.ndarray:
+    """Per-frame std of the five relative controls (x `speed`)."""
+    cfg = self.config
+    return cfg.speed * np.array([cfg.pan_std, cfg.tilt_std, cfg.zoom_std, cfg.forward_std,
+                                 cfg.roll_std])
+
+  def _draw_mean(self, rng, trajectory, std) -> np.ndarray:
+    """A trajectory type's mean rate, each component's sign drawn at random."""
+    return np.array(_CAMERA_TRAJECTORY_MEANS[trajectory]) * rng.choice([-1, 1], 5) * std
+
+  def _ar_rates(self, rng, rate, mean, std, num_frames):
+    """`num_frames` rates of the AR(1) process from `rate` (stationary: each rate ~ N(mean,
+    std^2), correlation `smoothness` between frames): (rates float64 [num_frames, 5], the next)."""
+    rho = self.config.smoothness
+    rates = np.zeros((num_frames, 5))
+    for t in range(num_frames):
+      rates[t] = rate
+      rate = mean + rho * (rate - mean) + np.sqrt(1 - rho ** 2) * std * rng.normal(size=5)
+    return rates, rate
+
   def random_controls(self, rng, num_frames, *, trajectory=None, seed=None):
     cfg = self.config
     trajectory = trajectory or self._pick_trajectory(rng, seed)
-    std = cfg.speed * np.array([cfg.pan_std, cfg.tilt_std, cfg.zoom_std, cfg.forward_std,
-                                cfg.roll_std])
+    std = self._motion_std()
     if seed is not None:
       scene = self._scene(seed)
       start = scene['rotation'], scene['position']
@@ -174,24 +193,48 @@ class CameraWorld(World):
     for attempt in range(64):
       if attempt and attempt % 16 == 0:
         damping *= 0.5   # rare: shrink the motion until a trajectory stays inside the limits
-      mean = np.array(_CAMERA_TRAJECTORY_MEANS[trajectory]) * rng.choice([-1, 1], 5) * std
+      mean = self._draw_mean(rng, trajectory, std)
       controls = np.zeros((num_frames, 5))
       rate = mean + std * rng.normal(size=5)
-      rho = cfg.smoothness
-      for t in range(1, num_frames):
-        controls[t] = rate * damping
-        rate = mean + rho * (rate - mean) + np.sqrt(1 - rho ** 2) * std * rng.normal(size=5)
+      controls[1:] = self._ar_rates(rng, rate, mean, std, num_frames - 1)[0] * damping
       controls = controls.astype(np.float32)
       if not self._is_outlier(controls, *start):
         return controls
     return np.zeros((num_frames, 5), np.float32)
 
-  def _is_outlier(self, controls, rotation, position) -> bool:
+  def continue_controls(self, rng, num_frames, *, trajectory, start, state=None, attempts=32):
+    """The next `num_frames` controls of a long trajectory (the evaluation's; `random_controls`
+    checks its limits from the start pose over the whole length, which a long random walk
+    almost never satisfies).
+
+    The rates are `random_controls`' AR(1) process (same trajectory means, stds and smoothness,
+    no damping: training's speeds), continued from `state` = (mean, next rate) that the previous
+    call returned (None: a fresh start, drawn as `random_controls` draws one). A draw is kept
+    when the camera stays inside the limits from pose `start` = (rotation, position, log focal);
+    after `attempts // 2` failures the mean's signs are redrawn too (the camera turns back; the
+    rate stays continuous). Returns (controls float32 [num_frames, 5], state), or None when no
+    draw stays inside.
+    """
+    std = self._motion_std()
+    rotation, position, log_focal = start
+    for attempt in range(attempts):
+      if state is None or attempt >= attempts // 2:
+        mean = self._draw_mean(rng, trajectory, std)
+        rate = mean + std * rng.normal(size=5) if state is None else state[1]
+      else:
+        mean, rate = state
+      rates, following = self._ar_rates(rng, rate, mean, std, num_frames)
+      controls = rates.astype(np.float32)
+      if not self._is_outlier(controls, rotation, position, log_focal):
+        return controls, (mean, following)
+    return None
+
+  def _is_outlier(self, controls, rotation, position, log_focal=0.0) -> bool:
     """Outlier trajectories (dropped by the sampler) leave the limits of the config."""
     cfg = self.config
     if np.any(np.abs(controls) > CAMERA_CONTROL_LIMITS * max(cfg.speed, 1.0)):
       return True
-    rotations, positions, log_focals = compose_camera(controls, rotation, position)
+    rotations, positions, log_focals = compose_camera(controls, rotation, position, log_focal)
     off_nadir = np.arccos(np.clip(-rotations[:, 2, 2], -1, 1))
     lo, hi = cfg.altitude_range
     return bool(np.any(off_nadir > cfg.max_off_nadir) or np.any(positions[:, 2] < lo)

@@ -23,7 +23,7 @@ class TestWorld:
   caption: str
   text_tokens: np.ndarray
   controls: np.ndarray
-  hover_segments: int = 0   # camera: 10 s segments that had to hover (no trajectory fitted)
+  hover_segments: int = 0   # camera: segments that had to hover (no trajectory fitted; expected 0)
 
 
 def _camera_within_limits(world, controls, rotation, position, log_focal) -> bool:
@@ -38,43 +38,63 @@ def _camera_within_limits(world, controls, rotation, position, log_focal) -> boo
               and np.all(log_focals <= cfg.zoom_range[1]))
 
 
+SEGMENT_FRAMES = 16   # camera: a long trajectory is drawn (and checked) 16 video frames at a time
+
+
 def long_controls(world, rng: np.random.Generator, num_frames: int, seed: int, trajectory: str,
-                  segment_s: float = 10.0, fps: float = 24.0) -> tuple[np.ndarray, int]:
+                  segment_frames: int = SEGMENT_FRAMES, fps: float = 24.0) -> tuple[np.ndarray, int]:
   """A trajectory of `num_frames` video frames for a long rollout: (controls, hover segments).
 
   The camera world's `random_controls` checks its limits (altitude, tilt, zoom) from the start
   pose over the whole length, which a minute-long random walk almost never satisfies (it then
-  returns a still camera). So the camera's trajectory is drawn in `segment_s` segments, each
-  continuing from the pose the previous ones reached and redrawn until it stays inside the
-  limits (a segment that never does hovers). Other worlds draw the whole length at once. A
-  shorter run's controls are a prefix of a longer run's (same rng draws, segment by segment).
+  returns a still camera). So the camera's trajectory continues training's AR(1) rates
+  (`CameraWorld.continue_controls`: the same means, stds and smoothness, no damping) in
+  `segment_frames` segments, each redrawn from the pose the previous ones reached until it
+  stays inside the limits (turning back near a limit). When no draw fits, the rates restart
+  as a fresh training clip's; a segment that still fits nowhere would hover (counted; the tests
+  check that it does not happen). Other worlds draw the whole length at once. A shorter run's
+  controls are a prefix of a longer run's (same rng draws, segment by segment). `fps` is unused
+  (kept for callers).
   """
+  del fps
   if world.name != "camera":
     return np.asarray(world.random_controls(rng, num_frames, trajectory=trajectory, seed=seed),
                       np.float32), 0
   scene = world._scene(seed)  # pylint: disable=protected-access
   rotation, position, log_focal = scene["rotation"], scene["position"], 0.0
-  seg = max(1, int(round(segment_s * fps)))
-  parts, hover = [np.zeros((1, 5), np.float32)], 0
-  while sum(len(p) for p in parts) < num_frames:
-    for _ in range(8):
-      c = np.asarray(world.random_controls(rng, seg + 1, trajectory=trajectory, seed=seed),
-                     np.float32)[1:]
-      if np.any(c) and _camera_within_limits(world, c, rotation, position, log_focal):
+  parts, state, hover, total = [np.zeros((1, 5), np.float32)], None, 0, 1
+  while total < num_frames:
+    drawn = None
+    for start_state in (state, None) if state is not None else (None,):
+      drawn = world.continue_controls(rng, segment_frames, trajectory=trajectory,
+                                      start=(rotation, position, log_focal), state=start_state)
+      if drawn is not None:
         break
+    if drawn is None:
+      c, state, hover = np.zeros((segment_frames, 5), np.float32), None, hover + 1
     else:
-      c, hover = np.zeros((seg, 5), np.float32), hover + 1
+      c, state = drawn
     rotations, positions, log_focals = worlds_lib.compose_camera(c, rotation, position, log_focal)
     rotation, position, log_focal = rotations[-1], positions[-1], float(log_focals[-1])
     parts.append(c)
+    total += len(c)
   return np.concatenate(parts)[:num_frames], hover
 
 
-def held_out_worlds(world, num_worlds: int, num_frames: int, fps: float = 24.0) -> list[TestWorld]:
-  """The first `num_worlds` worlds of the held-out `test` split, each with a long trajectory."""
+EVAL_SPLITS = {"in_distribution": "validation", "held_out": "test"}
+"""The evaluation sets and their seed splits. `in_distribution`: worlds drawn like training's (the
+training texture and trajectory pools, so the trained caption words; other seeds than the
+training pool's); `held_out`: the test split (unseen textures, the held-out 'spiral' trajectory
+and their caption words)."""
+
+
+def eval_worlds(world, num_worlds: int, num_frames: int, fps: float = 24.0,
+                split: str = "test") -> list[TestWorld]:
+  """The first `num_worlds` worlds of `split`, each with a long trajectory whose type is drawn as
+  `World.sample` draws a clip's (rng `[seed, 1]`, the split's trajectory pool)."""
   out = []
   for k in range(num_worlds):
-    seed = worlds_lib.split_seed("test", k)
+    seed = worlds_lib.split_seed(split, k)
     rng = np.random.default_rng([seed, 1])
     pool = world.trajectory_pools[worlds_lib.seed_split(seed)]
     trajectory = str(pool[rng.integers(len(pool))])
@@ -82,6 +102,28 @@ def held_out_worlds(world, num_worlds: int, num_frames: int, fps: float = 24.0) 
     caption = world.caption(seed, trajectory)
     out.append(TestWorld(k, seed, trajectory, caption, captions.tokenize(caption), controls, hover))
   return out
+
+
+def held_out_worlds(world, num_worlds: int, num_frames: int, fps: float = 24.0) -> list[TestWorld]:
+  """The first `num_worlds` worlds of the held-out `test` split, each with a long trajectory."""
+  return eval_worlds(world, num_worlds, num_frames, fps, split="test")
+
+
+def latent_step_motion(frames) -> np.ndarray:
+  """|image translation| (pixels, `phase_correlation`) per latent step of a clip `[1+4k, H, W, 3]`:
+  video frames 4j-4 -> 4j, j = 1..k. `[k]`."""
+  from apt2_jax.evaluation.metrics import phase_correlation
+  k = (len(frames) - 1) // 4
+  return np.array([np.linalg.norm(phase_correlation(np.asarray(frames[4 * j - 4]), np.asarray(frames[4 * j])))
+                   for j in range(1, k + 1)])
+
+
+def training_motion(world, num_clips: int = 16, clip_frames: int = 17) -> np.ndarray:
+  """`latent_step_motion` of the first `num_clips` training clips (`World.sample` of the `train`
+  split, `clip_frames` frames), concatenated: the motion the models were trained on."""
+  out = [latent_step_motion(world.sample(worlds_lib.split_seed("train", i), num_frames=clip_frames)["video"])
+         for i in range(num_clips)]
+  return np.concatenate(out) if out else np.zeros(0)
 
 
 def render_oracle(world, controls, seed: int, start: int, stop: int) -> np.ndarray:
