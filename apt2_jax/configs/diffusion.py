@@ -20,6 +20,10 @@ is `size` or `size,world=puppet` (`parse_arg`). Field reference (validated at st
                               tokens per latent frame (24 at the paper's 736x416 = 1196 tokens,
                               `wan_1_3b`/`apt2_8b`; 1.39 at `tiny`'s 32x32, 2.78 at `small`'s 64x64),
                               set with the eval and distillation shifts by `apply_shift`
+  flow.weight_t               loss weighting: the velocity MSE of a clip at flow time t is weighted
+                              min(1, (t / weight_t)^2) (`flow.loss_weight`). 0: the paper's plain
+                              velocity MSE (its clean-latent error weighs 1 / t^2); 1: the
+                              clean-latent (x0) MSE, every t alike (for x0-predicting heads)
   data                        source ("pipeline" | "worlds" | "random_latents" | "tfds"), tfds_name,
                               data_dir, latents (source "tfds", `apt2_jax/train/data.py`), world, frames (1 + 4k video
                               frames), height, width (video pixels), control_dim, control_encoding
@@ -78,7 +82,7 @@ def base_config(stage: str, size: str, world: str = "camera") -> ml_collections.
   c.init_from = ""
   c.init_from_key = "ema_params"
   c.caption_dropout = 0.1
-  c.flow = ml_collections.ConfigDict(dict(shift=1.0))  # apply_shift below
+  c.flow = ml_collections.ConfigDict(dict(shift=1.0, weight_t=0.0))  # apply_shift below
 
   c.data = ml_collections.ConfigDict(dict(
       source="pipeline", world=world, frames=frames, height=height, width=width,

@@ -27,6 +27,17 @@ def sample_time(rng, batch: int, shift: float):
   return shift_time(jax.random.uniform(rng, (batch,), jnp.float32), shift)
 
 
+def loss_weight(t, weight_t: float):
+  """Per-clip weight `min(1, (t / weight_t)^2)` of the velocity MSE (`weight_t` 0: all ones).
+
+  The velocity error of a prediction is its clean-latent error over t (`x0 = x_t - t v`), so the
+  plain velocity MSE weighs the clean-latent error by 1 / t^2: a clip at t = 0.05 counts 400x one at
+  t = 1. `weight_t` caps that weight at 1 / weight_t^2; `weight_t = 1` gives the clean-latent MSE."""
+  if not weight_t:
+    return jnp.ones_like(t)
+  return jnp.minimum(1.0, jnp.square(t / weight_t))
+
+
 def noisy(x0, eps, t):
   """`x_t = (1 - t) x_0 + t eps`; t `[B]` broadcasts over `[B, ...]`."""
   t = t.reshape(t.shape + (1,) * (x0.ndim - t.ndim))

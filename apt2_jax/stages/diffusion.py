@@ -90,7 +90,8 @@ class DiffusionStage(train.Stage):
     xt = flow.noisy(mb["x0"], mb["eps"], mb["t"])
     v = self.model.apply({"params": params}, xt, mb.get("recycled"), mb.get("control"), mb["t"], mb["text"],
                          mode=self.mode)
-    return jnp.mean(flow.mse(v, flow.velocity_target(mb["x0"], mb["eps"]))), {}
+    w = flow.loss_weight(mb["t"], float(self.config.flow.get("weight_t", 0.0)))
+    return jnp.mean(w * flow.mse(v, flow.velocity_target(mb["x0"], mb["eps"]))), {}
 
   def train_step(self, state, frozen, batch, rng):
     mb = self.draw(frozen, batch, rng)
