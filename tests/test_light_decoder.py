@@ -144,3 +144,26 @@ def test_distill_trains_and_loads_through_the_hook(tmp_path):
     generation_vae._with_decoder(t_model.config, other, light, "other")  # pylint: disable=protected-access
   with pytest.raises(FileNotFoundError, match="not a VAE stage workdir"):
     generation_vae.load_vae(teacher, decoder=str(tmp_path / "nowhere"))
+
+
+def test_stream_and_export_with_the_light_decoder(tmp_path):
+  """The stream functions and the export bundle carry the light decoder through the VAE config."""
+  from apt2_jax import export
+  from apt2_jax.configs import sizes
+  from apt2_jax.inference import StreamingGenerator
+  from apt2_jax.models import DiTConfig
+  config = DiTConfig.from_dict(sizes.model_config("tiny", control_channels=0))
+  gen = StreamingGenerator.random(config, _tiny_light(), seed=0, height=32, width=32)
+  assert gen.spec.vae_config.decoder_type == "light"
+  image = np.zeros((32, 32, 3), np.uint8)
+  g = gen.fork()
+  live = [g.start(image, seed=1), g.step(None), g.step(None)]
+  assert [f.shape[1] for f in live] == [1, 4, 4]
+  out = str(tmp_path / "bundle")
+  export.export_bundle(gen, out, serialize=False)
+  again = StreamingGenerator.from_checkpoint(out)
+  assert again.spec.vae_config == gen.spec.vae_config
+  a = again.fork()
+  got = [a.start(image, seed=1), a.step(None), a.step(None)]
+  for x, y in zip(got, live):
+    np.testing.assert_array_equal(x, y)
