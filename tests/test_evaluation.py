@@ -285,21 +285,61 @@ def test_evaluate_models_report(tiny_spec, tmp_path):
     assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
   assert (tmp_path / "videos" / "world0_all.gif").exists()
   assert not [p for p in os.listdir(tmp_path) if p.startswith("oracle_")]  # scratch removed
-  # References: the VAE's reconstruction of the oracle (finite, below the cap) and a frozen frame 0
-  # (exact at t = 0, then below the cap as the camera moves).
+  # References through the same VAE: the ceiling (its first 4 s: `vae_reconstruction`), copy-last
+  # (frame t = the ceiling's frame t-1), frozen frame 0 and the flat colour (no VAE).
   refs = report["references"]
   (v,) = refs["vae_reconstruction"]["worlds"]
   assert v["frames"] == 13 and 0 < refs["vae_reconstruction"]["psnr"] < 100
-  frozen = refs["frozen_frame0"]
-  assert frozen["mean_curves"]["psnr"][0] == evaluation.PSNR_CAP and frozen["mean_curves"]["ssim"][0] == 1.0
-  assert np.all(np.asarray(frozen["mean_curves"]["psnr"][1:]) < evaluation.PSNR_CAP)
-  assert set(frozen["summary"]) == {"0.25s", "0.5s"}
-  assert "Frozen frame 0" in (tmp_path / "summary.md").read_text()
+  ceiling, copy = refs["vae_ceiling"]["mean_curves"], refs["copy_last"]["mean_curves"]
+  frozen, flat = refs["frozen_frame0"]["mean_curves"], refs["flat_colour"]["mean_curves"]
+  assert v["psnr"] == pytest.approx(np.mean(ceiling["psnr"]), rel=1e-4)
+  for curves in (ceiling, copy, frozen, flat):
+    assert len(curves["psnr"]) == 13 and np.all(np.isfinite(curves["psnr"])) and max(curves["psnr"]) < 100
+  assert copy["psnr"][0] == ceiling["psnr"][0] == frozen["psnr"][0]   # all start from the VAE's frame 0
+  assert set(refs["frozen_frame0"]["summary"]) == {"0.25s", "0.5s"} == set(refs["flat_colour"]["summary"])
+  vf = refs["vae_vs_flat"]
+  assert vf["margin_db"] == pytest.approx(np.mean(ceiling["psnr"]) - np.mean(flat["psnr"]), abs=1e-3)
+  text = (tmp_path / "summary.md").read_text()
+  assert "## in_distribution" in text and "## held_out" in text and "VAE vs flat colour" in text
+  assert "Frozen frame 0" in text and "| flat_colour | 0.5s |" in text
   # The horizon against the VAE's ceiling: its threshold is the reconstruction PSNR minus 3 dB.
   ps = report["models"]["one_step"]["summary"]["0.5s"]["psnr"]
   assert ps["horizon_vs_vae_threshold"] == pytest.approx(refs["vae_reconstruction"]["psnr"] - 3.0, abs=1e-3)
   assert 0 <= ps["horizon_vs_vae_s"] <= 13 / fps + 1e-3
-  assert frozen["summary"]["0.5s"]["psnr"]["horizon_vs_vae_s"] > 0  # frame 0 itself is exact
+  # Two sets: in-distribution (validation worlds, the top level) and held-out (test worlds).
+  sets = report["sets"]
+  assert sets["in_distribution"]["split"] == "validation" and sets["held_out"]["split"] == "test"
+  assert report["config"]["world_seeds"] == sets["in_distribution"]["world_seeds"] == [worlds.split_seed("validation", 0)]
+  assert sets["held_out"]["world_seeds"] == [worlds.split_seed("test", 0)]
+  assert sets["in_distribution"]["hover_segments"] == [0] == sets["held_out"]["hover_segments"]
+  held = report["held_out"]
+  assert set(held["models"]) == set(models) and "vae_vs_flat" in held["references"]
+  assert len(held["models"]["one_step"]["worlds"][0]["curves"]["psnr"]) == 13
+  assert held["models"]["one_step"]["worlds"][0]["videos"]["gif"].startswith("held_out/videos/")
+  for png in held["plots"].values():
+    assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and png.startswith("held_out/")
+  motion = report["config"]["motion"]
+  assert motion["training_median_px"] > 0 and motion["held_out"]["ratio_to_training"] > 0
+
+
+def test_vae_stream_equals_the_whole_clip_and_the_still_video_shortcut(tiny_spec, camera_world):
+  """The references' streaming VAE (chunks of 4L frames, the last one padded) == the whole-clip
+  encode/decode; the still video's repeated steady chunk == streaming every chunk."""
+  from apt2_jax.evaluation import references
+  world, seed, controls = camera_world
+  frames = world.render(controls, seed)                               # 13 frames
+  want = references.vae_reconstruction(tiny_spec, frames)
+  s = references.VAEStream(tiny_spec, chunk_latents=2)
+  got = np.concatenate([s.start(frames[0])[None], s.chunk(frames[1:9]), s.chunk(frames[9:13])])
+  assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+  still = np.broadcast_to(frames[0], (41,) + frames.shape[1:])
+  s = references.VAEStream(tiny_spec, chunk_latents=1)
+  full = np.concatenate([s.start(frames[0])[None]] + [s.chunk(np.ascontiguousarray(still[a:a + 4]))
+                                                      for a in range(1, 41, 4)])
+  short = np.concatenate(list(references.still_video_chunks(tiny_spec, frames[0], 41, chunk_latents=1)))
+  np.testing.assert_array_equal(short, full)
+  flat = references.flat_colour(frames[0])
+  assert flat.shape == frames[0].shape and len(np.unique(flat.reshape(-1, 3), axis=0)) == 1
 
 
 def test_cli_parse_models():
