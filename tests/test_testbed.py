@@ -1,4 +1,5 @@
-"""The testbed: the lossless pixel codec (VAE size `pixels`) and the panorama world."""
+"""The testbed: the lossless pixel codec (VAE size `pixels`), the PCA codec (`pixels_pca`) and the
+panorama world."""
 import dataclasses
 import json
 
@@ -107,6 +108,44 @@ def test_codec_normalised_latents_have_unit_scale(clips):
   assert np.all(np.abs(z.mean(0)) < 0.4), z.mean(0)
   assert np.all((z.std(0) > 0.7) & (z.std(0) < 1.4)), z.std(0)
   assert 0.85 < z.std() < 1.2
+
+
+def test_pca_codec_round_trip_ceiling_and_streaming(world):
+  """The PCA codec (size `pixels_pca`): 32 channels, unit-variance latents, its stored basis holds
+  held-out clips above 30 dB (flat colour and copying the last frame far below), the streamed decode
+  equals the whole clip, and a re-fit on a few clips agrees with the stored one."""
+  cfg = vae_lib.vae_config("pixels_pca")
+  assert cfg.codec == "pca" and cfg.z_dim == pixel_codec.PCA_RANK == 32
+  model = vae_lib.VAE(cfg)
+  params = vae_lib.init_params(model, jax.random.key(0))
+  held_out = np.stack([world.sample(worlds.split_seed("validation", i))["video"] for i in range(4)])
+  video = _to_unit(held_out)
+  mean, _ = model.apply(params, video, method=vae_lib.VAE.encode)
+  assert mean.shape == (4, 9, 8, 8, 32)
+  z = np.asarray(vae_lib.normalize_latents(mean, cfg))
+  assert 0.7 < z.std() < 1.3, z.std()
+  recon = _to_uint8(model.apply(params, mean, method=vae_lib.VAE.decode))
+  mse = np.mean(np.square(recon.astype(np.float64) - held_out), axis=(1, 2, 3, 4))
+  psnr = 10 * np.log10(255.0 ** 2 / mse)
+  assert np.all(psnr > 29.0), psnr
+  flat = np.broadcast_to(held_out[:, :1].mean(axis=(2, 3), keepdims=True), held_out.shape)
+  psnr_flat = 10 * np.log10(255.0 ** 2 / np.mean(np.square(flat - held_out), axis=(1, 2, 3, 4)))
+  assert np.all(psnr > psnr_flat + 8), (psnr, psnr_flat)
+  cache = vae_lib.init_decode_cache(model, 4, 8, 8)
+  frames = []
+  for j in range(9):
+    out, cache = vae_lib.decode_step(model, params, cache, mean[:, j:j + 1], j == 0)
+    frames.append(out)
+  np.testing.assert_allclose(jnp.concatenate(frames, axis=1),
+                             jnp.clip(model.apply(params, mean, method=vae_lib.VAE.decode), -1, 1), atol=1e-6)
+  basis, _, _, refit_psnr = pixel_codec.fit_pca(num_clips=8, blocks=8_000, heldout_clips=4)
+  assert refit_psnr > 29.0, refit_psnr
+  stored, _, _ = pixel_codec.pca_basis()
+  # The leading components span the same subspace (sign and order within near-ties aside).
+  overlap = np.linalg.svd(stored[:4] @ basis[:8].T, compute_uv=False)
+  assert overlap.min() > 0.9, overlap
+  with pytest.raises(ValueError, match="z_dim=32"):
+    vae_lib.VAEConfig(codec="pca", z_dim=16)
 
 
 # ------------------------------------------------------------------------------------------------

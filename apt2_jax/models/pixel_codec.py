@@ -35,10 +35,13 @@ every pixel of every frame of a block). `tests/test_testbed.py` re-measures them
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import jax.numpy as jnp
 import numpy as np
 
-CODECS = ("learned", "space_to_depth")
+CODECS = ("learned", "space_to_depth", "pca")
 TEMPORAL_FACTOR = 4   # = vae.TEMPORAL_FACTOR
 SPATIAL_FACTOR = 8    # = vae.SPATIAL_FACTOR
 Z_DIM = TEMPORAL_FACTOR * SPATIAL_FACTOR * SPATIAL_FACTOR * 3
@@ -63,12 +66,82 @@ def config_fields() -> dict:
   return dict(codec="space_to_depth", z_dim=Z_DIM, latents_mean=mean, latents_std=std)
 
 
+def pca_config_fields() -> dict:
+  """The VAEConfig fields of the named size `pixels_pca`: the PCA codec, unit-variance latents
+  (each component divided by its std over the fitting clips)."""
+  _, _, std = pca_basis()
+  return dict(codec="pca", z_dim=PCA_RANK, latents_mean=(0.0,) * PCA_RANK,
+              latents_std=tuple(float(v) for v in std))
+
+
 def check_config(codec: str, z_dim: int) -> None:
   if codec not in CODECS:
     raise ValueError(f"VAEConfig.codec={codec!r} is not one of {CODECS}")
   if codec == "space_to_depth" and z_dim != Z_DIM:
     raise ValueError(f"VAEConfig.codec='space_to_depth' needs z_dim={Z_DIM} "
                      f"(4 frames x 8 x 8 pixels x RGB), got {z_dim}")
+  if codec == "pca" and z_dim != PCA_RANK:
+    raise ValueError(f"VAEConfig.codec='pca' needs z_dim={PCA_RANK} (the stored basis' rank), got {z_dim}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The PCA codec: space-to-depth, then the top PCA_RANK principal components of the 768-value blocks
+# ------------------------------------------------------------------------------------------------
+# A fixed linear codec (a linear "VAE"): latent = (block - mean) @ basis.T, block = latent @ basis +
+# mean. Fitted once by `fit_pca` on the panorama world's training clips and stored in PCA_FILE;
+# `tests/test_testbed.py` re-fits it on fewer clips and checks the held-out PSNR.
+PCA_RANK = 32
+PCA_FILE = os.path.join(os.path.dirname(__file__), "pca_panorama.npz")
+
+
+@functools.lru_cache(maxsize=1)
+def pca_basis():
+  """(basis float32 [PCA_RANK, 768], mean [768], component std [PCA_RANK]) from PCA_FILE."""
+  with np.load(PCA_FILE) as f:
+    return (np.asarray(f["basis"], np.float32), np.asarray(f["mean"], np.float32),
+            np.asarray(f["std"], np.float32))
+
+
+def fit_pca(num_clips: int = 128, rank: int = PCA_RANK, frames: int = 33, blocks: int = 40_000,
+            heldout_clips: int = 16, seed: int = 0):
+  """Fits the PCA codec on `num_clips` panorama training clips (64x64, `frames` frames; `blocks`
+  random 8x8x4-frame blocks) and measures it on `heldout_clips` validation clips.
+
+  Returns (basis [rank, 768], mean [768], std [rank], held-out PSNR in dB of encode -> decode)."""
+  from apt2_jax.data import world_base, worlds
+
+  world = worlds.make_world("panorama", world_base.WorldConfig(height=64, width=64))
+
+  def blocks_of(split, n):
+    videos = np.stack([world.sample(seed=world_base.split_seed(split, k), num_frames=frames)["video"]
+                       for k in range(n)]).astype(np.float32) / 127.5 - 1.0
+    groups = videos[:, 1:].reshape(n, (frames - 1) // TEMPORAL_FACTOR, TEMPORAL_FACTOR, 64, 64, 3)
+    return np.asarray(space_to_depth(groups)).reshape(-1, Z_DIM)
+
+  x = blocks_of("train", num_clips)
+  x = x[np.random.default_rng(seed).choice(len(x), min(blocks, len(x)), replace=False)]
+  mean = x.mean(0)
+  _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+  basis = vt[:rank].astype(np.float32)
+  std = (s[:rank] / np.sqrt(len(x))).astype(np.float32)
+  y = blocks_of("validation", heldout_clips)
+  rec = ((y - mean) @ basis.T) @ basis + mean
+  psnr = float(10 * np.log10(4.0 / np.mean(np.square(rec - y))))
+  return basis, mean.astype(np.float32), std, psnr
+
+
+def _project(x, codec):
+  if codec != "pca":
+    return x
+  basis, mean, _ = pca_basis()
+  return jnp.einsum("...c,kc->...k", x - jnp.asarray(mean), jnp.asarray(basis))
+
+
+def _unproject(z, codec):
+  if codec != "pca":
+    return z
+  basis, mean, _ = pca_basis()
+  return jnp.einsum("...k,kc->...c", z, jnp.asarray(basis)) + jnp.asarray(mean)
 
 
 def space_to_depth(groups):
@@ -115,15 +188,15 @@ def decode(z, first: bool = True):
   return jnp.concatenate([frame0[:, None], rest], axis=1)
 
 
-def posterior(video, first: bool = True):
+def posterior(video, first: bool = True, codec: str = "space_to_depth"):
   """(mean, logvar) of the deterministic codec: the latents and `LOGVAR` everywhere."""
-  mean = encode(video, first)
+  mean = _project(encode(video, first), codec)
   return mean, jnp.full_like(mean, LOGVAR)
 
 
-def decode_step(z, cache, first: bool, clip: bool = True):
+def decode_step(z, cache, first: bool, clip: bool = True, codec: str = "space_to_depth"):
   """`VAE.decode_step` of the codec: (video, cache) with cache `{"latent_frames": int32 [B]}`."""
-  video = decode(z, first)
+  video = decode(_unproject(z, codec), first)
   if clip:
     video = jnp.clip(video, -1.0, 1.0)
   count = (jnp.zeros((z.shape[0],), jnp.int32) if cache is None

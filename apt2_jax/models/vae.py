@@ -78,8 +78,8 @@ class VAEConfig:
     dropout: dropout rate in residual blocks (training only).
     remat: rematerialise residual blocks in the backward pass.
     dtype: computation dtype (parameters stay float32).
-    codec: "learned" (this VAE) or "space_to_depth" (`pixel_codec`: lossless, no parameters,
-      z_dim 768 = 4 frames x 8 x 8 pixels x RGB).
+    codec: "learned" (this VAE), "space_to_depth" or "pca" (`pixel_codec`: no parameters,
+      z_dim 768 = 4 frames x 8 x 8 pixels x RGB; "pca": its top 32 components, 32).
     decoder_type: "causal" (Wan's decoder above, sized by the decoder_* fields) or "light"
       (`apt2_jax.models.light_decoder`: a tiny streaming decoder distilled from the full one).
     light_dims, light_blocks: the light decoder's channels and residual blocks per scale
@@ -156,6 +156,9 @@ def vae_config(size: str, **overrides) -> VAEConfig:
                            decoder_num_res_blocks=1, latents_mean=WAN_LATENTS_MEAN,
                            latents_std=WAN_LATENTS_STD),
       "pixels": pixel_codec.config_fields(),
+      # The PCA codec: the space-to-depth blocks' top 32 principal components on the panorama
+      # world (31.5 dB held out), unit-variance latents; 8x8 px x 4 frames -> 32 channels.
+      "pixels_pca": pixel_codec.pca_config_fields(),
   }
   if size not in sizes:
     raise ValueError(f"Unknown VAE size {size!r}; choose from {sorted(sizes)}")
@@ -540,7 +543,7 @@ class VAE(nn.Module):
       raise ValueError(f"encode needs 1 + 4k frames (4k after the first chunk), got "
                        f"{video.shape[1]} with first={first}")
     if self.config.codec != "learned":
-      return pixel_codec.posterior(video, first), cache
+      return pixel_codec.posterior(video, first, self.config.codec), cache
     h, cache = self.encoder(video, cache, first, deterministic)
     h, _ = self.quant_conv(h)
     mean, logvar = jnp.split(h, 2, axis=-1)
@@ -556,7 +559,7 @@ class VAE(nn.Module):
     if z.ndim != 5 or z.shape[-1] != self.config.z_dim:
       raise ValueError(f"latents must be [batch, frames, h, w, {self.config.z_dim}], got {z.shape}")
     if self.config.codec != "learned":
-      return pixel_codec.decode_step(z, cache, first, clip)
+      return pixel_codec.decode_step(z, cache, first, clip, self.config.codec)
     z, _ = self.post_quant_conv(z)
     video, cache = self.decoder(z, cache, first, deterministic)
     if clip:
