@@ -4,20 +4,34 @@ against the oracle (`evaluation`); `apt2_jax.pipeline` runs it in `ORDER`.
 
 Variants (the argument):
   tiny  the end-to-end test: tiny 1-block model on 1 device, 32x32 pixels, 1-3 steps per stage
-        (measured: ~2 min on 2 idle CPU cores, ~3.5 min in `make test` beside the other worker;
-        nearly all of it XLA compiles: 8 stage steps, their initialisations, the evaluation)
-  demo  `make demo`: the `toy` DiT (4 blocks, width 128), small VAE (base width 16), 64x64 pixels,
-        tens of steps per stage: measured 8-10 min on 2 CPU cores (VAE 2.5-4 min); a smoke run of the
-        whole chain, far too short to learn the world
-  full  the same models trained for thousands of steps, evaluated on 2 held-out worlds with 1- and
-        5-minute rollouts: ~75 minutes on 2 CPU cores (VAE 11, DiT stages ~40, evaluation 22);
-        results in README.md and docs/toy_full/
+        (measured: ~2 min on 2 idle CPU cores before the evaluation had two sets; nearly all of it
+        XLA compiles: 8 stage steps, their initialisations, the evaluation)
+  demo  `make demo-camera`: the `toy` DiT (4 blocks, width 128), small VAE (base width 16), 64x64
+        pixels, tens of steps per stage: measured 8-10 min on 2 CPU cores before the VAE's clips
+        were made as long as the DiT's (VAE 2.5-4 min; now 2 clips of 17 frames per step instead of
+        4 of 9, about the same frames per step); a smoke run of the whole chain, far too short to
+        learn the world
+  full  the same models trained for thousands of steps, evaluated on 2 worlds of each set with 1-
+        and 5-minute rollouts: measured ~75 minutes on 2 CPU cores before this change (VAE 11, DiT
+        stages ~40, evaluation 22); now estimated (not measured) ~110 minutes: the VAE trains on 2
+        clips of 17 frames per step instead of 4 of 5 (~1.7x its time) and the evaluation runs two
+        sets (~2x) plus the references' VAE pass; results in README.md and docs/toy_full/ predate it
 
-Controls: the camera world's relative motion as unit-std ray maps ("rays", 24 channels). Time
-shift: `sizes.flow_shift` of the tokens per latent frame (`tiny` 32x32 px: 4 tokens, 1.39;
-`demo`/`full` 64x64 px: 16 tokens, 2.78) for stage 1's flow, the distillation schedule and the
-stage-1 baseline's Euler sampler, whose KV cache matches stage-1 training ("matched": one cache
-per schedule time, 2 x euler_steps passes per frame).
+Clips: the VAE trains on clips as long as the DiT's (`vae_frames` = `frames`, 17 video frames in
+`demo` and `full`), so its causal encoder and decoder have seen the context the stream gives them.
+Controls: the camera world's relative motion as unit-std ray maps ("rays", 24 channels; every DiT
+stage, tested). Time shift: `sizes.flow_shift` of the tokens per latent frame (`tiny` 32x32 px: 4
+tokens, 1.39; `demo`/`full` 64x64 px: 16 tokens, 2.78) for stage 1's flow, the distillation
+schedule and the stage-1 baseline's Euler sampler, whose KV cache matches stage-1 training
+("matched": one cache per schedule time, 2 x euler_steps passes per frame).
+
+Evaluation (`apt2_jax.evaluation.evaluate_models`): every model on `worlds` worlds of two sets,
+reported separately: `in_distribution` (validation-split worlds drawn like training's: training
+textures, trajectory types and caption words; the metrics) and `held_out` (test-split worlds:
+unseen textures and the held-out trajectory; generalisation). The trajectories continue training's
+control sampler (training's speeds, no hovering). References through the same VAE: its
+reconstruction of the oracle (`vae_ceiling`), copy-last, frozen frame 0, and frame 0's flat colour,
+with the VAE-vs-flat-colour margin.
 """
 import ml_collections
 
@@ -38,14 +52,16 @@ _VARIANTS = {
                             adversarial_no_recycle=1, long_video=1),
                  lr=1e-3, gan_lr=1e-4, euler_steps=4, worlds=1, durations=(1.0,)),
     # Sized to the 2-core CPU: XLA compiles dominate; the steps are enough to watch the losses and
-    # the realism gap move, not for quality (that is `full`).
-    "demo": dict(model="toy", vae="small", vae_base_dim=16, vae_frames=9, vae_batch=4, pixels=64, frames=17,
+    # the realism gap move, not for quality (that is `full`). The VAE's clips are the DiT's 17 frames
+    # (2 per step: about the frames per step of the former 4 clips of 9).
+    "demo": dict(model="toy", vae="small", vae_base_dim=16, vae_frames=17, vae_batch=2, pixels=64, frames=17,
                  segments=(2, 1, 3), batch=8, pool=32,
                  steps=dict(vae=60, pretrain=60, adapt=60, distill=30, adversarial=20,
                             adversarial_teacher_forcing=6, adversarial_no_recycle=6, long_video=4),
                  vae_lr=1e-3, lr=1e-3, gan_lr=5e-5, euler_steps=8, worlds=1, durations=(4.0,)),
-    # Sized to ~75 minutes on 2 CPU cores (measured: VAE 11 min, DiT stages ~40, evaluation 22).
-    "full": dict(model="toy", vae="small", vae_base_dim=16, vae_frames=5, vae_batch=4, vae_lr=1e-3,
+    # Measured ~75 minutes on 2 CPU cores with the VAE on 4 clips of 5 frames and one evaluation set
+    # (VAE 11 min, DiT stages ~40, evaluation 22); now ~110 estimated (module docstring).
+    "full": dict(model="toy", vae="small", vae_base_dim=16, vae_frames=17, vae_batch=2, vae_lr=1e-3,
                  pixels=64, frames=17, segments=(2, 1, 4), batch=8, pool=256,
                  steps=dict(vae=700, pretrain=2500, adapt=8000, distill=1500, adversarial=300,
                             adversarial_teacher_forcing=300, adversarial_no_recycle=300, long_video=100),
