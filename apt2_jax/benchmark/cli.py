@@ -50,6 +50,8 @@ def main(argv):
       runtime.check_local_path(getattr(FLAGS, name), f"--{name}")
     except ValueError as e:
       raise app.UsageError(str(e)) from None
+  from apt2_jax.benchmark.timing import drop_cheap_compile_flags
+  drop_cheap_compile_flags()
   runtime.setup()
   if FLAGS.cpu_devices:
     import jax

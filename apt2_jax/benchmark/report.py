@@ -12,6 +12,9 @@ _TABLE_ROWS = [
               "({latent} latent, {tokens_per_frame} tokens/frame)"),
     ("step latency", "{step_latency_ms:.2f} ms  (frame 50: {step_latency_ms_at_frame_50:.2f}, "
                      "frame 1000: {step_latency_ms_at_frame_1000:.2f}; growth {latency_growth:.3f})"),
+    ("step breakdown", "attention {step_attention_ms:.1f}, linear {step_linear_ms:.1f}, cache update "
+                       "{step_cache_update_ms:.2f}, layer slices {step_layer_slices_ms:.1f}, other "
+                       "{step_other_ms:.1f} ms  (profiled step {step_profiled_step_ms:.1f} ms)"),
     ("decode latency", "{decode_latency_ms:.2f} ms  (VAE {vae_size})"),
     ("fps", "{fps:.2f} video frames/s per stream  (DiT only {fps_dit_only:.2f})"),
     ("first frame", "{first_frame_latency_ms:.1f} ms"),

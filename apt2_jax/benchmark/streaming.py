@@ -11,6 +11,12 @@ with the benchmark mesh's shardings; the VAE runs unsharded on the first device,
                           the image, decode of frame 0), `stream.text`, the first `stream.step`,
                           `stream.decode` of frame 1
   mfu                     analytic step FLOPs (`apt2_jax.flops`) / step time / peak FLOP/s
+                          (on CPUs the peak is a matmul measured in the same process)
+  ms_per_forward          the step's ms per DiT forward pass (1 for the 1-NFE step; the peer
+                          block's is `peer_ms_per_forward`, k + 1 passes)
+  step_{attention,linear,cache_update,layer_slices,other}_ms
+                          where the steady step's time goes, from a `jax.profiler` trace
+                          (`breakdown.step_breakdown`; off with `config.breakdown = False`)
   cache_speedup           block-causal whole-window recompute (sink + N + new = N + 2 frames, the
                           exact input the cached step replaces; benchmark code) / cached step
   nfe_speedup             peer-style block / 1-NFE step. The peer block is `stream.step` under the
@@ -34,6 +40,7 @@ from apt2_jax.models import kv_cache
 from apt2_jax.models import vae as vae_lib
 from apt2_jax.rollout import RolloutOptions
 
+from . import breakdown
 from .setup import Setup
 from .timing import block, median, time_carry_ms, time_ms
 
@@ -161,6 +168,12 @@ def dit_figures(s: Setup, fns: StreamFns, params, prompt, peak: float, inspect=N
 
     steady = n + 2  # the ring is full from index N + 1 on
     out["step_latency_ms"] = timed(fns.step, steady, c.reps)
+    out["ms_per_forward"] = out["step_latency_ms"]  # the 1-NFE step is one forward pass
+    if c.get("breakdown", True):
+      compiled = fns.step.lower(*abstract_step_args(s, fns, b)).compile()
+      figures, _ = breakdown.step_breakdown(lambda st: compiled(params, st, tkv, control)[1],
+                                            fns.new_state(latent0, jnp.int32(steady)), compiled.as_text())
+      out.update({f"step_{k}": v for k, v in figures.items()})
     if inspect is not None:
       inspect.profile("stream_step", lambda st: fns.step(params, st, tkv, control)[1],
                       fns.new_state(latent0, jnp.int32(steady)))
@@ -169,6 +182,7 @@ def dit_figures(s: Setup, fns: StreamFns, params, prompt, peak: float, inspect=N
         out["step_xla_flops"] = cost.get("flops")
     peer_ms = timed(fns.peer, steady, max(2, c.reps // 2))
     out["peer_block_latency_ms"] = peer_ms
+    out["peer_ms_per_forward"] = peer_ms / (c.peer_steps + 1)  # k denoising passes + 1 clean pass
     out["nfe_speedup"] = peer_ms / out["step_latency_ms"]
     g0, g1 = c.growth_frames
     growth = [timed(fns.step, g, c.reps) for g in (g0, g1)]

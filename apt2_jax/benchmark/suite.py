@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import jax
@@ -29,7 +30,7 @@ def run(config, inspect=None) -> dict:
       batch=config.batch, resolution=f"{config.width}x{config.height}",
       latent=f"{s.latent_hw[1]}x{s.latent_hw[0]}", tokens_per_frame=s.tokens, window=mc.window,
       params=int(sum(math.prod(x.shape) for x in jax.tree.leaves(s.abstract_params))),
-      dtype=mc.dtype)
+      dtype=mc.dtype, xla_flags=os.environ.get("XLA_FLAGS", ""))
   t0 = time.perf_counter()
   progress = lambda what: logging.info("[benchmark %6.0f s] %s", time.perf_counter() - t0, what)
   progress(f"{config.size}: {result['params']:,} parameters on {result['device_count']} "

@@ -1,7 +1,9 @@
 """The benchmark's config (`python -m apt2_jax.benchmark`) and its validation.
 
-Sizes: `tiny` (CI: 64x64 pixels, seconds), `small` (256x256, the CPU figure), `wan_1_3b`
-(832x480), `apt2_8b` (736x416, N = 30, bfloat16; the paper's single-H100 setting). The training
+Sizes: `tiny` (CI: 64x64 pixels, seconds), `small` (256x256, the CPU figure), `peer` (256x256:
+the peer comparison's DiT, `small` cut to 8 blocks: width 384, 6 heads of 64, FFN 1536, 256 tokens
+per latent frame, float32), `wan_1_3b` (832x480), `apt2_8b` (736x416, N = 30, bfloat16; the
+paper's single-H100 setting). The training
 figure's flow shift follows the tokens per latent frame (`sizes.flow_shift`: 2.78, 11.1, 27.4, 24). This module is
 a config file itself (`--config=<this file>:<size>`); `experiments/benchmark.py` calls it.
 """
@@ -15,6 +17,7 @@ from apt2_jax.configs import sizes
 _SIZES = {
     "tiny": (64, 64, "tiny", 8, 5, 4),
     "small": (256, 256, "small", 16, 9, 8),
+    "peer": (256, 256, "small", 16, 9, 8),
     "wan_1_3b": (480, 832, "slim_decoder", 512, 21, 20),
     "apt2_8b": (416, 736, "slim_decoder", 512, 31, 30),
 }
@@ -28,7 +31,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "benchmark"
   c.size = size
-  c.model = sizes.model_config(size)
+  c.model = sizes.model_config(size) if size != "peer" else sizes.model_config("small", num_layers=8)
   if size == "apt2_8b":
     c.model.param_dtype = "bfloat16"   # inference: bf16 weights (16 GB) next to the bf16 KV cache
   c.vae_size = vae_size                # apt2_jax.models.vae.vae_config size used for decode figures
@@ -42,6 +45,7 @@ def get_config(arg: str = "small") -> ml_collections.ConfigDict:
   c.growth_frames = (50, 1000)         # latency_growth = step(frame 1000) / step(frame 50)
   c.first_frame_reps = 3
   c.peak_matmul = 2048                 # CPU: side of the square matmul that measures peak FLOP/s
+  c.breakdown = True                   # profile the steady step: attention / linear / cache update ms
 
   c.train = ml_collections.ConfigDict()
   c.train.enabled = True

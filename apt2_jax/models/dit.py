@@ -222,7 +222,8 @@ def _stack(config: DiTConfig, mode: str, return_hidden: bool = False):
     (a donated cache is never rewritten). ys["cache"] is the updated cache, without `index`."""
     cache = xs["cache"]
     h, ys = scan(h, xs, ctx)
-    new = kv_cache.write_frame(dict(cache, index=ctx["index"]), ys["cache"], config.window)
+    with jax.named_scope("kv_cache_write"):
+      new = kv_cache.write_frame(dict(cache, index=ctx["index"]), ys["cache"], config.window)
     new.pop("index")
     return h, dict(ys, cache=new)
   return step_stack

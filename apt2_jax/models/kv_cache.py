@@ -127,17 +127,18 @@ def write_frame(cache: Cache, new: dict, window: int) -> Cache:
     new: {"k", "v"}: `[L, B, H, P, D]`, the frame's keys (spatially rotated) and values.
   Returns:
     the cache with frame 0 in the sink, frame j >= 1 in ring slot (j - 1) % N. The ring gets one
-    slot-sized `dynamic_update_slice` (of the old slot's contents when index = 0), so a donated
-    ring is updated in place; the sink, 1 / N of the ring, is a select.
+    slot-sized `dynamic_update_slice`, so a donated ring is updated in place; the sink, 1 / N of
+    the ring, is an elementwise select. Differentiable (rollouts train through the cache).
   """
   index = cache["index"]
   slot = jnp.mod(jnp.maximum(index - 1, 0), window)
   out = dict(cache)
   for name in ("k", "v"):
     sink, ring = cache[f"sink_{name}"], cache[f"ring_{name}"]
-    frame = new[name]
-    out[f"sink_{name}"] = jnp.where(index == 0, frame.astype(sink.dtype), sink)
-    old = jax.lax.dynamic_index_in_dim(ring, slot, axis=3, keepdims=False)
-    value = jnp.where(index >= 1, frame.astype(ring.dtype), old)
-    out[f"ring_{name}"] = jax.lax.dynamic_update_index_in_dim(ring, value, slot, axis=3)
+    frame = new[name].astype(ring.dtype)
+    out[f"sink_{name}"] = jnp.where(index == 0, frame, sink)
+    # A plain slot write, no select of the old slot, so the update is in place. Frame 0 also
+    # lands in slot 0, where nothing reads it (`read_layout`: no ring slot is valid before
+    # index 2) and frame 1 overwrites it.
+    out[f"ring_{name}"] = jax.lax.dynamic_update_index_in_dim(ring, frame, slot, axis=3)
   return out
