@@ -44,9 +44,11 @@ def test_shift_rule_in_tokens_per_frame():
   for name in ("pretrain", "adapt", "distill"):
     assert all(v == pytest.approx(2.776, abs=1e-3) for v in _shifts(toy.stages[name]).values()), name
   assert toy.evaluation.models.diffusion_stage1.shift == pytest.approx(2.776, abs=1e-3)
-  bed = testbed.get_config("short")
-  assert all(v == sizes.flow_shift(16) for v in _shifts(bed.stages.distill).values())
-  assert bed.stages.adapt.flow.shift == bed.evaluation.models.diffusion.shift == sizes.flow_shift(16)
+  bed = testbed.get_config("short")   # the PCA codec, patch 1x1: 64 tokens per latent frame
+  assert testbed.TOKENS_PER_FRAME == 64
+  assert all(v == sizes.flow_shift(64) for v in _shifts(bed.stages.distill).values())
+  assert bed.stages.adapt.flow.shift == bed.evaluation.models.diffusion.shift == sizes.flow_shift(64)
+  assert bed.stages.adapt.flow.weight_t == 1.0
   assert benchmark.get_config("apt2_8b").train.shift == 24.0
 
 

@@ -115,3 +115,17 @@ def test_optimizer_schedule():
   np.testing.assert_allclose([sched(0), sched(10), sched(110)], [0.0, 1e-3, 1e-4], rtol=1e-5)
   with pytest.raises(ValueError, match="optimizer.name"):
     train.make_optimizer(ml_collections.ConfigDict(dict(opt.to_dict(), name="lion")), 10)
+
+
+def test_loss_weight_caps_the_clean_latent_weight():
+  t = jnp.array([0.05, 0.25, 0.5, 1.0])
+  np.testing.assert_array_equal(flow.loss_weight(t, 0.0), np.ones(4))
+  # weight_t = 1: the velocity MSE times t^2 is the clean-latent MSE (x0 = x_t - t v).
+  np.testing.assert_allclose(flow.loss_weight(t, 1.0), np.square(t), rtol=1e-6)
+  np.testing.assert_allclose(flow.loss_weight(t, 0.5), [0.01, 0.25, 1.0, 1.0], rtol=1e-6)
+  x0, eps = jax.random.normal(jax.random.key(0), (2, 4, 3)), jax.random.normal(jax.random.key(1), (2, 4, 3))
+  tt = jnp.array([0.2, 0.9])
+  x0_hat = x0 + 0.1
+  v_hat = (flow.noisy(x0, eps, tt) - x0_hat) / tt[:, None, None]
+  np.testing.assert_allclose(flow.loss_weight(tt, 1.0) * flow.mse(v_hat, flow.velocity_target(x0, eps)),
+                             flow.mse(x0_hat, x0), rtol=1e-4)

@@ -18,8 +18,9 @@ stratified so that every set holds bursts: the first `ceil(num_worlds x pano_bur
 Each model streams each world through `Sampler` (`apt2_jax.generation.stream`, the one path from
 weights to frames) from the oracle's frame 0, once per noise seed (`noise_seeds`, paired across
 models); every frame is decoded by the model's codec and scored by `drift.frame_metrics` against
-the oracle. References on the same worlds: the oracle (the PSNR cap), copy-last-frame (each frame
-the previous oracle frame) and frozen first frame (`drift.REFERENCES`). Summaries: `drift.summarize`
+the oracle. References on the same worlds, each passed through the models' codec like the models'
+frames (`codec_roundtrip`): the oracle (the codec's ceiling; the PSNR cap for the lossless codec),
+copy-last-frame (each frame the previous oracle frame) and frozen first frame (`drift.REFERENCES`). Summaries: `drift.summarize`
 per (set, noise seed, model), pooled over the set's worlds; the claims: `claims.evaluate_claims`.
 
 Outputs under `out_dir`: `report.json` (every figure, per-bin and per-latent-frame curves),
@@ -35,7 +36,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -207,10 +208,34 @@ def make_target(env, tw: TestWorld, windows: Sequence[int]) -> Target:
 # ------------------------------------------------------------------------------------------------
 
 
-def reference_curves(target: Target, window: int) -> dict[str, dict]:
-  """`drift.frame_metrics` of every reference (`drift.REFERENCES`) on one world."""
-  return {kind: drift.frame_metrics(drift.reference_frames(target.oracle, kind), target.oracle,
-                                    target.recent[window], target.homographies) for kind in drift.REFERENCES}
+def codec_roundtrip(generator) -> Callable[[np.ndarray], np.ndarray]:
+  """uint8 video `[1 + 4k, H, W, 3]` -> the same video encoded and decoded by the generator's codec
+  (whole clip, jitted), so that the references carry the models' representation ceiling."""
+  import jax
+
+  from apt2_jax.generation import stream
+  from apt2_jax.models import vae as vae_lib
+  vae = vae_lib.VAE(generator.vae_config)
+
+  @jax.jit
+  def fn(params, video):
+    mean, _ = vae.apply(params, stream.from_uint8(video[None]), method=vae_lib.VAE.encode)
+    return stream.to_uint8(vae.apply(params, mean, method=vae_lib.VAE.decode))[0]
+
+  return lambda video: np.asarray(fn(generator.vae_params, np.asarray(video)))
+
+
+def reference_curves(target: Target, window: int, roundtrip: Optional[Callable] = None) -> dict[str, dict]:
+  """`drift.frame_metrics` of every reference (`drift.REFERENCES`) on one world; with `roundtrip`
+  (`codec_roundtrip`) each reference's frames go through the models' codec first ("oracle" then
+  is the codec's ceiling: the best frames the models' representation can hold)."""
+  out = {}
+  for kind in drift.REFERENCES:
+    frames = drift.reference_frames(target.oracle, kind)
+    if roundtrip is not None:
+      frames = roundtrip(frames)
+    out[kind] = drift.frame_metrics(frames, target.oracle, target.recent[window], target.homographies)
+  return out
 
 
 def stream_world(sampler: Sampler, target: Target, tw: TestWorld, noise_seed: int, latent_steps: int,
@@ -269,7 +294,8 @@ def _gif_stride(num_frames: int, max_frames: int = 240) -> int:
   return max(1, math.ceil(num_frames / max_frames))
 
 
-def _run_set(set_index: int, eval_set: EvalSet, models, samplers, config: TestbedConfig, ref_window: int) -> dict:
+def _run_set(set_index: int, eval_set: EvalSet, models, samplers, config: TestbedConfig, ref_window: int,
+             roundtrip: Optional[Callable] = None) -> dict:
   """One evaluation set: per-world curves of the references and of every model per noise seed,
   and world 0's kept frames (first noise seed) for the GIFs."""
   env = make_env(config, eval_set)
@@ -285,7 +311,7 @@ def _run_set(set_index: int, eval_set: EvalSet, models, samplers, config: Testbe
                           "hover_segments": tw.hover_segments,
                           "burst_pairs": int((np.linalg.norm(target.commanded, axis=-1) > drift.BURST_PX).sum())})
     out["commanded"].append(target.commanded)
-    for kind, curves in reference_curves(target, ref_window).items():
+    for kind, curves in reference_curves(target, ref_window, roundtrip).items():
       out["references"][kind].append(curves)
     if tw.index == 0:
       out["gif"]["oracle"] = target.oracle[::stride]
@@ -330,8 +356,9 @@ def evaluate_testbed(models: Mapping[str, ModelSpec], config: TestbedConfig, out
   ref_window = int(config.window or next(iter(models.values())).dit_config.window)
   samplers = {n: Sampler(spec, config.height, config.width, config.chunk_frames) for n, spec in models.items()}
   sets, gifs = {}, {}
+  roundtrip = codec_roundtrip(next(iter(models.values())).generator)  # one codec (`_check`)
   for i, eval_set in enumerate(config.eval_sets):
-    raw = _run_set(i, eval_set, models, samplers, config, ref_window)
+    raw = _run_set(i, eval_set, models, samplers, config, ref_window, roundtrip)
     sets[eval_set.name] = _summaries(raw, config)
     gifs[eval_set.name] = write_gifs(out_dir, eval_set.name, raw["gif"], raw["gif_stride"], config)
   verdicts = claims_lib.evaluate_claims(claim_cells(sets, config.roles), {"short_clip_s": config.short_clip_s})
