@@ -42,7 +42,8 @@ _DOT = re.compile(r"\b(dot|convolution)\(|__ynn_fusion|__onednn|custom_call_targ
 
 
 def _parse_hlo(text: str):
-  """{instruction: (op_names, called computations, has a matmul)}, {computation: [instructions]}."""
+  """{instruction: (op_names, called computations, has a matmul, operands)},
+  {computation: [instructions]}."""
   instrs, comps, current = {}, collections.defaultdict(list), None
   for line in text.splitlines():
     m = _COMP.match(line)
@@ -55,7 +56,9 @@ def _parse_hlo(text: str):
     name, rest = m.groups()
     if _CONTAINER.search(rest):  # loops and calls: their ops are traced one by one
       continue
-    instrs[name] = (_OP_NAME.findall(rest), _CALLS.findall(rest), bool(_DOT.search(rest)))
+    args = rest[rest.find("(") + 1:rest.find(")")] if "(" in rest else ""
+    instrs[name] = (_OP_NAME.findall(rest), _CALLS.findall(rest), bool(_DOT.search(rest)),
+                    re.findall(r"%([\w.\-]+)", args))
     comps[current].append(name)
   return instrs, comps
 
@@ -65,7 +68,7 @@ def categorise(hlo_text: str) -> dict[str, str]:
   instrs, comps = _parse_hlo(hlo_text)
 
   def facts(name, depth=0):
-    names, calls, dot = instrs.get(name, ((), (), False))
+    names, calls, dot, _ = instrs.get(name, ((), (), False, ()))
     names = list(names)
     for c in calls if depth < 3 else ():  # a fusion's (or a nested fusion's) computation
       for inner in comps.get(c, ()):
@@ -74,7 +77,7 @@ def categorise(hlo_text: str) -> dict[str, str]:
         dot = dot or d
     return names, dot
 
-  out = {}
+  out, unnamed = {}, []
   for name in instrs:
     names, dot = facts(name)
     joined = " ".join(names)
@@ -84,10 +87,18 @@ def categorise(hlo_text: str) -> dict[str, str]:
       out[name] = "attention"
     elif dot:
       out[name] = "linear"
-    elif "dynamic_index_in_dim" in joined and "while/body" in joined:
+      if not joined:
+        unnamed.append(name)
+    elif "dynamic_index_in_dim" in joined and all("dynamic_index_in_dim" in n for n in names):
       out[name] = "layer_slices"
     else:
       out[name] = "other"
+  # XLA drops the op names of some products (the attention's batched einsums): a product without
+  # one belongs to the attention when an operand does.
+  for _ in range(2):
+    for name in unnamed:
+      if any(out.get(o) == "attention" for o in instrs[name][3]):
+        out[name] = "attention"
   return out
 
 
