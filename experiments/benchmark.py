@@ -11,7 +11,12 @@
     # paper-scale compile-only analysis (apt2_8b on 1 / 8 / 64 virtual devices):
     python -m apt2_jax.benchmark --aot --json_out=docs/benchmarks/aot_apt2_8b.json
 
-Sizes: `tiny` (CI: 64x64 pixels, seconds), `small` (256x256, the CPU figure), `wan_1_3b`
+    # the per-forward comparison size (width 384, 6 heads, 8 blocks, FFN 1536, 256 tokens) with the
+    # profile breakdown (attention / linear / cache update / layer slices):
+    python -m apt2_jax.benchmark --config=experiments/benchmark.py:peer --json_out=/tmp/peer.json
+
+Sizes: `tiny` (CI: 64x64 pixels, seconds), `small` (256x256, the CPU figure), `peer` (`small`
+with 8 blocks: a PyTorch peer's CPU reference dimensions), `wan_1_3b`
 (832x480), `apt2_8b` (736x416, N = 30, bfloat16; the paper's single-H100 setting). Fields:
 `apt2_jax/configs/benchmark.py`; without `--config` the benchmark runs its `small` size.
 """
