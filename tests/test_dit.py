@@ -58,7 +58,9 @@ def test_query_chunks_equal_one_pass(tiny_dit):
   chunked = CausalDiT(DiTConfig.from_dict({**config.__dict__, "query_chunk": 2}))
   a = jax.jit(model.apply)({"params": params}, noise, recycled, control, t, text)
   b = jax.jit(chunked.apply)({"params": params}, noise, recycled, control, t, text)
-  np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+  # Chunking regroups float32 sums: a few ulps on outputs up to ~3.3 (measured 1.2e-6 = 5 ulps at
+  # 3.27 on 1 of 1152 values; an absolute 1e-6 alone was tighter than float32 at that size).
+  np.testing.assert_allclose(a, b, atol=1e-6, rtol=2e-6)
 
 
 def test_block_causal_reach(tiny_dit):
