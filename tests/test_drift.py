@@ -1,5 +1,5 @@
-"""The testbed evaluation: drift metrics on known inputs, the commanded motion and the recent region
-against the panorama world's own helpers, the claims logic on hand-made summaries, the stage-1
+"""The testbed evaluation: drift metrics on known inputs, the commanded motion and the recent and
+known regions against the panorama world's own helpers, the claims logic on hand-made summaries, the stage-1
 learning check's predictors, and a tiny end-to-end `evaluate_testbed` (random tiny DiT, the
 space-to-depth codec, the panorama world)."""
 import json
@@ -30,23 +30,36 @@ def _shifting(dy, dx, frames=9):
 def _metrics(frames, oracle=None, homography=None):
   n = len(frames)
   hs = np.stack([np.eye(3) if homography is None else homography] * n)
-  return drift.frame_metrics(frames, frames if oracle is None else oracle, np.ones(frames.shape[:3], bool), hs), hs
+  everywhere = np.ones(frames.shape[:3], bool)
+  return drift.frame_metrics(frames, frames if oracle is None else oracle, everywhere, hs, known=everywhere), hs
 
 
 # ------------------------------------------------------------------------------------------------
 # Metrics on known inputs
 # ------------------------------------------------------------------------------------------------
 
-def test_psnr_recent_identical_and_masked():
+def test_psnr_recent_known_identical_and_masked():
   video = _shifting(0, 2, 3)
   m, _ = _metrics(video)
-  assert np.all(m["psnr_recent"] == metrics.PSNR_CAP)
+  assert np.all(m["psnr_recent"] == metrics.PSNR_CAP) and np.all(m["psnr_known"] == metrics.PSNR_CAP)
   noisy = video.copy()
   noisy[:, :, :32] = 255 - noisy[:, :, :32]           # wrong only on the left half
-  left = np.zeros(video.shape[:3], bool)
-  left[:, :, 32:] = True                              # the recent region is the right half
-  m = drift.frame_metrics(noisy, video, left, np.stack([np.eye(3)] * 3))
+  right = np.zeros(video.shape[:3], bool)
+  right[:, :, 32:] = True                             # the recent and known regions: the right half
+  m = drift.frame_metrics(noisy, video, right, np.stack([np.eye(3)] * 3), known=right)
   assert np.all(m["psnr_recent"] == metrics.PSNR_CAP) and np.all(m["recent_fraction"] == 0.5)
+  assert np.all(m["psnr_known"] == metrics.PSNR_CAP) and np.all(m["known_fraction"] == 0.5)
+  # The same PSNR as `metrics.psnr` on any region; under KNOWN_MIN_FRACTION of the frame: NaN.
+  left = ~right
+  m = drift.frame_metrics(noisy, video, left, np.stack([np.eye(3)] * 3), known=left)
+  np.testing.assert_allclose(m["psnr_known"], metrics.psnr(noisy, video, left), rtol=1e-12)
+  np.testing.assert_allclose(m["psnr_recent"], metrics.psnr(noisy, video, left), rtol=1e-12)
+  tiny = np.zeros(video.shape[:3], bool)
+  tiny[:, :8, :8] = True                              # 1.6% of the frame
+  m = drift.frame_metrics(noisy, video, right, np.stack([np.eye(3)] * 3), known=tiny)
+  assert np.all(np.isnan(m["psnr_known"])) and np.all(m["known_fraction"] == 64 / 4096)
+  # Without a known region psnr_known is undefined.
+  assert np.all(np.isnan(drift.frame_metrics(video, video, right, np.stack([np.eye(3)] * 3))["psnr_known"]))
 
 
 def test_known_shift_gives_ratio_one_and_zero_warp_error():
@@ -66,11 +79,15 @@ def test_known_shift_gives_ratio_one_and_zero_warp_error():
 
 def test_frozen_video_gives_ratio_zero():
   video = np.repeat(_shifting(0, 0, 1), 6, axis=0)
-  m, _ = _metrics(video)
-  commanded = np.tile([[0.0, 3.0]], (6, 1))
+  m, hs = _metrics(video, homography=drift.shift_homography(0, 3))
+  commanded = drift.commanded_shift(hs, H, W)
+  np.testing.assert_allclose(commanded[1:], [[0.0, 3.0]] * 5)
   assert drift.motion_ratio(m["motion"][1:], commanded[1:]) == pytest.approx(0.0, abs=1e-6)
-  # Below the minimum commanded motion there is no ratio.
+  np.testing.assert_array_equal(m["motion_scale"][1:], 0.0)
+  # Below the minimum commanded motion there is no ratio (and no estimate).
   assert np.isnan(drift.motion_ratio(m["motion"][1:], commanded[1:] * 0.1))
+  m, _ = _metrics(video)
+  assert np.all(np.isnan(m["motion_scale"]))
 
 
 def test_blur_and_colour_drift():
@@ -100,23 +117,54 @@ def test_horizon_of_synthetic_curves():
   np.testing.assert_allclose(drift.trailing_mean([1, np.nan, 3, 5], 2), [1, 1, 3, 4])
 
 
+def test_horizon_skips_frames_without_a_value():
+  """Frames without a known region neither pass nor fail: the trailing window is the last 24 frames
+  that have a value (reaching back over gaps), and a curve that ends in a gap is censored at the
+  frame after its last value."""
+  fps = 24.0
+  gap = np.full(100, np.nan)
+  # 48 good frames, a long gap, then bad frames: the window still holds the 24 good ones, so the
+  # mean falls below 20 at the 13th bad frame (as without the gap), not at the first.
+  curve = np.concatenate([[100.0], np.full(48, 30.0), gap, np.full(48, 10.0)])
+  seconds, reached = drift.horizon(curve, fps, threshold=20.0)
+  assert not reached and seconds == pytest.approx((48 + 100 + 13) / fps)
+  # A gap is no failure: good frames around a gap reach the end.
+  curve = np.concatenate([[100.0], np.full(10, 30.0), gap, np.full(10, 30.0)])
+  assert drift.horizon(curve, fps, 20.0) == (len(curve) / fps, True)
+  # Nor a success: after the last value the horizon is only known to be at least that frame.
+  curve = np.concatenate([[100.0], np.full(10, 30.0), gap])
+  assert drift.horizon(curve, fps, 20.0) == (11 / fps, True)
+  assert drift.horizon(np.concatenate([[100.0], gap]), fps, 20.0) == (1 / fps, True)
+  # Bad frames with gaps between them are averaged with each other, not with the gaps.
+  curve = np.full(200, np.nan)
+  curve[0], curve[1::20] = 100.0, 10.0
+  assert drift.horizon(curve, fps, 20.0) == (1 / fps, False)
+
+
 def test_summarize_bins_latents_late_and_bursts():
   fps, n = 4.0, 1 + 4 * 5                         # 5 latent frames, 20 generated frames = 5 s
   rng = np.random.default_rng(0)
   curves = {k: rng.uniform(10, 30, n) for k in drift.FRAME_KEYS}
-  curves["psnr_recent"] = np.arange(n, dtype=float)
+  curves["psnr_known"] = np.arange(n, dtype=float)
+  curves["psnr_known"][[5, 6]] = np.nan                # no known region in frames 5, 6
+  curves["psnr_recent"] = np.arange(n, dtype=float) + 19
   curves["motion"] = np.tile([[0.0, 5.0]], (n, 1))
   commanded = np.tile([[0.0, 2.0]], (n, 1))
   commanded[10:] = [0.0, 5.0]                      # frames 10.. are bursts
   s = drift.summarize([curves], [commanded], fps, bin_s=2.0)
   assert s["bins"]["start_s"] == [0.0, 2.0, 4.0]
-  assert s["bins"]["psnr_recent"] == pytest.approx([4.5, 12.5, 18.5])   # frames 1-8, 9-16, 17-20
-  assert len(s["per_latent"]["psnr_recent"]) == 5
-  assert s["per_latent"]["psnr_recent"][0] == pytest.approx(2.5)
-  assert s["late"]["psnr_recent"] == pytest.approx(18.5)                 # the last 20%: 4 frames
+  assert s["bins"]["psnr_recent"] == pytest.approx([23.5, 31.5, 37.5])   # frames 1-8, 9-16, 17-20
+  assert s["bins"]["psnr_known"] == pytest.approx([(1 + 2 + 3 + 4 + 7 + 8) / 6, 12.5, 18.5])
+  assert s["bins"]["known_frames"] == pytest.approx([6 / 8, 1.0, 1.0])
+  assert len(s["per_latent"]["psnr_known"]) == 5
+  assert s["per_latent"]["psnr_known"][0] == pytest.approx(2.5)
+  assert s["late"]["psnr_known"] == pytest.approx(18.5)                  # the last 20%: 4 frames
   assert s["overall"]["burst_pairs"] == 11 and s["overall"]["motion_ratio_burst"] == pytest.approx(1.0)
   assert s["overall"]["motion_ratio"] == pytest.approx((9 * 10 + 11 * 25) / (9 * 4 + 11 * 25))
   assert s["horizon_s"] == pytest.approx(1 / fps) and s["horizon_reached_end"] is False   # frame 1: 1 dB
+  assert s["horizon_metric"] == "psnr_known" and s["world_horizons_s"] == [pytest.approx(1 / fps)]
+  # psnr_recent's horizon (secondary): 20, 21, .. never falls below 20.
+  assert s["horizon_recent_s"] == pytest.approx(n / fps) and s["horizon_recent_reached_end"] is True
 
 
 def test_references():
@@ -153,10 +201,16 @@ def test_commanded_motion_and_recent_region_match_the_world(panorama):
   got = drift.windowed_recent(in_view, H, W, 8, 0, 65)
   np.testing.assert_array_equal(got, want)
   assert 0.5 < want.mean() < 1.0
+  # The known region (frame 0's) three ways: the world's, window 0 of both recent regions.
+  known = env.known_mask(controls, seed)
+  np.testing.assert_array_equal(known, env.visible_mask(controls, seed, 0, 65, window_frames=0))
+  np.testing.assert_array_equal(known, drift.windowed_recent(in_view, H, W, 0, 0, 65))
+  assert known[0].all() and np.all(known <= want) and known.mean() < want.mean()
   # The oracle follows its own controls: warp error ~ resampling, ratio ~ 1 (the estimator's bias).
   oracle = env.render_frames(controls, seed)
-  m = drift.frame_metrics(oracle, oracle, want, hs)
+  m = drift.frame_metrics(oracle, oracle, want, hs, known=known)
   copy = drift.frame_metrics(drift.reference_frames(oracle, "copy_last")[1:], oracle[1:], want[1:], hs[1:])
+  assert np.all(m["psnr_known"][known.mean(axis=(1, 2)) >= 0.05] == metrics.PSNR_CAP)
   assert np.nanmean(m["warp_error"]) < 2.0 < np.nanmean(copy["warp_error"])
   assert drift.motion_ratio(m["motion"][1:], mine[1:]) == pytest.approx(1.0, abs=0.05)
   assert drift.motion_ratio(m["motion"][1:], mine[1:], min_px=drift.BURST_PX) == pytest.approx(1.0, abs=0.05)
@@ -170,7 +224,10 @@ def test_eval_sets_are_disjoint_from_training_and_hold_bursts():
     env = testbed.make_env(config, eval_set)
     tws = testbed.eval_worlds(env, eval_set, 4, 1 + 4 * config.latent_steps())
     seeds[eval_set.name] = [t.seed for t in tws]
-    assert [t.trajectory for t in tws] == ["bursty", "wander", "wander", "wander"]
+    assert [t.trajectory for t in tws] == ["bursty_tethered"] + ["wander_tethered"] * 3
+    assert [t.caption for t in tws] == [env.caption(t.seed, t.trajectory.split("_")[0]) for t in tws]
+    untethered = testbed.eval_worlds(env, eval_set, 4, 1 + 4 * config.latent_steps(), tethered=False)
+    assert [t.trajectory for t in untethered] == ["bursty", "wander", "wander", "wander"]
     assert all(np.linalg.norm(t.controls[1:, :2], axis=-1).min() > 0 for t in tws)   # never hovers
     assert {env.appearance(s) for s in seeds[eval_set.name]} == {"seen" if eval_set.split == "validation" else "unseen"}
   assert all(worlds.seed_split(s) != "train" for v in seeds.values() for s in v)
@@ -183,7 +240,7 @@ def test_eval_sets_are_disjoint_from_training_and_hold_bursts():
 
 def _summary(horizon=10.0, end=False, late=25.0, burst=0.9, pairs=20, duration=30.0):
   return {"horizon_s": horizon, "horizon_reached_end": end, "duration_s": duration,
-          "late": {"psnr_recent": late}, "overall": {"motion_ratio_burst": burst, "burst_pairs": pairs}}
+          "late": {"psnr_known": late, "psnr_recent": 0.0}, "overall": {"motion_ratio_burst": burst, "burst_pairs": pairs}}
 
 
 def _cells(by_role, sets=("in_distribution", "unseen_appearance"), seeds=("0", "1")):
@@ -248,6 +305,11 @@ def test_censored_horizons():
   assert claims.less_than(2.0, False, 30.0, True, 0.5) is True
   assert claims.less_than(20.0, False, 30.0, True, 0.5) is None
   assert claims.less_than(30.0, True, 10.0, False, 0.5) is False
+  # A horizon censored before the rollout's end (no known frames after it) is still a lower bound.
+  assert claims.at_least(28.0, False, 25.0, True, 2.0) is False     # b >= 25: a < 2 b
+  assert claims.at_least(60.0, False, 25.0, True, 2.0) is None      # b may exceed 30
+  assert claims.less_than(10.0, True, 30.0, False, 0.5) is None     # a >= 10 may be under 15
+  assert claims.less_than(20.0, True, 30.0, False, 0.5) is False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,15 +364,18 @@ def test_evaluate_testbed_end_to_end(pixel_spec, tmp_path):
   assert report["config"]["video_frames"] == 13 and report["config"]["reference_window"] == pixel_spec.dit_config.window
   for set_name in ("in_distribution", "unseen_appearance"):
     s = report["sets"][set_name]
-    assert s["worlds"][0]["trajectory"] == "bursty"
+    assert s["worlds"][0]["trajectory"] == "bursty_tethered"
     for name in models:
       assert set(s["models"][name]) == {"0", "1"}
       x = s["models"][name]["0"]
       assert len(x["per_latent"]["psnr_recent"]) == 3 and len(x["bins"]["psnr_recent"]) == 1
+      assert len(x["per_latent"]["psnr_known"]) == 3 and x["horizon_metric"] == "psnr_known"
+      assert np.isfinite(x["overall"]["psnr_known"]) and x["overall"]["psnr_known"] < 30
       assert np.isfinite(x["overall"]["psnr_recent"]) and x["overall"]["psnr_recent"] < 30
       assert np.isfinite(x["overall"]["warp_error"]) and 0 <= x["horizon_s"] <= 13 / 24
     refs = s["references"]
     assert refs["oracle"]["overall"]["psnr_recent"] == metrics.PSNR_CAP and refs["oracle"]["horizon_reached_end"]
+    assert refs["oracle"]["overall"]["psnr_known"] == metrics.PSNR_CAP
     assert refs["oracle"]["overall"]["motion_ratio"] == pytest.approx(1.0, abs=0.1)
     assert refs["frozen_first"]["overall"]["motion_ratio"] == pytest.approx(0.0, abs=1e-6)
     assert refs["copy_last"]["overall"]["psnr_recent"] > refs["frozen_first"]["overall"]["psnr_recent"]
@@ -325,7 +390,9 @@ def test_evaluate_testbed_end_to_end(pixel_spec, tmp_path):
   text = (tmp_path / "claims.md").read_text()
   assert text.index("Stage-1 learning check") < text.index("## Claims") and "not measurable" in text
   assert report["learning"]["rollout"]["worlds"] == 1 and np.isfinite(report["learning"]["rollout"]["motion_ratio"])
-  assert report["criteria"]["drift"]["good_psnr_recent_db"] == 20.0
+  assert report["criteria"]["drift"]["good_psnr_db"] == 20.0
+  assert report["criteria"]["drift"]["horizon_metric"] == "psnr_known"
+  assert "psnr_known mean" in text
 
 
 def test_stage1_learning_check_from_a_workdir(pixel_spec, tmp_path):

@@ -10,7 +10,9 @@ Reported before any stage-3 claim (a drift comparison means nothing if stage 1 n
                   copy-last-latent-frame predictor (frame s + 1 := frame s) in normalised latent
                   MSE (the criterion: `beats_copy_last` when the model's MSE is lower) and in
                   pixel PSNR (frames of latent s + 1 decoded by the codec vs the frames of latent s,
-                  frame 0 repeated for the first).
+                  frame 0 repeated for the first). `teacher_forced_pure` is the same at t = 1
+                  (`TEACHER_FORCED_T_PURE`: nothing of frame s + 1 in the input; only the context
+                  and the controls can beat copying).
   rollout         the model streamed with its multi-step Euler sampler on in-distribution worlds
                   (the testbed's `IN_DISTRIBUTION` set; default: one training clip's length):
                   `motion_ratio` overall and on bursts (`drift`), beside the oracle's own.
@@ -37,6 +39,9 @@ from apt2_jax.models import vae as vae_lib
 from apt2_jax.objectives import flow
 
 TEACHER_FORCED_T = 0.5
+# Pure noise in the target slot: the next frame must come from the context and the controls alone
+# (the regime a rollout's first Euler step is in); reported beside TEACHER_FORCED_T.
+TEACHER_FORCED_T_PURE = 1.0
 
 
 @functools.lru_cache(maxsize=4)
@@ -162,7 +167,8 @@ def stage1_learning_check(workdir: str, world_config: Optional[Mapping[str, Any]
     num_steps, shift, guidance: the Euler sampler (default: the run's `config.eval.sample_steps` /
       `sample_shift`, else 32 steps and `config.flow.shift`).
   Returns:
-    {"workdir", "stage", "world", "teacher_forced": `teacher_forced_check`, "rollout": `rollout_check`}.
+    {"workdir", "stage", "world", "teacher_forced": `teacher_forced_check` at `t`,
+     "teacher_forced_pure": the same at t = 1, "rollout": `rollout_check`}.
   """
   from apt2_jax import checkpointing
   from apt2_jax import generation
@@ -183,4 +189,6 @@ def stage1_learning_check(workdir: str, world_config: Optional[Mapping[str, Any]
                                  seconds=rollout_seconds or (clip_frames - 1) / fps, height=height, width=width,
                                  fps=fps, progress=False)
   return {"workdir": workdir, "stage": gen.stage, "world": world, "world_config": world_config,
-          "teacher_forced": teacher_forced_check(gen, clips, t), "rollout": rollout_check(spec, config)}
+          "teacher_forced": teacher_forced_check(gen, clips, t),
+          "teacher_forced_pure": teacher_forced_check(gen, clips, TEACHER_FORCED_T_PURE),
+          "rollout": rollout_check(spec, config)}
