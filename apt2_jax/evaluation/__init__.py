@@ -38,8 +38,11 @@ Modules:
 
 The testbed (a 2-core CPU trains every AAPT stage far enough to test the paper's claims against the
 panorama world's exact oracle; pass criteria fixed before training):
-  drift.py       psnr_recent, warp_error, motion_ratio (bursts), blur, colour_drift, the good
-                 horizon, per-bin / per-latent summaries, the references (oracle, copy-last, frozen)
+  drift.py       psnr_known (frame 0's content: the good horizon's metric), psnr_recent (secondary),
+                 motion_ratio (bursts), blur, colour_drift, the good horizon, per-bin / per-latent
+                 summaries, the references (oracle, copy-last, frozen)
+  camera_motion.py  the commanded camera motion (homographies, centre shift), warping, warp_error,
+                 the motion estimate (motion_scales), the psnr_recent region (windowed_recent)
   claims.py      the claims (a)-(d) with their fixed criteria, verdicts over every seed and set
   testbed.py     evaluate_testbed: two fixed evaluation sets x noise seeds, report.json, claims.md,
                  drift plots, GIFs

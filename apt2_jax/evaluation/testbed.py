@@ -66,6 +66,7 @@ import numpy as np
 from apt2_jax import media
 from apt2_jax.data import captions
 from apt2_jax.data import worlds as worlds_lib
+from apt2_jax.evaluation import camera_motion
 from apt2_jax.evaluation import claims as claims_lib
 from apt2_jax.evaluation import drift
 from apt2_jax.evaluation import figures
@@ -413,7 +414,7 @@ def evaluate_testbed(models: Mapping[str, ModelSpec], config: TestbedConfig, out
   role_of = {name: role for role, name in config.roles.items()}
   report = {"config": dict(config.describe(), reference_window=ref_window),
             "criteria": {"drift": drift.fixed_criteria(), **claims_lib.criteria()},
-            "definitions": drift.__doc__, "learning": learning,
+            "definitions": drift.__doc__ + "\n\ncamera_motion: " + camera_motion.__doc__, "learning": learning,
             "models": {n: dict(spec.describe(), role=role_of.get(n), throughput=samplers[n].throughput())
                        for n, spec in models.items()},
             "sets": sets, "claims": verdicts, "gifs": gifs,
