@@ -275,6 +275,15 @@ def claims_table(verdicts: Mapping[str, dict], learning: Optional[Mapping] = Non
   return "\n".join(lines)
 
 
+def _pure_line(tf: Optional[Mapping]) -> str:
+  """The t = 1 teacher-forced figures (nothing of the target in the input), when measured."""
+  if not tf:
+    return ""
+  return (f"At t = {tf['t']:g} (pure noise in the target slot: context and controls only): latent MSE "
+          f"{_fmt(tf['model_mse'])} vs {_fmt(tf['copy_last_mse'])} (ratio {_fmt(tf['mse_ratio'])}; "
+          f"{_fmt(tf['model_psnr'])} vs {_fmt(tf['copy_last_psnr'])} dB). ")
+
+
 def learning_line(learning: Mapping) -> str:
   """One Markdown paragraph of `learning.stage1_learning_check`'s result."""
   tf = learning["teacher_forced"]
@@ -283,6 +292,8 @@ def learning_line(learning: Mapping) -> str:
           f"copy-last-latent-frame {_fmt(tf['copy_last_mse'])} (ratio {_fmt(tf['mse_ratio'])}; pixel PSNR "
           f"{_fmt(tf['model_psnr'])} vs {_fmt(tf['copy_last_psnr'])} dB): "
           f"**{'beats' if tf['beats_copy_last'] else 'does not beat'} copying the last frame**. "
+          + _pure_line(learning.get("teacher_forced_pure")) +
           f"Rollout ({_fmt(roll.get('seconds'))} s, {roll.get('num_steps')} steps): motion_ratio "
           f"{_fmt(roll.get('motion_ratio'))}, on bursts {_fmt(roll.get('motion_ratio_burst'))}; the oracle's "
-          f"{_fmt(roll.get('oracle_motion_ratio'))}.")
+          f"{_fmt(roll.get('oracle_motion_ratio'))}; psnr_known {_fmt(roll.get('psnr_known'))} dB, good horizon "
+          f"{_fmt(roll.get('horizon_s'))} s{' (the whole rollout)' if roll.get('horizon_reached_end') else ''}.")

@@ -129,7 +129,8 @@ def rollout_check(spec, config, chunk_frames: int = 8) -> dict:
           "motion_ratio": s["overall"]["motion_ratio"], "motion_ratio_burst": s["overall"]["motion_ratio_burst"],
           "burst_pairs": s["overall"]["burst_pairs"], "oracle_motion_ratio": o["overall"]["motion_ratio"],
           "oracle_motion_ratio_burst": o["overall"]["motion_ratio_burst"],
-          "psnr_recent": s["overall"]["psnr_recent"], "horizon_s": s["horizon_s"]}
+          "psnr_known": s["overall"]["psnr_known"], "psnr_recent": s["overall"]["psnr_recent"],
+          "horizon_s": s["horizon_s"], "horizon_reached_end": s["horizon_reached_end"]}
 
 
 def in_distribution_clips(world: str, world_config: Mapping[str, Any], height: int, width: int, num_frames: int,
