@@ -63,6 +63,35 @@ def test_query_chunks_equal_one_pass(tiny_dit):
   np.testing.assert_allclose(a, b, atol=1e-6, rtol=2e-6)
 
 
+def test_dense_block_causal_and_unrolled_scan_equal_the_gathered_kernel(tiny_dit):
+  """The CPU's whole-clip kernel (dense heads-major einsums, `use_dense_block_causal`) and an
+  unrolled layer scan give the gathered kernel's outputs and gradients, past the window (the
+  sink's distance is clamped) and at the longest clip that takes the dense kernel."""
+  from apt2_jax.models.attention import use_dense_block_causal
+  model, params, config = tiny_dit
+  assert config.num_layers >= 2
+  for frames in (config.window + 4, 2 * (config.window + 2)):
+    assert use_dense_block_causal(frames, config.window) and not use_dense_block_causal(frames, config.window, "xla")
+    noise, recycled, control, text = _inputs(config, frames, seed=3)
+    t = jnp.array([0.9, 0.4])
+    variants = {"gathered": {"attention_impl": "xla"}, "dense": {},
+                "dense_unrolled": {"scan_unroll": config.num_layers}}
+    outs = {}
+    for name, fields in variants.items():
+      m = CausalDiT(DiTConfig.from_dict({**config.__dict__, **fields}))
+      loss = lambda p, m=m: jnp.mean(jnp.square(m.apply({"params": p}, noise, recycled, control, t, text)))
+      outs[name] = jax.jit(jax.value_and_grad(loss))(params)
+    ref_loss, ref_grad = outs["gathered"]
+    for name in ("dense", "dense_unrolled"):
+      loss, grad = outs[name]
+      np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=f"{name}, {frames} frames")
+      for path, g in jax.tree_util.tree_leaves_with_path(grad):
+        r = dict(jax.tree_util.tree_leaves_with_path(ref_grad))[path]
+        scale = float(jnp.max(jnp.abs(r))) + 1e-12
+        assert float(jnp.max(jnp.abs(g - r))) <= 1e-4 * scale, (name, frames, jax.tree_util.keystr(path))
+  assert not use_dense_block_causal(2 * (config.window + 2) + 1, config.window)
+
+
 def test_block_causal_reach(tiny_dit):
   """In one layer, frame i sees the sink, frames i-N..i and nothing else (never the future).
 

@@ -53,7 +53,7 @@ def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
   if size not in _MODEL_SIZES:
     raise ValueError(f"unknown model size {size!r}; choose one of {SIZES}")
   d = dict(control_channels=0, recycled_channels=True, patch_size=(1, 2, 2), eps=1e-6, rope_theta=10000.0, dtype="float32",
-           param_dtype="float32", remat_policy="none", attention_impl=None, query_chunk=0,
+           param_dtype="float32", remat_policy="none", attention_impl=None, query_chunk=0, scan_unroll=1,
            caption_dim=128, caption_layers=2, caption_max_len=32)
   d.update(_MODEL_SIZES[size])
   d.update(overrides)

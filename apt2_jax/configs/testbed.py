@@ -66,7 +66,8 @@ def model_config(layers: int = 4):
   through the width: at 750 steps its x0 estimate at t = 1 was worse than copying the last frame)."""
   return sizes.model_config("toy", latent_channels=LATENT_CHANNELS, dim=96, ffn_dim=384, num_heads=2,
                             num_layers=layers, text_dim=64, freq_dim=64, window=6, caption_dim=64, caption_layers=1,
-                            control_channels=24, prediction="x0", patch_size=PATCH)
+                            control_channels=24, prediction="x0", patch_size=PATCH,
+                            scan_unroll=layers)
 
 
 # variant: video frames of the short clips, long-video segments (latent frames, overlap, number),
