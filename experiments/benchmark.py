@@ -15,8 +15,13 @@
     # profile breakdown (attention / linear / cache update / layer slices):
     python -m apt2_jax.benchmark --config=experiments/benchmark.py:peer --json_out=/tmp/peer.json
 
-Sizes: `tiny` (CI: 64x64 pixels, seconds), `small` (256x256, the CPU figure), `peer` (`small`
-with 8 blocks: a PyTorch peer's CPU reference dimensions), `wan_1_3b`
+    # the CPU real-time streaming size (256x256 with the light decoder; fps with decode):
+    python -m apt2_jax.benchmark --config=experiments/benchmark.py:cpu_stream --config.train.enabled=False \
+        --json_out=/tmp/cpu_stream.json
+
+Sizes: `tiny` (CI: 64x64 pixels, seconds), `small` (256x256), `peer` (`small`
+with 8 blocks: a PyTorch peer's CPU reference dimensions), `cpu_stream` (256x256: width 256,
+6 blocks, N = 10, the light decoder; real time on 2 CPU cores), `wan_1_3b`
 (832x480), `apt2_8b` (736x416, N = 30, bfloat16; the paper's single-H100 setting). Fields:
 `apt2_jax/configs/benchmark.py`; without `--config` the benchmark runs its `small` size.
 """

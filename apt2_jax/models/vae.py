@@ -149,6 +149,9 @@ def vae_config(size: str, **overrides) -> VAEConfig:
   sizes = {
       "tiny": dict(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
       "small": dict(base_dim=32, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1),
+      # `small` with the light streaming decoder (`light_decoder`; ~36 ms per latent frame at
+      # 256x256 on 2 CPU cores): the CPU streaming benchmark's decode.
+      "small_light": dict(base_dim=32, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1, decoder_type="light"),
       "wan": dict(latents_mean=WAN_LATENTS_MEAN, latents_std=WAN_LATENTS_STD),
       # The paper's real-time decoder: 2 residual blocks per scale, channels 64/128/256/512 (from
       # full resolution up), behind Wan's encoder and latent space.
