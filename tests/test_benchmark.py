@@ -113,6 +113,17 @@ def test_peak_table_and_config_validation():
     bench_cfg.validate(c)
   with pytest.raises(ValueError, match="unknown benchmark size"):
     bench_cfg.get_config("huge")
+  # The CPU real-time size: 256x256 (256 tokens per latent frame), N = 10, the light decoder.
+  from apt2_jax.configs import sizes
+  from apt2_jax.models import DiTConfig
+  from apt2_jax.models import vae as vae_lib
+  cs = bench_cfg.get_config("cpu_stream")
+  bench_cfg.validate(cs)
+  model = DiTConfig.from_dict(cs.model.to_dict())
+  assert (model.dim, model.num_heads, model.num_layers, model.ffn_dim, model.window) == (256, 4, 6, 1024, 10)
+  assert sizes.tokens_per_frame(cs.height, cs.width, model.patch_size) == 256
+  assert vae_lib.vae_config(cs.vae_size).decoder_type == "light"
+  assert bench_cfg.get_config("peer").model.num_layers == 8
 
 
 def test_streaming_step_is_the_generation_stream_step():

@@ -22,7 +22,7 @@ STAGES = ("pretrain", "adapt", "distill", "adversarial", "long_video")
 
 # Every config file and every argument it accepts (a new file must be listed here).
 ARGS = {
-    "benchmark": DIT_SIZES,
+    "benchmark": DIT_SIZES + ("peer", "cpu_stream"),
     "camera_control": tuple(f"{stage},{size}" for stage in STAGES for size in DIT_SIZES),
     "pose_control": tuple(f"{stage},{size}" for stage in STAGES for size in DIT_SIZES),
     "stage0_pretrain": DIT_SIZES + ("small,world=puppet", "tiny,world=bouncing"),
