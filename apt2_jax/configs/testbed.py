@@ -85,8 +85,9 @@ _VARIANTS = {
                   steps=dict(adapt=1300, distill=80, adversarial=30, adversarial_teacher_forcing=0,
                              adversarial_no_recycle=0, long_video=0),
                   lr=1e-3, gan_lr=2e-5, euler_steps=8, worlds=2, seeds=(0,), short_clips=8.0),
-    # ~1.5 h of training on 2 CPU cores at the measured per-step costs (stage 1 1.9 s, distillation
-    # 2.2 s, AAPT 10.6 s per step), plus the evaluation.
+    # ~1.5 h of training on 2 CPU cores at the per-step costs measured under load before the dense
+    # block-causal kernel (stage 1 1.9 s, distillation 2.2 s, AAPT 10.6 s per step), plus the
+    # evaluation; quiet, with the kernel, stage 1 is ~0.9 s per step in the loop (AAPT 5.5 s).
     "full": dict(layers=4, frames=37, segments=(10, 2, 3), batch=8,
                  steps=dict(adapt=1200, distill=150, adversarial=50, adversarial_teacher_forcing=50,
                             adversarial_no_recycle=50, long_video=15),
