@@ -4,6 +4,7 @@ own step."""
 import glob
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -149,3 +150,14 @@ def test_streaming_step_is_the_generation_stream_step():
   want_x, want_state = jitted.step(params, want, jitted.text(params, prompt))
   np.testing.assert_array_equal(np.asarray(x), np.asarray(want_x))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state, want_state)
+
+
+def test_aot_disables_the_hoisting_of_bf16_converts(monkeypatch):
+  """The AOT analysis keeps XLA:CPU from hoisting float32 copies of the stacked bf16 weights and
+  cache out of the layer loop (`aot.AOT_XLA_FLAGS`); other flags are kept, nothing is doubled."""
+  from apt2_jax.benchmark import aot
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+  aot.add_aot_xla_flags()
+  aot.add_aot_xla_flags()
+  flags = os.environ["XLA_FLAGS"].split()
+  assert flags == ["--xla_cpu_enable_fast_math=false", "--xla_disable_hlo_passes=while-loop-invariant-code-motion"]

@@ -52,6 +52,9 @@ def main(argv):
       raise app.UsageError(str(e)) from None
   from apt2_jax.benchmark.timing import drop_cheap_compile_flags
   drop_cheap_compile_flags()
+  if FLAGS.aot or FLAGS.aot_cases:
+    from apt2_jax.benchmark.aot import add_aot_xla_flags
+    add_aot_xla_flags()  # before the backend starts: see aot.AOT_XLA_FLAGS
   runtime.setup()
   if FLAGS.cpu_devices:
     import jax
