@@ -52,10 +52,32 @@ AOT_CASES = {
 }
 
 
+# The attention every case compiles: what GPUs run by default, the XLA path of
+# `jax.nn.dot_product_attention` (the gathered block-causal kernel for the whole-clip passes). Left
+# on auto, XLA:CPU would pick the CPU kernels (`attention.step_implementation`), and stage 1's
+# 30-frame clip the dense block-causal kernel, whose [heads, queries, keys] logits no GPU run
+# materialises. cuDNN flash attention cannot be compiled for CPU devices, so no row assumes it.
+AOT_ATTENTION = "xla"
+
+
+def attention_description(implementation, kind: str, frames: int, window: int) -> str:
+  """What a row's attention is, in words (`AOT_ATTENTION` resolved as the model resolves it)."""
+  from apt2_jax.models import attention
+  impl = attention.step_implementation(implementation)
+  if kind == "stream":
+    return ("heads-major einsum over the KV cache (the CPU kernel)" if impl == "einsum" else
+            f"jax.nn.dot_product_attention ({impl or 'xla'}) over the KV cache")
+  if attention.use_dense_block_causal(frames, window, implementation):
+    return "dense block-causal einsums (the CPU kernel; [heads, queries, keys] logits)"
+  return (f"gathered block-causal: jax.nn.dot_product_attention ({impl or 'xla'}) per frame over "
+          f"the sink + {window} + 1 frames, materialised logits (no flash attention)")
+
+
 def aot_config(case: dict, size: str = "apt2_8b", **model_overrides):
   """The benchmark config of one AOT case (`AOT_CASES` entry)."""
   from apt2_jax.configs import benchmark as bench_cfg
   config = bench_cfg.get_config(size)
+  config.model.attention_impl = AOT_ATTENTION
   config.height, config.width = case["height"], case["width"]
   config.model.window = case["window"]
   config.batch = case["batch"]
@@ -87,7 +109,8 @@ def aot_case(name: str, case: dict, *, size: str = "apt2_8b", mfu: float = 0.4, 
   row = dict(case=name, kind=case["kind"], devices=n, mesh=dict(case["mesh"]), batch=case["batch"],
              resolution=f"{config.width}x{config.height}", latent=f"{w}x{h}", tokens_per_frame=s.tokens,
              window=mc.window, params=count_params(mc), dtype=mc.dtype, param_dtype=mc.param_dtype,
-             remat=mc.remat_policy)
+             remat=mc.remat_policy,
+             attention=attention_description(mc.attention_impl, case["kind"], case.get("frames", 1), mc.window))
   t0 = time.perf_counter()
   with s.use_mesh():
     if case["kind"] == "stream":
@@ -152,5 +175,7 @@ def aot_result(names=None, mfu: float = 0.4, subprocesses: bool = True) -> dict:
   rows = run_aot(names, mfu, subprocesses)
   return dict(aot=rows, jax_version=jax.__version__, model="apt2_8b", h100_bf16_peak_flops=H100_BF16_PEAK,
               paper_step_s=PAPER_STEP_S, wall_s=time.perf_counter() - t0,
+              xla_flags=os.environ.get("XLA_FLAGS", ""),
               note="Compiled for virtual CPU devices: bytes come from XLA:CPU's memory_analysis "
-                   "with the XLA attention path (no flash attention); FLOPs are analytic.")
+                   "with the attention each row names (the XLA path GPUs run by default; no flash "
+                   "attention) and `AOT_XLA_FLAGS`; FLOPs are analytic.")

@@ -62,6 +62,9 @@ def aot_table(rows: list[dict]) -> str:
     if r.get("paper_implied_mfu"):
       lines.append(f"{r['case']}: the paper's {PAPER_STEP_S} s/step implies MFU "
                    f"{r['paper_implied_mfu']:.3f}; projected at MFU {mfu}: {r['projected_h100_s']:.3f} s.")
+  for attention in dict.fromkeys(r["attention"] for r in rows if r.get("attention")):
+    cases = ", ".join(r["case"] for r in rows if r.get("attention") == attention)
+    lines.append(f"attention of {cases}: {attention}")
   return "\n".join(lines)
 
 

@@ -44,7 +44,7 @@ Array = jax.Array
 TEMPORAL_FACTOR = 4
 DECODER_TYPES = ("causal", "light")  # VAEConfig.decoder_type: Wan's causal decoder, or this one
 
-# LeCun normal, as `vae._KERNEL_INIT` (and `vae.init_params`, which draws every "kernel" alike).
+# LeCun normal, as `vae_layers._KERNEL_INIT` (and `vae.init_params`, which draws every "kernel" alike).
 _KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 # Defaults of `VAEConfig.light_dims` / `light_blocks` (the `light_decoder` config).
