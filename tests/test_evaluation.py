@@ -342,6 +342,26 @@ def test_vae_stream_equals_the_whole_clip_and_the_still_video_shortcut(tiny_spec
   assert flat.shape == frames[0].shape and len(np.unique(flat.reshape(-1, 3), axis=0)) == 1
 
 
+def test_vae_references_tool_scores_the_evaluation_worlds(tiny_spec):
+  """`tools.vae_references`: per set and world, the VAE ceiling, flat colour, copy-last and the 8x
+  average pool, on the evaluation's own worlds; the margin is the VAE's mean minus the flat's."""
+  from apt2_jax.evaluation import references
+  from apt2_jax.tools import vae_references
+  frames = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+  blocks = np.repeat(np.repeat(frames[:, ::8, ::8], 8, 1), 8, 2)  # constant on 8x8 blocks
+  np.testing.assert_array_equal(vae_references.average_pool(blocks), blocks)
+  with pytest.raises(ValueError, match="pool factor"):
+    vae_references.average_pool(frames[:, :12])
+  out = vae_references.score(tiny_spec, "camera", pixels=H, num_worlds=1, seconds=8 / 24)
+  assert out["video_frames"] == 9 and set(out["sets"]) == {"in_distribution", "held_out"}
+  for s in out["sets"].values():
+    (row,) = s["worlds"]
+    assert s["margin_db"] == pytest.approx(row["vae_psnr"] - row["flat_psnr"])
+    assert s["clear_margin"] == (s["margin_db"] >= references.VAE_MARGIN_DB)
+    assert row["avgpool_psnr"] > row["flat_psnr"]  # a low-pass of the frame beats its mean colour
+    assert all(np.isfinite(row[k]) for k in ("vae_psnr", "copy_last_psnr"))
+
+
 def test_cli_parse_models():
   parsed = evaluate_cli.parse_models(
       "diff=/r/s1:steps=32,shift=24,guidance=3,aapt=/r/s4,abl=/r/a[recycle=0,key=params]")

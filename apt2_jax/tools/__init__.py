@@ -1,1 +1,1 @@
-"""Command-line tools: latent pre-encoding, VAE benchmarks."""
+"""Command-line tools: latent pre-encoding, caption embedding, VAE benchmarks and references."""

@@ -1,0 +1,102 @@
+"""Does a VAE beat the trivial references on a world? Its reconstruction against a flat colour.
+
+  python -m apt2_jax.tools.vae_references --vae=runs/toy_full/vae --world=camera --pixels=64 \
+      --worlds=2 --seconds=4 --json_out=/tmp/vae_references.json
+
+Every model the evaluation scores is decoded by its VAE, so the VAE's reconstruction of the oracle
+(`vae_ceiling`) bounds them all; if it does not beat frame 0's flat mean colour by a clear margin
+(`references.VAE_MARGIN_DB`), the evaluation cannot tell a model that draws the world from one that
+paints a flat colour. Per evaluation set (`oracle.EVAL_SPLITS`: the in-distribution validation
+worlds and the held-out test worlds, the same worlds and trajectories `evaluate_models` uses), per
+world: PSNR of the VAE ceiling (streamed encode + decode), the flat colour, copy-last through the
+VAE, and an 8x average pool of each frame upsampled back (a fixed low-pass that keeps 1/64 of the
+pixels per frame: what a lossy code of about the VAE's size can reach without learning). Means over
+the video frames; the set's margin is the mean VAE PSNR minus the mean flat PSNR.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from apt2_jax.data import worlds as worlds_lib
+from apt2_jax.evaluation import references as refs_lib
+from apt2_jax.evaluation.metrics import psnr
+from apt2_jax.evaluation.oracle import EVAL_SPLITS, eval_worlds, render_oracle
+
+POOL = 8  # the average-pool reference's factor (the VAE's spatial factor)
+
+
+def average_pool(frames: np.ndarray, factor: int = POOL) -> np.ndarray:
+  """Each frame `[T, H, W, 3]` (uint8) average-pooled by `factor` and upsampled back (nearest)."""
+  t, h, w, c = frames.shape
+  if h % factor or w % factor:
+    raise ValueError(f"frames of {h}x{w} do not divide by the pool factor {factor}")
+  pooled = frames.astype(np.float32).reshape(t, h // factor, factor, w // factor, factor, c).mean((2, 4))
+  return np.round(pooled.repeat(factor, 1).repeat(factor, 2)).astype(np.uint8)
+
+
+class _VAE:
+  """What `references.world_references` needs of a model: `vae_config`, `vae_params`."""
+
+  def __init__(self, path: str):
+    from apt2_jax.generation.vae import load_vae
+    model, self.vae_params = load_vae(path)
+    self.vae_config = model.config
+
+
+def score(vae, world: str = "camera", pixels: int = 64, num_worlds: int = 2, seconds: float = 4.0,
+          fps: float = 24.0, sets=tuple(EVAL_SPLITS)) -> dict:
+  """{"sets": {set: {"worlds": [...], "vae_psnr", "flat_psnr", "avgpool_psnr", "margin_db",
+  "clear_margin"}}} for `vae` (anything with `vae_config` and `vae_params`)."""
+  n = 1 + refs_lib.FRAMES_PER_LATENT * max(1, int(round(seconds * fps / refs_lib.FRAMES_PER_LATENT)))
+  env = worlds_lib.make_world(world, worlds_lib.WorldConfig(height=pixels, width=pixels, num_frames=n))
+  out = {"world": world, "pixels": pixels, "video_frames": n, "fps": fps, "threshold_db": refs_lib.VAE_MARGIN_DB,
+         "sets": {}}
+  for set_name in sets:
+    rows = []
+    for tw in eval_worlds(env, num_worlds, n, fps, split=EVAL_SPLITS[set_name]):
+      oracle = render_oracle(env, tw.controls, tw.seed, 0, n)
+      curves = refs_lib.world_references(vae, oracle)
+      rows.append({"seed": int(tw.seed), "trajectory": tw.trajectory,
+                   "vae_psnr": float(np.mean(curves["vae_ceiling"]["psnr"])),
+                   "flat_psnr": float(np.mean(curves["flat_colour"]["psnr"])),
+                   "copy_last_psnr": float(np.mean(curves["copy_last"]["psnr"])),
+                   "avgpool_psnr": float(np.mean(psnr(average_pool(oracle), oracle)))})
+    mean = lambda k: float(np.mean([r[k] for r in rows]))
+    margin = mean("vae_psnr") - mean("flat_psnr")
+    out["sets"][set_name] = {"worlds": rows, "vae_psnr": mean("vae_psnr"), "flat_psnr": mean("flat_psnr"),
+                             "avgpool_psnr": mean("avgpool_psnr"), "margin_db": margin,
+                             "clear_margin": bool(margin >= refs_lib.VAE_MARGIN_DB)}
+  return out
+
+
+_VAE_PATH = flags.DEFINE_string("vae", None, "A `vae` stage workdir or a diffusers AutoencoderKLWan folder.")
+_WORLD = flags.DEFINE_enum("world", "camera", list(worlds_lib.WORLD_NAMES), "The world.")
+_PIXELS = flags.DEFINE_integer("pixels", 64, "Frame height and width (multiple of 8).")
+_WORLDS = flags.DEFINE_integer("worlds", 2, "Worlds per evaluation set.")
+_SECONDS = flags.DEFINE_float("seconds", 4.0, "Video length per world at 24 fps.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the result here as JSON.")
+
+
+def main(argv):
+  del argv
+  if not _VAE_PATH.value:
+    raise app.UsageError("--vae is required (a vae stage workdir or a diffusers AutoencoderKLWan folder)")
+  t0 = time.time()
+  result = score(_VAE(_VAE_PATH.value), _WORLD.value, _PIXELS.value, _WORLDS.value, _SECONDS.value)
+  result.update(vae=_VAE_PATH.value, seconds=time.time() - t0)
+  for name, s in result["sets"].items():
+    print(f"{name:16s} VAE {s['vae_psnr']:.2f} dB, flat colour {s['flat_psnr']:.2f}, margin {s['margin_db']:+.2f} "
+          f"(clear >= {refs_lib.VAE_MARGIN_DB:g}: {s['clear_margin']}); {POOL}x average pool {s['avgpool_psnr']:.2f}",
+          flush=True)
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
