@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging as pylogging
 import os
 import re
 import sys
@@ -157,8 +158,27 @@ def _is_restore_leftover(unraisable) -> bool:
           or (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)))
 
 
+class _RestoreLeftoverLogFilter(pylogging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" reports (a full traceback on stderr) of
+  orbax/TensorStore reads from a step that failed to restore: the same damage, already reported
+  in one line with the step's path by `newest_intact`."""
+  _apt2_quiet = True
+
+  def filter(self, record) -> bool:
+    message = str(record.msg)
+    if not message.startswith("Task exception was never retrieved"):
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    text = f"{message} {exc!r}"
+    return not any(k in text for k in ("OCDBT", "tensorstore", "TensorStore", "orbax", "Error reading"))
+
+
 def _quiet_restore_leftovers() -> None:
-  """Installs (once) an unraisable-exception hook that drops `_is_restore_leftover` reports."""
+  """Installs (once) an unraisable-exception hook that drops `_is_restore_leftover` reports, and
+  `_RestoreLeftoverLogFilter` on asyncio's logger."""
+  asyncio_logger = pylogging.getLogger("asyncio")
+  if not any(getattr(f, "_apt2_quiet", False) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_RestoreLeftoverLogFilter())
   previous = sys.unraisablehook
   if getattr(previous, "_apt2_quiet", False):
     return
