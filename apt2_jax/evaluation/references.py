@@ -207,6 +207,17 @@ def world_references(model, oracle, chunk_latents: int = 24) -> dict[str, dict[s
   return {k: {m: np.concatenate(v) for m, v in c.items()} for k, c in curves.items()}
 
 
+def vae_vs_flat(vae_curves, flat_curves) -> dict:
+  """The VAE ceiling against the flat colour over a set's worlds (each a `world_references` curve
+  dict): per world and mean PSNRs, the margin (mean VAE minus mean flat) and whether it is clear
+  (`VAE_MARGIN_DB`)."""
+  worlds = [{"vae_psnr": float(np.mean(v["psnr"])), "flat_psnr": float(np.mean(f["psnr"])),
+             "margin_db": float(np.mean(v["psnr"]) - np.mean(f["psnr"]))} for v, f in zip(vae_curves, flat_curves)]
+  vae, flat = float(np.mean([w["vae_psnr"] for w in worlds])), float(np.mean([w["flat_psnr"] for w in worlds]))
+  return {"vae_psnr": vae, "flat_psnr": flat, "margin_db": vae - flat, "clear_margin": bool(vae - flat >= VAE_MARGIN_DB),
+          "threshold_db": VAE_MARGIN_DB, "worlds": worlds}
+
+
 def frozen_frame_curves(oracle: np.ndarray, chunk: int = 96) -> dict[str, np.ndarray]:
   """PSNR/SSIM of raw frame 0 repeated forever (no VAE; `world_references` has the VAE's)."""
   first = np.asarray(oracle[0])

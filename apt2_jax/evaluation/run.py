@@ -234,13 +234,7 @@ def _reference_summaries(references: Mapping[str, list], config: Mapping[str, An
     out[name] = {"summary": report_lib._summaries(mean, config["seconds"], config["fps"], config["good_psnr"],  # pylint: disable=protected-access
                                                   config["video_frames"], relative),
                  "mean_curves": mean}
-  per_world = [{"vae_psnr": float(np.mean(v["psnr"])), "flat_psnr": float(np.mean(f["psnr"])),
-                "margin_db": float(np.mean(v["psnr"]) - np.mean(f["psnr"]))}
-               for v, f in zip(references["vae_ceiling"], references["flat_colour"])]
-  vae, flat = float(np.mean([w["vae_psnr"] for w in per_world])), float(np.mean([w["flat_psnr"] for w in per_world]))
-  out["vae_vs_flat"] = {"vae_psnr": vae, "flat_psnr": flat, "margin_db": vae - flat,
-                        "clear_margin": bool(vae - flat >= refs_lib.VAE_MARGIN_DB),
-                        "threshold_db": refs_lib.VAE_MARGIN_DB, "worlds": per_world}
+  out["vae_vs_flat"] = refs_lib.vae_vs_flat(references["vae_ceiling"], references["flat_colour"])
   return out
 
 

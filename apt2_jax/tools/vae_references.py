@@ -50,53 +50,58 @@ class _VAE:
 
 def score(vae, world: str = "camera", pixels: int = 64, num_worlds: int = 2, seconds: float = 4.0,
           fps: float = 24.0, sets=tuple(EVAL_SPLITS)) -> dict:
-  """{"sets": {set: {"worlds": [...], "vae_psnr", "flat_psnr", "avgpool_psnr", "margin_db",
-  "clear_margin"}}} for `vae` (anything with `vae_config` and `vae_params`)."""
+  """{"sets": {set: `references.vae_vs_flat` + "avgpool_psnr", its "worlds" rows with copy-last
+  and the average pool}} for `vae` (anything with `vae_config` and `vae_params`)."""
   n = 1 + refs_lib.FRAMES_PER_LATENT * max(1, int(round(seconds * fps / refs_lib.FRAMES_PER_LATENT)))
   env = worlds_lib.make_world(world, worlds_lib.WorldConfig(height=pixels, width=pixels, num_frames=n))
   out = {"world": world, "pixels": pixels, "video_frames": n, "fps": fps, "threshold_db": refs_lib.VAE_MARGIN_DB,
          "sets": {}}
   for set_name in sets:
-    rows = []
+    rows, curves = [], []
     for tw in eval_worlds(env, num_worlds, n, fps, split=EVAL_SPLITS[set_name]):
       oracle = render_oracle(env, tw.controls, tw.seed, 0, n)
-      curves = refs_lib.world_references(vae, oracle)
+      curves.append(refs_lib.world_references(vae, oracle))
       rows.append({"seed": int(tw.seed), "trajectory": tw.trajectory,
-                   "vae_psnr": float(np.mean(curves["vae_ceiling"]["psnr"])),
-                   "flat_psnr": float(np.mean(curves["flat_colour"]["psnr"])),
-                   "copy_last_psnr": float(np.mean(curves["copy_last"]["psnr"])),
+                   "copy_last_psnr": float(np.mean(curves[-1]["copy_last"]["psnr"])),
                    "avgpool_psnr": float(np.mean(psnr(average_pool(oracle), oracle)))})
-    mean = lambda k: float(np.mean([r[k] for r in rows]))
-    margin = mean("vae_psnr") - mean("flat_psnr")
-    out["sets"][set_name] = {"worlds": rows, "vae_psnr": mean("vae_psnr"), "flat_psnr": mean("flat_psnr"),
-                             "avgpool_psnr": mean("avgpool_psnr"), "margin_db": margin,
-                             "clear_margin": bool(margin >= refs_lib.VAE_MARGIN_DB)}
+    s = refs_lib.vae_vs_flat([c["vae_ceiling"] for c in curves], [c["flat_colour"] for c in curves])
+    for row, w in zip(rows, s.pop("worlds")):
+      row.update(w)
+    s.update(worlds=rows, avgpool_psnr=float(np.mean([r["avgpool_psnr"] for r in rows])))
+    out["sets"][set_name] = s
   return out
 
 
-_VAE_PATH = flags.DEFINE_string("vae", None, "A `vae` stage workdir or a diffusers AutoencoderKLWan folder.")
-_WORLD = flags.DEFINE_enum("world", "camera", list(worlds_lib.WORLD_NAMES), "The world.")
-_PIXELS = flags.DEFINE_integer("pixels", 64, "Frame height and width (multiple of 8).")
-_WORLDS = flags.DEFINE_integer("worlds", 2, "Worlds per evaluation set.")
-_SECONDS = flags.DEFINE_float("seconds", 4.0, "Video length per world at 24 fps.")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Write the result here as JSON.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defines the command-line flags only when run as a program, so that importing this module
+  (a test, another CLI) defines nothing."""
+  flags.DEFINE_string("vae", None, "A `vae` stage workdir or a diffusers AutoencoderKLWan folder.")
+  flags.DEFINE_enum("world", "camera", list(worlds_lib.WORLD_NAMES), "The world.")
+  flags.DEFINE_integer("pixels", 64, "Frame height and width (multiple of 8).")
+  flags.DEFINE_integer("worlds", 2, "Worlds per evaluation set.")
+  flags.DEFINE_float("seconds", 4.0, "Video length per world at 24 fps.")
+  flags.DEFINE_string("json_out", None, "Write the result here as JSON.")
 
 
 def main(argv):
   del argv
-  if not _VAE_PATH.value:
+  if not FLAGS.vae:
     raise app.UsageError("--vae is required (a vae stage workdir or a diffusers AutoencoderKLWan folder)")
   t0 = time.time()
-  result = score(_VAE(_VAE_PATH.value), _WORLD.value, _PIXELS.value, _WORLDS.value, _SECONDS.value)
-  result.update(vae=_VAE_PATH.value, seconds=time.time() - t0)
+  result = score(_VAE(FLAGS.vae), FLAGS.world, FLAGS.pixels, FLAGS.worlds, FLAGS.seconds)
+  result.update(vae=FLAGS.vae, seconds=time.time() - t0)
   for name, s in result["sets"].items():
     print(f"{name:16s} VAE {s['vae_psnr']:.2f} dB, flat colour {s['flat_psnr']:.2f}, margin {s['margin_db']:+.2f} "
           f"(clear >= {refs_lib.VAE_MARGIN_DB:g}: {s['clear_margin']}); {POOL}x average pool {s['avgpool_psnr']:.2f}",
           flush=True)
-  if _JSON_OUT.value:
-    with open(_JSON_OUT.value, "w") as f:
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
       json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
