@@ -50,7 +50,7 @@ REST_POSE = np.array([
     [0.58, 0.34], [0.62, 0.46], [0.64, 0.58], [0.50, 0.58], [0.45, 0.60],
     [0.44, 0.74], [0.44, 0.88], [0.55, 0.60], [0.56, 0.74], [0.56, 0.88]], np.float32)
 CONTROL_DIM = {"none": 0, "camera": len(CAMERA_CONTROLS), "pose": 2 * NUM_KEYPOINTS}
-WORLD_CONTROL_TYPES = {"camera": "camera", "puppet": "pose", "bouncing": "none", "panorama": "camera"}
+WORLD_CONTROL_TYPES = {"camera": "camera", "puppet": "pose", "bouncing": "none", "panorama": "camera", "torus": "camera"}
 
 # Keyboard -> per-video-frame relative camera motion, as a fraction of `CAMERA_LIMITS` (W: forward
 # 0.5 x 0.25 = 0.125 per video frame). Keys follow the browser's `KeyboardEvent.key`, lower-cased;

@@ -45,7 +45,7 @@ import ml_collections
 
 from apt2_jax.configs import sizes
 
-CONTROL_DIM = {"camera": 5, "puppet": 30, "bouncing": 0, "panorama": 5}  # apt2_jax.data.worlds *World.control_dim
+CONTROL_DIM = {"camera": 5, "puppet": 30, "bouncing": 0, "panorama": 5, "torus": 5}  # apt2_jax.data.worlds *World.control_dim
 
 # size: (batch, video frames, height, width, steps, toy learning rate)
 _SIZE_SETTINGS = {

@@ -52,7 +52,8 @@ ORDER = ("adapt", "distill", "adversarial", "adversarial_teacher_forcing", "adve
 
 PIXELS = 64
 PATCH = (1, 1, 1)
-CODEC = "pixels_pca"
+CODEC = "pixels_pca_torus"
+WORLD = "torus"
 LATENT_CHANNELS = 32                                                # pixel_codec.PCA_RANK
 TOKENS_PER_FRAME = sizes.tokens_per_frame(PIXELS, PIXELS, PATCH)   # latent 8x8, patch 1x1: 64
 
@@ -64,7 +65,7 @@ def model_config(layers: int = 4):
   The head predicts the clean latent (`prediction="x0"`, the velocity follows from it; measured
   with the lossless codec, where a velocity head had to pass 3072 values of white noise per token
   through the width: at 750 steps its x0 estimate at t = 1 was worse than copying the last frame)."""
-  return sizes.model_config("toy", latent_channels=LATENT_CHANNELS, dim=96, ffn_dim=384, num_heads=2,
+  return sizes.model_config("toy", latent_channels=LATENT_CHANNELS, dim=128, ffn_dim=512, num_heads=4,
                             num_layers=layers, text_dim=64, freq_dim=64, window=6, caption_dim=64, caption_layers=1,
                             control_channels=24, prediction="x0", patch_size=PATCH,
                             scan_unroll=layers)
@@ -88,8 +89,8 @@ _VARIANTS = {
     # ~1.5 h of training on 2 CPU cores at the per-step costs measured under load before the dense
     # block-causal kernel (stage 1 1.9 s, distillation 2.2 s, AAPT 10.6 s per step), plus the
     # evaluation; quiet, with the kernel, stage 1 is ~0.9 s per step in the loop (AAPT 5.5 s).
-    "full": dict(layers=4, frames=37, segments=(10, 2, 3), batch=8,
-                 steps=dict(adapt=1200, distill=150, adversarial=50, adversarial_teacher_forcing=50,
+    "full": dict(layers=4, frames=37, segments=(10, 2, 3), batch=4, checkpoints=10,
+                 steps=dict(adapt=5000, distill=150, adversarial=50, adversarial_teacher_forcing=50,
                             adversarial_no_recycle=50, long_video=15),
                  lr=1e-3, gan_lr=2e-5, euler_steps=8, worlds=2, seeds=(0, 1), short_clips=20.0),
 }
@@ -107,7 +108,7 @@ def _common(c, v, steps, lr):
   if "weight_t" in c.flow:
     c.flow.weight_t = 1.0   # stage 1: the clean-latent MSE (module docstring)
   # Fresh procedural clips for every example (no pool to memorise).
-  c.data.update(dict(source="pipeline", world="panorama", height=PIXELS, width=PIXELS, frames=v["frames"],
+  c.data.update(dict(source="pipeline", world=WORLD, height=PIXELS, width=PIXELS, frames=v["frames"],
                      control_dim=5, control_encoding="rays", num_train=0, num_validation=0, pre_encode=False))
   c.vae = ml_collections.ConfigDict(dict(size=CODEC, checkpoint=""))
   c.log_every = max(1, min(25, c.num_steps // 10))
@@ -130,7 +131,7 @@ def get_config(arg: str = "short"):
   c = ml_collections.ConfigDict()
   c.stage = "pipeline"
   c.variant = variant
-  c.world = "panorama"
+  c.world = WORLD
   c.world_options = ml_collections.ConfigDict()
   c.height = c.width = PIXELS
   c.order = tuple(name for name in ORDER if v["steps"][name] > 0)

@@ -24,7 +24,7 @@ FLAGS = flags.FLAGS
 def define_flags():
   """The command's flags, defined only when it runs as a program (importing `build_local` from a
   test or a library defines nothing, so no other command meets a required `--data_dir`)."""
-  flags.DEFINE_enum('world', 'camera', ['camera', 'puppet', 'bouncing', 'panorama', 'local'],
+  flags.DEFINE_enum('world', 'camera', ['camera', 'puppet', 'bouncing', 'panorama', 'torus', 'local'],
                     'World to build, or `local` for a folder of videos.')
   flags.DEFINE_string('config', 'tiny', 'Builder config: tiny | small | base (worlds); the '
                       "dataset's name for `local` ('tiny' -> 'default').")

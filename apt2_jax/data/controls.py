@@ -15,12 +15,12 @@ CONTROL_LIMITS = {
                np.full(2 * len(worlds.PUPPET_KEYPOINTS), 1.5, np.float32)),
     'bouncing': (np.zeros(0, np.float32), np.zeros(0, np.float32)),
 }
-CONTROL_LIMITS['panorama'] = CONTROL_LIMITS['camera']   # camera controls (only pan and tilt move)
+CONTROL_LIMITS['panorama'] = CONTROL_LIMITS['torus'] = CONTROL_LIMITS['camera']   # camera controls (only pan and tilt move)
 
 
 def control_names(world_name: str) -> tuple[str, ...]:
   """Names of the `D` control columns of `world_name` (camera/panorama 5, puppet 30, bouncing 0)."""
-  if world_name in ('camera', 'panorama'):
+  if world_name in ('camera', 'panorama', 'torus'):
     return worlds.CAMERA_CONTROLS
   if world_name == 'puppet':
     return tuple(f'{k}.{a}' for k in worlds.PUPPET_KEYPOINTS for a in 'xy')

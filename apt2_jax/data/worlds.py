@@ -41,14 +41,15 @@ from apt2_jax.data.world_base import (  # noqa: F401
     _pick_textures, _rx, _ry, _rz, _to_uint8, check_num_frames, compose_camera, initial_rotation,
     relative_from_absolute, relative_rotation, seed_split, split_seed)
 from apt2_jax.data.panorama import PanoramaWorld
+from apt2_jax.data.torus import TorusWorld
 
-WORLD_NAMES = ('camera', 'puppet', 'bouncing', 'panorama')
+WORLD_NAMES = ('camera', 'puppet', 'bouncing', 'panorama', 'torus')
 
 
 def make_world(name: str, config: WorldConfig | None = None, seed: int = 0) -> World:
   """World `name` (one of `WORLD_NAMES`); `seed` is the default seed of `sample()`."""
   classes = {'camera': CameraWorld, 'puppet': PuppetWorld, 'bouncing': BouncingWorld,
-             'panorama': PanoramaWorld}
+             'panorama': PanoramaWorld, 'torus': TorusWorld}
   if name not in classes:
     raise ValueError(f'unknown world {name!r}; expected one of {WORLD_NAMES}')
   return classes[name](config, seed)

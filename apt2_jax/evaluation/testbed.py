@@ -161,7 +161,7 @@ def make_env(config: TestbedConfig, eval_set: EvalSet):
 def _trajectory(env, k: int, num_worlds: int, tethered: bool = True) -> str:
   """World k's trajectory type: panorama stratified (bursty first), tethered unless `tethered` is
   False; other worlds the train pool."""
-  if env.name == "panorama":
+  if env.name in ("panorama", "torus"):
     fraction = env.config.pano_burst_fraction
     bursty = max(1, math.ceil(num_worlds * fraction)) if fraction > 0 else 0
     base = "bursty" if k < bursty else "wander"

@@ -41,7 +41,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-CODECS = ("learned", "space_to_depth", "pca")
+CODECS = ("learned", "space_to_depth", "pca", "pca_torus")
 TEMPORAL_FACTOR = 4   # = vae.TEMPORAL_FACTOR
 SPATIAL_FACTOR = 8    # = vae.SPATIAL_FACTOR
 Z_DIM = TEMPORAL_FACTOR * SPATIAL_FACTOR * SPATIAL_FACTOR * 3
@@ -66,12 +66,20 @@ def config_fields() -> dict:
   return dict(codec="space_to_depth", z_dim=Z_DIM, latents_mean=mean, latents_std=std)
 
 
-def pca_config_fields() -> dict:
-  """The VAEConfig fields of the named size `pixels_pca`: the PCA codec, unit-variance latents
-  (each component divided by its std over the fitting clips)."""
-  _, _, std = pca_basis()
-  return dict(codec="pca", z_dim=PCA_RANK, latents_mean=(0.0,) * PCA_RANK,
-              latents_std=tuple(float(v) for v in std))
+def pca_config_fields(codec: str = "pca") -> dict:
+  """The VAEConfig fields of the PCA codecs' named sizes.
+
+  `pixels_pca` (codec "pca", the panorama's basis): unit-variance latents (each component divided
+  by its std over the fitting clips). `pixels_pca_torus` (codec "pca_torus"): one scale for every
+  component (their root-mean-square std), so that a latent MSE is the pixel MSE inside the basis'
+  span up to a constant: the basis is orthonormal, and a per-component scale would weigh the
+  faint components (fine detail) as much as the main ones."""
+  _, _, std = pca_basis(codec)
+  if codec == "pca":
+    scale = tuple(float(v) for v in std)
+  else:
+    scale = (float(np.sqrt(np.mean(np.square(std)))),) * PCA_RANK
+  return dict(codec=codec, z_dim=PCA_RANK, latents_mean=(0.0,) * PCA_RANK, latents_std=scale)
 
 
 def check_config(codec: str, z_dim: int) -> None:
@@ -80,7 +88,7 @@ def check_config(codec: str, z_dim: int) -> None:
   if codec == "space_to_depth" and z_dim != Z_DIM:
     raise ValueError(f"VAEConfig.codec='space_to_depth' needs z_dim={Z_DIM} "
                      f"(4 frames x 8 x 8 pixels x RGB), got {z_dim}")
-  if codec == "pca" and z_dim != PCA_RANK:
+  if codec in ("pca", "pca_torus") and z_dim != PCA_RANK:
     raise ValueError(f"VAEConfig.codec='pca' needs z_dim={PCA_RANK} (the stored basis' rank), got {z_dim}")
 
 
@@ -92,25 +100,28 @@ def check_config(codec: str, z_dim: int) -> None:
 # `tests/test_testbed.py` re-fits it on fewer clips and checks the held-out PSNR.
 PCA_RANK = 32
 PCA_FILE = os.path.join(os.path.dirname(__file__), "pca_panorama.npz")
+# codec -> (basis file, the world it was fitted on)
+PCA_FILES = {"pca": (PCA_FILE, "panorama"),
+             "pca_torus": (os.path.join(os.path.dirname(__file__), "pca_torus.npz"), "torus")}
 
 
-@functools.lru_cache(maxsize=1)
-def pca_basis():
-  """(basis float32 [PCA_RANK, 768], mean [768], component std [PCA_RANK]) from PCA_FILE."""
-  with np.load(PCA_FILE) as f:
+@functools.lru_cache(maxsize=4)
+def pca_basis(codec: str = "pca"):
+  """(basis float32 [PCA_RANK, 768], mean [768], component std [PCA_RANK]) of a PCA codec."""
+  with np.load(PCA_FILES[codec][0]) as f:
     return (np.asarray(f["basis"], np.float32), np.asarray(f["mean"], np.float32),
             np.asarray(f["std"], np.float32))
 
 
 def fit_pca(num_clips: int = 128, rank: int = PCA_RANK, frames: int = 33, blocks: int = 40_000,
-            heldout_clips: int = 16, seed: int = 0):
-  """Fits the PCA codec on `num_clips` panorama training clips (64x64, `frames` frames; `blocks`
+            heldout_clips: int = 16, seed: int = 0, world: str = "panorama"):
+  """Fits the PCA codec on `num_clips` training clips of `world` (64x64, `frames` frames; `blocks`
   random 8x8x4-frame blocks) and measures it on `heldout_clips` validation clips.
 
   Returns (basis [rank, 768], mean [768], std [rank], held-out PSNR in dB of encode -> decode)."""
   from apt2_jax.data import world_base, worlds
 
-  world = worlds.make_world("panorama", world_base.WorldConfig(height=64, width=64))
+  world = worlds.make_world(world, world_base.WorldConfig(height=64, width=64))
 
   def blocks_of(split, n):
     videos = np.stack([world.sample(seed=world_base.split_seed(split, k), num_frames=frames)["video"]
@@ -131,16 +142,16 @@ def fit_pca(num_clips: int = 128, rank: int = PCA_RANK, frames: int = 33, blocks
 
 
 def _project(x, codec):
-  if codec != "pca":
+  if codec not in PCA_FILES:
     return x
-  basis, mean, _ = pca_basis()
+  basis, mean, _ = pca_basis(codec)
   return jnp.einsum("...c,kc->...k", x - jnp.asarray(mean), jnp.asarray(basis))
 
 
 def _unproject(z, codec):
-  if codec != "pca":
+  if codec not in PCA_FILES:
     return z
-  basis, mean, _ = pca_basis()
+  basis, mean, _ = pca_basis(codec)
   return jnp.einsum("...k,kc->...c", z, jnp.asarray(basis)) + jnp.asarray(mean)
 
 

@@ -158,6 +158,8 @@ def vae_config(size: str, **overrides) -> VAEConfig:
       # The PCA codec: the space-to-depth blocks' top 32 principal components on the panorama
       # world (31.5 dB held out), unit-variance latents; 8x8 px x 4 frames -> 32 channels.
       "pixels_pca": pixel_codec.pca_config_fields(),
+      # The torus world's PCA codec (one scale for all components: per-pixel loss weights).
+      "pixels_pca_torus": pixel_codec.pca_config_fields("pca_torus"),
   }
   if size not in sizes:
     raise ValueError(f"Unknown VAE size {size!r}; choose from {sorted(sizes)}")
