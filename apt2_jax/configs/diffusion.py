@@ -16,6 +16,8 @@ is `size` or `size,world=puppet` (`parse_arg`). Field reference (validated at st
   ema_decay                   0 = no EMA; else `ema_params` is kept (and evaluated)
   init_from, init_from_key    workdir of an earlier stage and its entry ("ema_params" / "params")
   caption_dropout             probability of training a clip on empty text (for CFG sampling)
+  recycle                     False: the no-recycling ablation, trained so from stage 1 on (every
+                              block after the first sees a zero recycled input, as its rollout does)
   flow.shift                  s of the time shift s t / (1 + (s - 1) t): `sizes.flow_shift` of the
                               tokens per latent frame (24 at the paper's 736x416 = 1196 tokens,
                               `wan_1_3b`/`apt2_8b`; 1.39 at `tiny`'s 32x32, 2.78 at `small`'s 64x64),
@@ -82,6 +84,7 @@ def base_config(stage: str, size: str, world: str = "camera") -> ml_collections.
   c.init_from = ""
   c.init_from_key = "ema_params"
   c.caption_dropout = 0.1
+  c.recycle = True
   c.flow = ml_collections.ConfigDict(dict(shift=1.0, weight_t=0.0))  # apply_shift below
 
   c.data = ml_collections.ConfigDict(dict(

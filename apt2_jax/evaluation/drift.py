@@ -367,18 +367,47 @@ def fixed_criteria() -> dict:
           "motion_min_overlap": MOTION_MIN_OVERLAP, "psnr_cap_db": PSNR_CAP}
 
 
-def reference_frames(oracle: np.ndarray, kind: str) -> np.ndarray:
-  """The frames of a reference "model" on an oracle video `[T, H, W, 3]`: "oracle" (itself, the
-  PSNR cap), "copy_last" (frame t is oracle frame t-1: the trivial one-step predictor; frame 0 is
-  frame 0) or "frozen_first" (frame 0 forever)."""
+def reference_frames(oracle: np.ndarray, kind: str, warp=None) -> np.ndarray:
+  """The frames of a reference "model" on an oracle video `[T, H, W, 3]` (uint8 like it):
+
+    oracle          itself (the PSNR cap; through the codec, the codec's ceiling)
+    warp_last       latent frame j's video frames 4j-3 .. 4j: the true last frame of latent frame
+                    j - 1 (video frame 4j - 4) moved by the commanded motion (`warp`): the one-step
+                    ceiling of a model fed the true past (teacher-forced, not a rollout)
+    one_step_back   frame t := oracle frame t - 4, the true frame one latent step back (frame 0
+                    for t < 4): the teacher-forced copy of the last latent frame
+    flat_colour     every frame the mean colour of frame 0
+    frozen_first    frame 0 forever (a model that ignores the controls)
+    warp_frame0     frame 0 moved by the true camera motion to frame t (`warp`): what a rollout
+                    given only frame 0 can reach where the world holds nothing new
+    copy_last       frame t := oracle frame t - 1 (teacher-forced; kept for the camera world)
+
+  `warp(frame, source, target)`: frame `source` moved to frame `target` by the commanded motion
+  (the world's exact `warp` where it has one, e.g. the torus)."""
   oracle = np.asarray(oracle)
+  t = np.arange(len(oracle))
   if kind == "oracle":
     return oracle
   if kind == "copy_last":
     return np.concatenate([oracle[:1], oracle[:-1]])
+  if kind == "one_step_back":
+    return oracle[np.maximum(t - FRAMES_PER_LATENT, 0)]
   if kind == "frozen_first":
     return np.broadcast_to(oracle[:1], oracle.shape)
+  if kind == "flat_colour":
+    mean = np.asarray(oracle[0], np.float64).reshape(-1, oracle.shape[-1]).mean(0)
+    return np.broadcast_to(np.clip(np.round(mean), 0, 255).astype(oracle.dtype), oracle.shape)
+  if kind in ("warp_last", "warp_frame0"):
+    if warp is None:
+      raise ValueError(f"reference {kind!r} needs the world's warp")
+    out = [oracle[0]]
+    for i in t[1:]:
+      source = 0 if kind == "warp_frame0" else FRAMES_PER_LATENT * ((i + FRAMES_PER_LATENT - 1) // FRAMES_PER_LATENT - 1)
+      out.append(np.asarray(warp(oracle[source], int(source), int(i))).astype(oracle.dtype))
+    return np.stack(out)
   raise ValueError(f"unknown reference {kind!r}")
 
 
-REFERENCES = ("oracle", "copy_last", "frozen_first")
+REFERENCES = ("oracle", "warp_last", "one_step_back", "flat_colour", "frozen_first", "warp_frame0")
+# References that need the world's exact warp (`reference_frames`).
+WARP_REFERENCES = ("warp_last", "warp_frame0")

@@ -31,6 +31,7 @@ import numpy as np
 from apt2_jax import controls as controls_lib
 from apt2_jax.data import worlds as worlds_lib
 from apt2_jax.evaluation import drift
+from apt2_jax.evaluation import gates
 from apt2_jax.evaluation.metrics import PSNR_CAP, psnr
 from apt2_jax.generation import prompt as prompt_lib
 from apt2_jax.generation import stream
@@ -100,6 +101,11 @@ def teacher_forced_check(generator, clips, t: float = TEACHER_FORCED_T, seed: in
     # `copy_last_latent_frames(video)` exactly).
     copied = _decode(g.vae_config, g.vae_params, np.concatenate([latents[:, :1], latents[:, :-1]], axis=1))
     sums["copy_last_psnr"].append(np.mean(psnr(copied[1:], video[1:], cap=PSNR_CAP)))
+    if "warp_last" in clip:  # the one-step ceiling, through the same codec
+      warped, _ = fn(g.params, g.vae_params, jnp.asarray(clip["warp_last"])[None], controls, prompt,
+                     jax.random.key(0))
+      warped = _decode(g.vae_config, g.vae_params, np.asarray(warped))
+      sums.setdefault("warp_last_psnr", []).append(np.mean(psnr(warped[1:], video[1:], cap=PSNR_CAP)))
   out = {k: float(np.mean(v)) for k, v in sums.items()}
   out.update(t=float(t), clips=len(clips), mse_ratio=out["model_mse"] / max(out["copy_last_mse"], 1e-30),
              beats_copy_last=bool(out["model_mse"] < out["copy_last_mse"]))
@@ -139,7 +145,12 @@ def in_distribution_clips(world: str, world_config: Mapping[str, Any], height: i
   from apt2_jax.evaluation.testbed import world_fields
   env = worlds_lib.make_world(world, worlds_lib.WorldConfig(height=height, width=width, num_frames=num_frames,
                                                             **world_fields(world_config)))
-  return [env.sample(seed=worlds_lib.split_seed("validation", k)) for k in range(num_clips)]
+  clips = [env.sample(seed=worlds_lib.split_seed("validation", k)) for k in range(num_clips)]
+  if hasattr(env, "warp"):  # warp-last: the true last frame moved by the commanded motion (exact)
+    for clip in clips:
+      warp = lambda frame, s, t, c=clip["controls"]: env.warp(frame, c, s, t)
+      clip["warp_last"] = drift.reference_frames(clip["video"], "warp_last", warp)
+  return clips
 
 
 def run_world_config(data) -> dict:
@@ -189,7 +200,8 @@ def stage1_learning_check(workdir: str, world_config: Optional[Mapping[str, Any]
   config = testbed.TestbedConfig(world=world, world_config=world_config, num_worlds=num_worlds, noise_seeds=(0,),
                                  seconds=rollout_seconds or (clip_frames - 1) / fps, height=height, width=width,
                                  fps=fps, progress=False)
+  pure = teacher_forced_check(gen, clips, TEACHER_FORCED_T_PURE)
   return {"workdir": workdir, "stage": gen.stage, "world": world, "world_config": world_config,
-          "teacher_forced": teacher_forced_check(gen, clips, t),
-          "teacher_forced_pure": teacher_forced_check(gen, clips, TEACHER_FORCED_T_PURE),
+          "teacher_forced": teacher_forced_check(gen, clips, t), "teacher_forced_pure": pure,
+          "gate1": gates.gate1(pure["model_psnr"], pure.get("warp_last_psnr")),
           "rollout": rollout_check(spec, config)}

@@ -55,6 +55,7 @@ the whole rollout subsampled to stay under 1 MB) and `gifs/<set>_all.gif` (oracl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -70,6 +71,8 @@ from apt2_jax.evaluation import camera_motion
 from apt2_jax.evaluation import claims as claims_lib
 from apt2_jax.evaluation import drift
 from apt2_jax.evaluation import figures
+from apt2_jax.evaluation import gates
+from apt2_jax.evaluation import horizon as horizon_lib
 from apt2_jax.evaluation.oracle import TestWorld, long_controls, render_oracle
 from apt2_jax.evaluation.report import _jsonable
 from apt2_jax.evaluation.sampler import FRAMES_PER_LATENT, ModelSpec, Sampler
@@ -200,6 +203,7 @@ class Target:
   commanded: np.ndarray
   recent: dict
   known: Optional[np.ndarray] = None
+  warp: Optional[Callable] = None     # (frame, source, target) -> frame: the world's exact warp
 
 
 def _oracle(env, tw: TestWorld) -> np.ndarray:
@@ -245,9 +249,16 @@ def make_target(env, tw: TestWorld, windows: Sequence[int]) -> Target:
   homographies = drift.commanded_homographies(tw.controls, cfg.height, cfg.width, cfg.fov_deg)
   commanded = (env.image_shift(tw.controls) if hasattr(env, "image_shift")
                else drift.commanded_shift(homographies, cfg.height, cfg.width))
+  warp = None
+  if hasattr(env, "warp"):
+    warp = functools.partial(_world_warp, env, np.asarray(tw.controls))
   return Target(_oracle(env, tw), homographies, np.asarray(commanded, np.float64),
                 {w: recent_mask(env, tw.controls, tw.seed, w) for w in sorted(set(windows))},
-                known_mask(env, tw.controls, tw.seed))
+                known_mask(env, tw.controls, tw.seed), warp)
+
+
+def _world_warp(env, controls, frame, source: int, target: int):
+  return env.warp(frame, controls, source, target)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,7 +289,9 @@ def reference_curves(target: Target, window: int, roundtrip: Optional[Callable] 
   is the codec's ceiling: the best frames the models' representation can hold)."""
   out = {}
   for kind in drift.REFERENCES:
-    frames = drift.reference_frames(target.oracle, kind)
+    if kind in drift.WARP_REFERENCES and target.warp is None:
+      continue
+    frames = drift.reference_frames(target.oracle, kind, target.warp)
     if roundtrip is not None:
       frames = roundtrip(frames)
     out[kind] = drift.frame_metrics(frames, target.oracle, target.recent[window], target.homographies,
@@ -361,7 +374,7 @@ def _run_set(set_index: int, eval_set: EvalSet, models, samplers, config: Testbe
                           "burst_pairs": int((np.linalg.norm(target.commanded, axis=-1) > drift.BURST_PX).sum())})
     out["commanded"].append(target.commanded)
     for kind, curves in reference_curves(target, ref_window, roundtrip).items():
-      out["references"][kind].append(curves)
+      out["references"].setdefault(kind, []).append(curves)
     if tw.index == 0:
       out["gif"]["oracle"] = target.oracle[::stride]
     for seed in config.noise_seeds:
@@ -380,8 +393,22 @@ def _summaries(raw: dict, config: TestbedConfig) -> dict:
   """`drift.summarize` of every reference and of every model per noise seed (pooled over worlds)."""
   s = lambda curves: drift.summarize(curves, raw["commanded"], config.fps)
   return {"worlds": raw["worlds"], "gif_stride": raw["gif_stride"],
-          "references": {k: s(v) for k, v in raw["references"].items()},
+          "references": {k: s(v) for k, v in raw["references"].items() if v},
           "models": {n: {str(seed): s(c) for seed, c in per_seed.items()} for n, per_seed in raw["models"].items()}}
+
+
+def gate_verdicts(s: Mapping[str, Any], learning: Optional[Mapping] = None) -> dict:
+  """Gate 2 and claims (a)-(c) on one set's summaries (`gates`); Gate 1 from the learning check.
+  Claim (d) needs the 60-s rollouts of its own evaluation (`gates.claim_d`)."""
+  st = s["statistics"]["models"]
+  burst = {n: float(np.nanmean([x["overall"]["motion_ratio_burst"] for x in per_seed.values()]))
+           for n, per_seed in s["models"].items()}
+  one_step = {n: (learning or {}).get("one_step", {}).get(n) for n in st}
+  g1 = (learning or {}).get("gate1") or gates.gate1(None, None)
+  return {"gate1": g1,
+          "gate2": gates.gate2(st.get("distilled", {}).get("horizon", {}).get("median"),
+                               s["references"]["oracle"]["duration_s"]),
+          "a": gates.claim_a(st, one_step), "b": gates.claim_b(st), "c": gates.claim_c(burst)}
 
 
 def claim_cells(sets: Mapping[str, dict], roles: Mapping[str, str]) -> dict:
@@ -409,11 +436,16 @@ def evaluate_testbed(models: Mapping[str, ModelSpec], config: TestbedConfig, out
   for i, eval_set in enumerate(config.eval_sets):
     raw = _run_set(i, eval_set, models, samplers, config, ref_window, roundtrip)
     sets[eval_set.name] = _summaries(raw, config)
+    late = (min(gates.A_LATE_S[0], 0.5 * config.duration()), min(gates.A_LATE_S[1], config.duration()))
+    sets[eval_set.name]["statistics"] = horizon_lib.set_statistics(raw["references"], raw["models"], config.fps, late)
     gifs[eval_set.name] = write_gifs(out_dir, eval_set.name, raw["gif"], raw["gif_stride"], config)
-  verdicts = claims_lib.evaluate_claims(claim_cells(sets, config.roles), {"short_clip_s": config.short_clip_s})
+  verdicts = gate_verdicts(sets[config.eval_sets[0].name], learning)
   role_of = {name: role for role, name in config.roles.items()}
   report = {"config": dict(config.describe(), reference_window=ref_window),
-            "criteria": {"drift": drift.fixed_criteria(), **claims_lib.criteria()},
+            "criteria": {"drift": drift.fixed_criteria(), "gates": gates.criteria(),
+                         "horizon": {"window_s": horizon_lib.WINDOW_S, "floor_quantile": horizon_lib.FLOOR_QUANTILE,
+                                     "ceiling_quantile": horizon_lib.CEILING_QUANTILE,
+                                     "bootstrap_samples": horizon_lib.BOOTSTRAP_SAMPLES}},
             "definitions": drift.__doc__ + "\n\ncamera_motion: " + camera_motion.__doc__, "learning": learning,
             "models": {n: dict(spec.describe(), role=role_of.get(n), throughput=samplers[n].throughput())
                        for n, spec in models.items()},
@@ -520,7 +552,7 @@ def markdown(report: Mapping) -> str:
   cfg = report["config"]
   lines = [f"# Testbed: {cfg['world']}, {cfg['num_worlds']} worlds per set, noise seeds {cfg['noise_seeds']}, "
            f"{cfg['seconds']:g} s rollouts", "",
-           claims_lib.claims_table(report["claims"], report.get("learning")), "", "## Drift summaries",
+           gates.gates_table(report), "", "## Drift summaries",
            f"(good horizon: trailing {drift.HORIZON_WINDOW_S:g} s mean of psnr_known (PSNR on the pixels of "
            f"frame 0's content; frames with under {100 * drift.KNOWN_MIN_FRACTION:g}% of it skipped) below "
            f"{drift.GOOD_PSNR:g} dB; '+': never, a lower bound; late: the last "

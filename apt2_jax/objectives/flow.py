@@ -48,19 +48,24 @@ def velocity_target(x0, eps):
   return eps - x0
 
 
-def teacher_forcing_inputs(latents, controls=None):
+def teacher_forcing_inputs(latents, controls=None, recycle: bool = True):
   """Splits a clip into teacher-forced blocks.
 
   Args:
     latents: [B, F, h, w, C] clean latents of the clip.
     controls: [B, F, h, w, Cc] per-latent-frame controls, or None.
+    recycle: False for the no-recycling ablation: block 0 still sees frame 0 (the user's image),
+      every later block a zero recycled input, as the rollout with `recycle=False` feeds it.
   Returns:
     (recycled [B, F-1, ...] = frames 0..F-2, clean targets [B, F-1, ...] = frames 1..F-1,
      controls of frames 1..F-1 or None).
   """
   if latents.ndim != 5 or latents.shape[1] < 2:
     raise ValueError(f"latents must be [batch, frames >= 2, h, w, C], got {latents.shape}")
-  return latents[:, :-1], latents[:, 1:], None if controls is None else controls[:, 1:]
+  recycled = latents[:, :-1]
+  if not recycle:
+    recycled = jnp.concatenate([recycled[:, :1], jnp.zeros_like(recycled[:, 1:])], axis=1)
+  return recycled, latents[:, 1:], None if controls is None else controls[:, 1:]
 
 
 def mse(a, b):

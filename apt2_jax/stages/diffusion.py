@@ -76,7 +76,7 @@ class DiffusionStage(train.Stage):
     if self.mode == "full":
       x0, recycled = latents, None
     else:
-      recycled, x0, controls = flow.teacher_forcing_inputs(latents, controls)
+      recycled, x0, controls = flow.teacher_forcing_inputs(latents, controls, bool(self.config.get("recycle", True)))
     out = {"x0": x0, "eps": jax.random.normal(rng_eps, x0.shape, jnp.float32),
            "t": flow.sample_time(rng_t, x0.shape[0], self.config.flow.shift),
            "text": common.caption_dropout(rng_drop, text, float(self.config.get("caption_dropout", 0.0)))}

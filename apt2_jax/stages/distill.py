@@ -55,7 +55,7 @@ class DistillStage(DiffusionStage):
   def draw(self, frozen, batch, rng):
     latents, controls, text = self.inputs(frozen, batch)
     rng_n, rng_eps = jax.random.split(rng)
-    recycled, x0, controls = flow.teacher_forcing_inputs(latents, controls)
+    recycled, x0, controls = flow.teacher_forcing_inputs(latents, controls, bool(self.config.get("recycle", True)))
     d = self.config.distill
     t, t_next = consistency.sample_interval(rng_n, x0.shape[0], d.num_steps, d.shift)
     eps = jax.random.normal(rng_eps, x0.shape, jnp.float32)
