@@ -3,6 +3,7 @@ import asyncio
 import base64
 import io
 import json
+import time
 import urllib.request
 
 import numpy as np
@@ -166,3 +167,216 @@ def test_two_sessions_when_configured():
     _run(scenario())
   finally:
     s.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# Pacing (DESIGN.md, "Interactive streams are paced")
+# ------------------------------------------------------------------------------------------------
+
+
+class _FakeGenerator:
+  """The generator interface the server uses, without a model (the schedule's unit test)."""
+  control_type, height, width = "camera", 16, 16
+
+  def fork(self):
+    return self
+
+  def start(self, image, text=None, seed=0):
+    return np.zeros((1, 1, 16, 16, 3), np.uint8)
+
+  def set_text(self, text):
+    pass
+
+  def step(self, control=None):
+    return np.zeros((1, 4, 16, 16, 3), np.uint8)
+
+  def close(self):
+    pass
+
+
+def test_pacing_schedule():
+  """`Session.wait_s`: time-paced without acknowledgements; with them, step n waits for step n - 1
+  to be shown, then is due one step's duration after that, less the lead."""
+  async def scenario():
+    options = serve.ServerOptions(fps=24.0, lead_margin_s=0.04)
+    s = serve.Session(_FakeGenerator(), options, {})
+    assert s.interval == pytest.approx(4 / 24) and s.wait_s(0.0) is None  # not started
+    # A client that does not acknowledge: one step per interval, no bursts after a stall.
+    s.start(np.zeros((16, 16, 3), np.uint8), "", 0, "raw", False)
+    t0 = s.last_step_at
+    assert s.wait_s(t0) == pytest.approx(4 / 24)
+    assert s.wait_s(t0 + 0.2) == 0
+    s.mark_due(t0 + 0.17)
+    assert s.last_step_at == pytest.approx(t0 + 4 / 24)
+    s.mark_due(t0 + 5.0)  # far behind: the schedule restarts from now
+    assert s.last_step_at == pytest.approx(t0 + 5.0)
+    # An acknowledging client: nothing until the start frame is shown.
+    s.start(np.zeros((16, 16, 3), np.uint8), "", 0, "raw", True)
+    assert s.wait_s(time.perf_counter()) is None
+    s.on_shown({"index": 0})
+    t = s.shown_at
+    assert s.wait_s(t) == pytest.approx(4 / 24 - 0.04)  # no step time measured yet: the margin
+    meta, frames = s.step(s.epoch, None, 0)
+    assert meta["index"] == 1 and len(frames) == 4 and s.in_flight() == 1
+    assert s.wait_s(t + 10) is None                     # step 1 is not shown yet: at most one in flight
+    s.on_shown({"index": 5})                            # not sent yet: ignored
+    s.on_shown({"index": 0})                            # already known: ignored
+    assert s.shown == 0 and s.wait_s(t + 10) is None
+    s.on_shown({"index": 1})
+    lead = 0.04 + 1.5 * max(s.step_times)
+    assert s.in_flight() == 0 and s.wait_s(s.shown_at) == pytest.approx(max(0.0, 4 / 24 - lead))
+    with pytest.raises(serve.ClientError, match="index"):
+      s.on_shown({"index": "1"})
+    # A model slower than the target: the lead is the whole interval, the next step starts at once.
+    s.step_times = [1.0]
+    assert s.wait_s(s.shown_at) == 0
+    # Pause, restart: a step of the stream before is dropped.
+    s.paused = True
+    assert s.wait_s(t + 10) is None
+    s.paused = False
+    epoch = s.epoch
+    s.epoch += 1
+    assert s.step(epoch, None, 0) is None
+    # Controls: a client's `seq` is echoed; without one the server counts.
+    assert s.on_control({"type": "control", "keys": ["d"], "seq": 7})["seq"] == 7 and s.control_seq == 7
+    assert s.on_control({"type": "control"})["seq"] == 8 and s.control is None
+    with pytest.raises(serve.ClientError, match="seq"):
+      s.on_control({"type": "control", "seq": True})
+  asyncio.run(scenario())
+
+
+async def _display_client(ws, seconds: float, fps: float, controls=(), ack=True, show=True):
+  """A page stand-in: shows frames at `fps` (acknowledging each step's first frame when `ack`),
+  sends the `controls` (keys at times after the first frame) and records what a user sees.
+  Returns the frames messages [(time received, meta)], the queue length after each frame received,
+  the latencies (control sent -> first frame using it shown) and the number of frames shown."""
+  queue, frames_meta, queue_lengths, sent, latencies = [], [], [], {}, []
+  incoming = {"left": 0}
+  shown = 0
+  t_end = None
+  interval = 1.0 / fps
+
+  async def reader():
+    async for msg in ws:
+      now = time.perf_counter()
+      if isinstance(msg, bytes):
+        if incoming["left"] > 0:
+          first = incoming["left"] == incoming["count"]
+          incoming["left"] -= 1
+          queue.append((incoming["index"], first, incoming["seq"]))
+          queue_lengths.append(len(queue))
+        continue
+      data = json.loads(msg)
+      if data["type"] == "started":
+        incoming.update(index=0, count=1, left=1, seq=0)
+      elif data["type"] == "frames":
+        incoming.update(index=data["index"], count=data["count"], left=data["count"], seq=data["control_seq"])
+        frames_meta.append((now, data))
+
+  task = asyncio.create_task(reader())
+  try:
+    while not queue:
+      await asyncio.sleep(0.002)
+    t0 = time.perf_counter()
+    t_end = t0 + seconds
+    pending = sorted(controls)
+    next_due = t0
+    seq = 0
+    while time.perf_counter() < t_end:
+      now = time.perf_counter()
+      while pending and now - t0 >= pending[0][0]:
+        seq += 1
+        sent[seq] = now
+        await ws.send(json.dumps({"type": "control", "keys": pending.pop(0)[1], "seq": seq}))
+      if show and queue and now >= next_due:
+        index, first, used = queue.pop(0)
+        shown += 1
+        next_due = now + interval if now - next_due > interval else next_due + interval
+        if first:
+          if ack:
+            await ws.send(json.dumps({"type": "shown", "index": index}))
+          for s in [s for s in sent if s <= used]:
+            latencies.append(now - sent.pop(s))
+      await asyncio.sleep(0.003)
+  finally:
+    task.cancel()
+  return frames_meta, queue_lengths, latencies, shown
+
+
+def _paced_server(fps):
+  gen = tiny_generator()
+  examples = {"grad": (np.full((gen.height, gen.width, 3), 120, np.uint8), "")}
+  return serve.DemoServer(gen, serve.ServerOptions(port=0, fps=fps), examples=examples).start_in_thread()
+
+
+def _steps_per_s(frames_meta, skip_s=0.5):
+  """Steps per second received after the first `skip_s` seconds."""
+  times = [t for t, _ in frames_meta]
+  times = [t for t in times if t >= times[0] + skip_s]
+  return (len(times) - 1) / (times[-1] - times[0])
+
+
+@pytest.mark.parametrize("ack", [True, False], ids=["acknowledged", "time_paced"])
+def test_stream_is_paced_at_the_target_rate(ack):
+  """24 fps = 6 steps/s whatever the model's rate; with acknowledgements at most one step is in
+  flight beyond the one shown (the client's queue holds at most 7 frames), and a held key reaches
+  the screen within 2 steps + 100 ms; a client that stops showing frames stops the stream."""
+  from websockets.asyncio.client import connect
+  server = _paced_server(24.0)
+
+  async def scenario():
+    async with connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+      await _recv_json(ws, "hello")
+      await ws.send(json.dumps({"type": "start", "image": "example:grad", "format": "raw", "ack": ack}))
+      keys = [(1.0 + 0.37 * i, ["d"] if i % 2 == 0 else []) for i in range(6)]
+      frames_meta, queue_lengths, latencies, shown = await _display_client(ws, 4.0, 24.0, keys, ack=ack)
+      model_fps = float(np.median([m["fps"] for _, m in frames_meta]))
+      rate = _steps_per_s(frames_meta)
+      print(f"ack={ack}: model {model_fps:.0f} fps, {rate:.2f} steps/s, queue max {max(queue_lengths)}, "
+            f"latency ms {sorted(round(1000 * x) for x in latencies)}")
+      assert rate <= 6 * 1.1, rate                    # never the model's rate
+      assert rate >= 0.75 * min(6.0, model_fps / 4), (rate, model_fps)
+      seqs = [m["control_seq"] for _, m in frames_meta]
+      assert seqs == sorted(seqs) and seqs[-1] == 6   # every control reached a step, in order
+      assert len(latencies) == 6
+      if ack:
+        assert all(m["in_flight"] == 1 for _, m in frames_meta), [m["in_flight"] for _, m in frames_meta]
+        assert max(queue_lengths) <= 7
+        if model_fps >= 4 * 24:
+          assert max(latencies) <= 2 * 4 / 24 + 0.1, latencies
+        # A client that shows nothing more gets nothing more: one step in flight, then silence.
+        got = 0
+        try:
+          while True:
+            msg = await asyncio.wait_for(ws.recv(), 1.0)
+            got += isinstance(msg, str) and json.loads(msg)["type"] == "frames"
+        except asyncio.TimeoutError:
+          pass
+        assert got <= 1, got
+      else:
+        assert all(m["in_flight"] is None for _, m in frames_meta)
+  try:
+    _run(scenario())
+  finally:
+    server.stop()
+
+
+def test_stream_runs_at_the_model_rate_when_slower_than_the_target():
+  """--fps far above the model's rate: the acknowledged stream goes as fast as the model can."""
+  from websockets.asyncio.client import connect
+  server = _paced_server(10_000.0)
+
+  async def scenario():
+    async with connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+      await _recv_json(ws, "hello")
+      await ws.send(json.dumps({"type": "start", "image": "example:grad", "format": "raw", "ack": True}))
+      frames_meta, queue_lengths, _, _ = await _display_client(ws, 2.0, 10_000.0)
+      rate = _steps_per_s(frames_meta)
+      model_steps = float(np.median([m["fps"] for _, m in frames_meta])) / 4
+      print(f"model {model_steps:.1f} steps/s, streamed {rate:.1f} steps/s")
+      assert rate >= 0.4 * model_steps, (rate, model_steps)
+      assert all(m["in_flight"] == 1 for _, m in frames_meta) and max(queue_lengths) <= 7
+  try:
+    _run(scenario())
+  finally:
+    server.stop()

@@ -1,12 +1,14 @@
-// apt2-jax demo page: WebSocket client, keyboard camera, mouse puppet, paced frame display.
+// apt2-jax demo page: WebSocket client, keyboard camera, mouse puppet, paced frame display that
+// acknowledges each step it shows, key-to-frame latency.
 // Protocol: see apt2_jax/inference/serve.py.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  ws: null, hello: null, image: null, format: "jpeg", keys: new Set(), pose: null,
-  queue: [], pendingFrames: 0, framesShown: 0, framesReceived: 0, modelFps: 0,
-  shownTimes: [], lastShow: 0, paused: false, drag: -1,
+  ws: null, hello: null, image: null, format: "jpeg", nextFormat: "jpeg", keys: new Set(), pose: null,
+  queue: [], incoming: null, framesShown: 0, framesReceived: 0, framesDropped: 0, modelFps: 0,
+  inFlight: null, shownTimes: [], nextDue: 0, paused: false, drag: -1,
+  seq: 0, sentAt: new Map(), latencies: [], queueSamples: [], maxQueue: 0, shownSteps: [],
 };
 window.demo = state;  // for tests and debugging
 
@@ -35,9 +37,18 @@ function onJson(msg) {
   switch (msg.type) {
     case "hello": setup(msg); break;
     case "busy": $("status").textContent = "busy: " + msg.message; log(msg.message); break;
-    case "started": $("status").textContent = `streaming (seed ${msg.seed})`; break;
-    case "frames": state.modelFps = msg.fps; state.pendingFrames += msg.count;
-                   $("status").textContent = `streaming: step ${msg.index}, ${msg.step_ms} ms/step`; break;
+    case "started":
+      // A new stream: frames of the one before are dropped; the first frame follows.
+      state.format = state.nextFormat;
+      state.queue = []; state.nextDue = 0;
+      state.incoming = {index: 0, controlSeq: 0, remaining: 1};
+      $("status").textContent = `streaming (seed ${msg.seed})`;
+      break;
+    case "frames":
+      state.modelFps = msg.fps; state.inFlight = msg.in_flight;
+      state.incoming = {index: msg.index, controlSeq: msg.control_seq, remaining: msg.count};
+      $("status").textContent = `streaming: step ${msg.index}, ${msg.step_ms} ms/step`;
+      break;
     case "ack": showControl(msg.control); break;
     case "text_ack": log(`caption -> "${msg.text}"`); break;
     case "error": log("error: " + msg.message); break;
@@ -47,7 +58,8 @@ function onJson(msg) {
 function setup(hello) {
   state.hello = hello;
   $("view").width = hello.width; $("view").height = hello.height;
-  $("modelInfo").textContent = `control: ${hello.control_type}, ${hello.width}x${hello.height}`;
+  $("modelInfo").textContent = `control: ${hello.control_type}, ${hello.width}x${hello.height}, ` +
+      `world: ${hello.world || "–"}, target ${hello.fps > 0 ? hello.fps + " fps" : "as fast as possible"}`;
   $("overlay").className = hello.control_type === "pose" ? "pose" : "";
   state.pose = hello.rest_pose.map((p) => p.slice());
   const box = $("examples");
@@ -85,10 +97,10 @@ $("upload").onchange = () => {
 };
 
 $("start").onclick = () => {
-  state.format = $("format").value;
-  state.queue = []; state.pendingFrames = 0;
+  state.nextFormat = $("format").value;
+  // "ack": the server generates a step when we show the one before (at most one in flight).
   send({type: "start", image: state.image, text: $("caption").value,
-        seed: parseInt($("seed").value || "0", 10), format: state.format});
+        seed: parseInt($("seed").value || "0", 10), format: state.nextFormat, ack: true});
   if (state.keys.size) sendKeys();
 };
 $("pause").onclick = () => {
@@ -102,41 +114,83 @@ $("caption").addEventListener("keydown", (e) => {
 });
 
 // -- frames ---------------------------------------------------------------------------------
-async function onFrame(buf) {
+// Each binary message is one frame of the latest "started"/"frames" message; it takes its place in
+// the queue at once (decoding is asynchronous) and is shown when decoded and due.
+function onFrame(buf) {
   state.framesReceived++;
+  const inc = state.incoming;
+  if (!inc || inc.remaining <= 0) return;  // not announced: a stream that was replaced
+  const count = inc.index === 0 ? 1 : state.hello.frames_per_step;
+  const item = {index: inc.index, first: inc.remaining === count, controlSeq: inc.controlSeq, image: null};
+  inc.remaining--;
+  state.queue.push(item);
+  decode(buf).then((image) => { item.image = image; }, (e) => { item.image = "bad"; log("bad frame: " + e); });
+}
+
+async function decode(buf) {
   const h = state.hello;
-  let bitmap;
   if (state.format === "raw") {
     const rgb = new Uint8Array(buf);
     const rgba = new Uint8ClampedArray(h.width * h.height * 4);
     for (let i = 0, j = 0; i < rgb.length; i += 3, j += 4) {
       rgba[j] = rgb[i]; rgba[j + 1] = rgb[i + 1]; rgba[j + 2] = rgb[i + 2]; rgba[j + 3] = 255;
     }
-    bitmap = new ImageData(rgba, h.width, h.height);
-  } else {
-    bitmap = await createImageBitmap(new Blob([buf], {type: "image/jpeg"}));
+    return new ImageData(rgba, h.width, h.height);
   }
-  state.queue.push(bitmap);
+  return createImageBitmap(new Blob([buf], {type: "image/jpeg"}));
 }
 
-// Frames arrive 4 at a time; show them evenly at the model's rate (or faster if we lag).
+function quantile(values, q) {
+  if (!values.length) return NaN;
+  const s = values.slice().sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor(q * s.length))];
+}
+
+// Frames are shown at the server's target rate (hello.fps; 0: as they come). Showing the first
+// frame of a step acknowledges it ("shown"), which lets the server generate the next one, and
+// measures the key-to-frame latency of every control message that step is the first to use.
 function display(now) {
-  const interval = state.modelFps > 0 ? 1000 / state.modelFps : 0;
-  const lag = state.queue.length > 8;
-  if (state.queue.length && (now - state.lastShow >= interval * 0.9 || lag)) {
-    const frame = state.queue.shift();
-    const ctx = $("view").getContext("2d");
-    if (frame instanceof ImageData) ctx.putImageData(frame, 0, 0);
-    else ctx.drawImage(frame, 0, 0, $("view").width, $("view").height);
-    state.lastShow = now;
+  const h = state.hello;
+  const interval = h && h.fps > 0 ? 1000 / h.fps : 0;
+  // Stale frames (more than two steps waiting) are dropped, keeping the newest step.
+  const limit = 2 * (h ? h.frames_per_step : 4);
+  while (state.queue.length > limit) { state.queue.shift(); state.framesDropped++; }
+  const head = state.queue[0];
+  if (head && head.image && now >= state.nextDue - 1) {
+    state.queue.shift();
+    if (head.image !== "bad") {
+      const ctx = $("view").getContext("2d");
+      if (head.image instanceof ImageData) ctx.putImageData(head.image, 0, 0);
+      else ctx.drawImage(head.image, 0, 0, $("view").width, $("view").height);
+      // Tests set `demo.capture = []` to record the frames shown (PNG data URLs).
+      if (state.capture) state.capture.push({url: $("view").toDataURL(), index: head.index, controlSeq: head.controlSeq});
+    }
+    state.nextDue = now - state.nextDue > interval ? now + interval : state.nextDue + interval;
     state.framesShown++;
     state.shownTimes.push(now);
     while (state.shownTimes.length && now - state.shownTimes[0] > 2000) state.shownTimes.shift();
+    if (head.first) {
+      send({type: "shown", index: head.index});
+      state.shownSteps.push([now, head.index, head.controlSeq]);
+      if (state.shownSteps.length > 20000) state.shownSteps.shift();
+      for (const [seq, t] of state.sentAt) {
+        if (seq <= head.controlSeq) { state.latencies.push(now - t); state.sentAt.delete(seq); }
+      }
+      if (state.latencies.length > 5000) state.latencies.shift();
+    }
   }
-  const shownFps = state.shownTimes.length > 1
-      ? (state.shownTimes.length - 1) * 1000 / (state.shownTimes[state.shownTimes.length - 1] - state.shownTimes[0])
-      : 0;
-  $("stats").textContent = `model: ${state.modelFps.toFixed(1)} fps | display: ${shownFps.toFixed(1)} fps | frames: ${state.framesShown}`;
+  state.maxQueue = Math.max(state.maxQueue, state.queue.length);
+  state.queueSamples.push([now, state.queue.length]);
+  if (state.queueSamples.length > 20000) state.queueSamples.shift();
+  const n = state.shownTimes.length;
+  const shownFps = n > 1 ? (n - 1) * 1000 / (state.shownTimes[n - 1] - state.shownTimes[0]) : 0;
+  const recent = state.latencies.slice(-50);
+  const lat = recent.length
+      ? `${quantile(recent, 0.5).toFixed(0)} ms (p95 ${quantile(recent, 0.95).toFixed(0)})` : "–";
+  $("stats").textContent = `model: ${state.modelFps.toFixed(1)} fps | display: ${shownFps.toFixed(1)} fps` +
+      ` | key→frame: ${lat} | queue: ${state.queue.length}`;
+  $("frameCount").textContent = `frames shown: ${state.framesShown}, dropped: ${state.framesDropped}` +
+      (state.inFlight === null ? "" : `, steps in flight: ${state.inFlight}`);
   requestAnimationFrame(display);
 }
 requestAnimationFrame(display);
@@ -144,10 +198,17 @@ requestAnimationFrame(display);
 // -- camera keys ----------------------------------------------------------------------------
 function keyName(e) { return e.key.length === 1 ? e.key.toLowerCase() : e.key.toLowerCase(); }
 
+// Every control message carries a sequence number; the frames name the one they used.
+function sendControl(body) {
+  const seq = ++state.seq;
+  state.sentAt.set(seq, performance.now());
+  send(Object.assign({type: "control", seq: seq}, body));
+}
+
 function sendKeys() {
   const keys = [...state.keys];
   $("keysHeld").textContent = "keys: " + (keys.length ? keys.join(" ") : "none");
-  send({type: "control", keys: keys});
+  sendControl({keys: keys});
 }
 
 document.addEventListener("keydown", (e) => {
@@ -207,10 +268,10 @@ window.addEventListener("mousemove", (e) => {
   state.pose[state.drag] = pointer(e);
   drawOverlay();
   const now = performance.now();
-  if (now - lastPoseSend > 50) { lastPoseSend = now; send({type: "control", keypoints: state.pose}); }
+  if (now - lastPoseSend > 50) { lastPoseSend = now; sendControl({keypoints: state.pose}); }
 });
 window.addEventListener("mouseup", () => {
-  if (state.drag >= 0) { send({type: "control", keypoints: state.pose}); state.drag = -1; drawOverlay(); }
+  if (state.drag >= 0) { sendControl({keypoints: state.pose}); state.drag = -1; drawOverlay(); }
 });
 
 connect();
