@@ -43,6 +43,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from apt2_jax import disk
+
 try:  # grain registers its orbax handler (CheckpointSave / CheckpointRestore) on import
   import grain
   _GRAIN_SAVE, _GRAIN_RESTORE = grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
@@ -371,9 +373,11 @@ def make_manager(workdir: str, *, save_every: int, keep: int, async_save: bool =
                  read_only: bool = False) -> ocp.CheckpointManager:
   """A CheckpointManager over `{workdir}/checkpoints` (created on every process)."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  # cleanup_tmp_directories: a save cut short (a kill, a full disk) leaves `{step}.orbax-checkpoint-tmp*`,
+  # never taken for a step (only integer names are); the next writable manager removes it.
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=max(int(save_every), 1), max_to_keep=keep or None, create=not read_only,
-      enable_async_checkpointing=async_save, read_only=read_only)
+      enable_async_checkpointing=async_save, read_only=read_only, cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(directory, options=options)
 
 
@@ -382,17 +386,98 @@ def save(manager: ocp.CheckpointManager, step: int, state, *, data_iterator=None
   """Saves (asynchronously) when `step` is due or `force`; returns whether a save started.
 
   Every process must call this with the same step: arrays are global, the iterator state is
-  written per process, the config and the fingerprints by the primary process.
+  written per process, the config and the fingerprints by the primary process. A full disk
+  raises `disk.DiskFullError` (one line; the steps already saved stay intact): before writing
+  when the free space is short of the last checkpoint's size (`check_space`), or when a write
+  fails (this save's, or the previous asynchronous one's).
   """
   if not force and not manager.should_save(step):
     return False
+  disk.quiet_disk_full_reports()
+  check_space(manager, step, state)
   items = {STATE: ocp.args.PyTreeSave(state),
            FINGERPRINTS: ocp.args.JsonSave({"version": 1, "leaves": fingerprints(state)})}
   if data_iterator is not None and _GRAIN_SAVE is not None:
     items[DATA] = _GRAIN_SAVE(data_iterator)
   if config is not None:
     items[CONFIG] = ocp.args.JsonSave(config_to_dict(config))
-  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+  try:
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+  except Exception as e:  # noqa: BLE001  a full disk is one line; anything else propagates
+    if disk.is_disk_full(e):
+      raise disk_full(manager) from None
+    raise
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """`manager.wait_until_finished()`; a full disk during the save in flight raises `DiskFullError`."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    if disk.is_disk_full(e):
+      raise disk_full(manager) from None
+    raise
+
+
+def disk_full(manager, step: int | None = None, needed: int | None = None) -> disk.DiskFullError:
+  """The one line of a full disk under a run's checkpoints: the workdir, its free space, and the
+  step a relaunch resumes from (the newest saved one; `resume` checks it and falls back)."""
+  directory = os.fspath(manager.directory)
+  workdir = os.path.dirname(os.path.abspath(directory))
+  saved = _steps(directory)
+  what = f"checkpoint step {step}" if step is not None else "saving a checkpoint"
+  if needed is not None:
+    what += f" (a checkpoint takes {disk.human(needed)})"
+  resume_from = f"step {saved[-1]}" if saved else "the start (no step was saved)"
+  return disk.error(workdir, what, f"nothing half-written is taken for a checkpoint; free some space (or "
+                    f"move the workdir) and rerun the same command to resume from {resume_from}")
+
+
+_sizes: dict = {}  # step directory -> bytes on disk (measured once)
+
+
+def _dir_bytes(path: str) -> int:
+  if path not in _sizes:
+    total = 0
+    for root, _, files in os.walk(path):
+      for name in files:
+        try:
+          total += os.lstat(os.path.join(root, name)).st_size
+        except OSError:
+          pass
+    _sizes[path] = total
+  return _sizes[path]
+
+
+def _state_bytes(state) -> int:
+  """Bytes of `state` this process writes (its shards with replica id 0)."""
+  total = 0
+  for x in jax.tree.leaves(state):
+    if isinstance(x, jax.Array):
+      total += sum(s.data.nbytes for s in x.addressable_shards if s.replica_id == 0)
+    elif _is_array(x):
+      total += int(np.asarray(x).nbytes) if jax.process_index() == 0 else 0
+  return total
+
+
+def checkpoint_bytes(manager, state) -> int:
+  """What the next checkpoint will take: the newest saved step's size on disk, else the state's
+  bytes that this process writes."""
+  directory = os.fspath(manager.directory)
+  steps = _steps(directory)
+  if steps:
+    return _dir_bytes(os.path.join(directory, str(steps[-1])))
+  return _state_bytes(state)
+
+
+def check_space(manager, step: int, state) -> None:
+  """Raises `DiskFullError` before anything is written when the checkpoint directory's disk has
+  less free space than the next checkpoint takes (on any process: every process agrees)."""
+  wait(manager)  # the save in flight first (orbax's `save` waits for it anyway): its size counts
+  needed = checkpoint_bytes(manager, state)
+  free, _ = disk.usage(os.fspath(manager.directory))
+  if not _agree(free < 0 or free >= needed):
+    raise disk_full(manager, step, needed)
 
 
 def abstract_with_shardings(shapes, shardings):

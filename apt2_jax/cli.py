@@ -25,12 +25,13 @@ from absl import app, flags
 EXIT_CODE = 1
 
 
-def fail(message: str) -> None:
-  """Prints `error: <message>` as one line to stderr and exits with status 1."""
+def fail(message: str, code: int = EXIT_CODE) -> None:
+  """Prints `error: <message>` as one line to stderr and exits with status `code` (1: a bad
+  input; 74: a full disk, `disk.DiskFullError`)."""
   line = " ".join(str(message).split())
   sys.stderr.write(f"error: {line}\n")
   sys.stderr.flush()
-  sys.exit(EXIT_CODE)
+  sys.exit(code)
 
 
 def _root(e: BaseException) -> BaseException:
@@ -100,9 +101,9 @@ def _parser(config_flags):
 
 def user_errors() -> tuple:
   """The exception types `run` reports in one line."""
-  from apt2_jax import checkpointing
+  from apt2_jax import checkpointing, disk
   from apt2_jax.train.validate import ConfigError
-  return app.UsageError, ConfigError, checkpointing.CheckpointError
+  return app.UsageError, ConfigError, checkpointing.CheckpointError, disk.DiskFullError
 
 
 def run(main, *, config_flags: tuple = ()) -> None:
@@ -112,6 +113,6 @@ def run(main, *, config_flags: tuple = ()) -> None:
       return main(argv)
     except Exception as e:  # noqa: BLE001
       if isinstance(e, user_errors()):
-        fail(str(e))
+        fail(str(e), getattr(e, "exit_code", EXIT_CODE))
       raise
   app.run(wrapped, flags_parser=_parser(tuple(config_flags)))

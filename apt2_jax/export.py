@@ -53,6 +53,10 @@ def export_bundle(gen, out_dir: str, *, bf16: bool = False, serialize: bool = Tr
                   text_example=None, platforms: Optional[tuple[str, ...]] = None) -> str:
   """Writes `gen`'s parameters, configs and (with `serialize`) its jax.export-ed stream steps.
 
+  The files are written to a temporary sibling of `out_dir` and moved in when all are whole, the
+  metadata last: a failed export (a full disk: `disk.DiskFullError`, one line) leaves no
+  half-written bundle that loads, and an older bundle in `out_dir` stays usable until the move.
+
   Args:
     gen: a `StreamingGenerator` (its batch, resolution, sampler and control type fix the
       exported shapes).
@@ -60,6 +64,41 @@ def export_bundle(gen, out_dir: str, *, bf16: bool = False, serialize: bool = Tr
     text_example: a prompt of the shape users will give (default: a caption's tokens).
     platforms: lowering platforms for jax.export (default: the current backend).
   """
+  from apt2_jax import disk
+  given, out_dir = out_dir, os.path.abspath(os.fspath(out_dir))
+  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+  tmp = disk.temporary_name(out_dir)
+  try:
+    _write_bundle(gen, tmp, bf16=bf16, serialize=serialize, text_example=text_example, platforms=platforms)
+    _move_in(tmp, out_dir)
+  except BaseException as e:
+    disk.remove_quietly(tmp)
+    if disk.is_disk_full(e) and not isinstance(e, disk.DiskFullError):
+      raise disk.error(os.path.dirname(out_dir), "export",
+                       f"the bundle {out_dir} was not written (nothing half-written was left)") from None
+    raise
+  return given
+
+
+def _move_in(tmp: str, out_dir: str) -> None:
+  """Moves the finished bundle in `tmp` to `out_dir` (renames: no space needed, nothing half-written).
+
+  An older bundle's metadata goes first and the new one's last, so a bundle that loads
+  (`read_meta`) is always whole: the old one until the swap, the new one after it.
+  """
+  from apt2_jax.generation.bundle import META
+  os.makedirs(out_dir, exist_ok=True)
+  old_meta = os.path.join(out_dir, META)
+  if os.path.exists(old_meta):
+    os.remove(old_meta)
+  names = sorted(os.listdir(tmp), key=lambda n: n == META)
+  for name in names:
+    os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+  os.rmdir(tmp)
+
+
+def _write_bundle(gen, out_dir: str, *, bf16: bool, serialize: bool, text_example, platforms) -> None:
+  """`export_bundle`'s files, written into `out_dir` (a fresh temporary directory)."""
   from apt2_jax.generation.vae import vae_config_to_dict
   os.makedirs(out_dir, exist_ok=True)
   store_dtype = jnp.bfloat16 if bf16 else jnp.dtype(gen.dit_config.param_dtype)
@@ -106,7 +145,6 @@ def export_bundle(gen, out_dir: str, *, bf16: bool = False, serialize: bool = Tr
       meta["files"][name] = f"{name}.jaxexport"
     meta["platforms"] = list(exported.platforms)
   bundle_lib.write_meta(out_dir, meta)
-  return out_dir
 
 
 # ------------------------------------------------------------------------------------------------

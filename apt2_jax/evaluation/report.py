@@ -213,13 +213,13 @@ def model_entries(models: Mapping[str, Any], throughputs: Mapping[str, dict], re
 
 
 def write_report(report: Mapping[str, Any], out_dir: str, progress: bool = True) -> dict:
-  """Writes `report.json` and `summary.md` (printed when `progress`); returns the JSON-able report."""
+  """Writes `report.json` and `summary.md` (printed when `progress`); returns the JSON-able report.
+  Each file appears whole or not at all (`disk.write_atomic`; a full disk is one line)."""
+  from apt2_jax import disk
   report = _jsonable(report)
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  disk.write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1), "evaluation report")
   text = summary_table(report)
-  with open(os.path.join(out_dir, "summary.md"), "w") as f:
-    f.write(text + "\n")
+  disk.write_atomic(os.path.join(out_dir, "summary.md"), text + "\n", "evaluation report")
   if progress:
     print(text, flush=True)
   return report

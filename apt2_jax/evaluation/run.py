@@ -370,13 +370,12 @@ def evaluate_models(models: Mapping[str, ModelSpec], *, world: str = "camera", n
   for name in eval_sets[1:]:
     report[name] = {k: sets[name][k] for k in ("models", "references", "plots")}
   report = report_lib._jsonable(report)  # pylint: disable=protected-access
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  from apt2_jax import disk  # whole files or none (a full disk is one line)
+  disk.write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1), "evaluation report")
   sections = [_set_markdown(name, {**(report if i == 0 else report[name]), "set": report["sets"][name]},
                             report["config"], i == 0) for i, name in enumerate(eval_sets)]
   text = f"# {world} world evaluation\n\n" + "\n\n".join(sections)
-  with open(os.path.join(out_dir, "summary.md"), "w") as f:
-    f.write(text + "\n")
+  disk.write_atomic(os.path.join(out_dir, "summary.md"), text + "\n", "evaluation report")
   if progress:
     print(text, flush=True)
   return report

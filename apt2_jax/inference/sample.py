@@ -58,19 +58,33 @@ def sample(gen, image: np.ndarray, steps: list[dict], text: str, seed: int, out:
   """Runs the stream for `len(steps)` steps and writes `out` (MP4) and its GIF.
 
   Returns {"mp4", "gif", "frames", "seconds", "fps"} (fps of generation, compile included).
+  Both files are written under temporary names and renamed when whole: a failure (a full disk:
+  `disk.DiskFullError`, one line) leaves neither a truncated video nor an older one overwritten.
   """
   from tqdm import tqdm
+  from apt2_jax import disk
   gif = os.path.splitext(out)[0] + ".gif"
   t0 = time.perf_counter()
-  with media.VideoWriter(out, fps, gif_path=gif) as writer:
-    writer.write(gen.start(image, text=text, seed=seed)[0])
-    # disable=None: no bar when stderr is not a terminal (a log file, a cluster job)
-    bar = tqdm(steps, desc="sampling", unit="step", disable=None if progress else True, file=sys.stderr)
-    for entry in bar:
-      if entry.get("text"):
-        gen.set_text(entry["text"])
-      writer.write(gen.step(_as_user_control(entry["control"], gen.control_type))[0])
-      bar.set_postfix(frames=writer.num_frames)
+  tmp_mp4, tmp_gif = disk.temporary_name(out), disk.temporary_name(gif)
+  try:
+    with media.VideoWriter(tmp_mp4, fps, gif_path=tmp_gif) as writer:
+      writer.write(gen.start(image, text=text, seed=seed)[0])
+      # disable=None: no bar when stderr is not a terminal (a log file, a cluster job)
+      bar = tqdm(steps, desc="sampling", unit="step", disable=None if progress else True, file=sys.stderr)
+      for entry in bar:
+        if entry.get("text"):
+          gen.set_text(entry["text"])
+        writer.write(gen.step(_as_user_control(entry["control"], gen.control_type))[0])
+        bar.set_postfix(frames=writer.num_frames)
+    os.replace(tmp_mp4, out)
+    os.replace(tmp_gif, gif)
+  except BaseException as e:
+    disk.remove_quietly(tmp_mp4)
+    disk.remove_quietly(tmp_gif)
+    if disk.is_disk_full(e) and not isinstance(e, disk.DiskFullError):
+      raise disk.error(os.path.dirname(os.path.abspath(out)), "sample",
+                       f"{out} and {gif} were not written") from None
+    raise
   seconds = time.perf_counter() - t0
   return {"mp4": out, "gif": gif, "frames": writer.num_frames, "seconds": seconds,
           "fps": writer.num_frames / seconds}

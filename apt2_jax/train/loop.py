@@ -26,11 +26,24 @@ stage registry (`apt2_jax.train.registry`) gives `make_stage(config, mesh) -> St
       (`step.guarded_step`); it aborts after `config.max_nonfinite_in_a_row` skipped steps in a row.
   stage.evaluate(state, frozen, step) -> dict of floats (called on every process, every
       `config.eval_every` steps and at the end when `config.eval_at_end`).
+
+Jobs survive the cluster (BUILD.md, "Preemption and a full disk"):
+  - SIGTERM or SIGINT: the loop finishes the step in progress, checkpoints it (after any save in
+    flight), logs one line and raises `Preempted`, a SystemExit with status `EXIT_PREEMPTED` (75).
+    A relaunch resumes at that step. On several processes every one stops at the same step: jax's
+    preemption service (SIGTERM on any host; `multihost_utils.reached_preemption_sync_point`,
+    which orbax's `should_save` also consults, so the checkpoint is saved there), or, with that
+    service off, a flag gathered from every process after each step. A second SIGINT acts as
+    it did before (Ctrl-C twice interrupts at once); a second SIGTERM is ignored.
+  - A full disk: `disk.DiskFullError`, one line naming the workdir and its free space (exit status
+    74 from the command line); the checkpoints already saved stay intact (`checkpointing.save`).
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -39,7 +52,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from apt2_jax import checkpointing, runtime, sharding
+from apt2_jax import checkpointing, disk, runtime, sharding
 from apt2_jax.models.dit import unbox
 from apt2_jax.train import data as train_data
 from apt2_jax.train import registry
@@ -103,6 +116,92 @@ def pre_encode(stage: Stage, iterator, config):
   iterator.encode_pool(lambda video: encode(stage.frozen, video), int(config.batch_size))
   logging.info("pre-encoded the %s clip pool with the frozen VAE in %.1f s", config.data.world,
                time.perf_counter() - t0)
+
+
+# ================================================================================================
+# Preemption: SIGTERM / SIGINT stop after the current step, with a checkpoint
+# ================================================================================================
+
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: temporary failure, run it again (it resumes)
+
+
+class Preempted(SystemExit):
+  """Training stopped on a signal after checkpointing `step`; the process exits with status 75."""
+
+  def __init__(self, step: int, reason: str, path: str):
+    super().__init__(EXIT_PREEMPTED)
+    self.step, self.reason, self.path = step, reason, path
+
+  def __str__(self):
+    return f"{self.reason}: stopped after step {self.step}, checkpoint {self.path}"
+
+
+def _jax_preemption_service() -> bool:
+  """Whether jax's preemption service runs here (several processes, `jax_enable_preemption_service`):
+  it owns SIGTERM (its notifier) and makes every process agree on the step to stop at."""
+  if jax.process_count() == 1:
+    return False
+  from jax._src import distributed
+  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+
+class StopSignals:
+  """Catches SIGTERM and SIGINT while training (main thread only) and says when to stop.
+
+  One process: stop after the step in progress. Several: `should_stop(step)` is true at the
+  same step on every process (see the module docstring); SIGINT is passed on to jax's
+  preemption service as a SIGTERM of this process.
+  """
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous: dict = {}
+    self.service = _jax_preemption_service()
+
+  def __enter__(self):
+    if threading.current_thread() is not threading.main_thread():
+      return self  # signal handlers can only be set from the main thread
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      if sig == signal.SIGTERM and self.service:
+        continue  # jax's notifier has it
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, previous in self._previous.items():
+      signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    name = signal.Signals(signum).name
+    if self.received == name and signum == signal.SIGINT:  # Ctrl-C twice: what it did before
+      # (a second SIGTERM is ignored: SLURM sends one to the task and srun forwards its own)
+      previous = self._previous.pop(signum, signal.SIG_DFL)
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+      if callable(previous):
+        previous(signum, frame)
+      elif previous != signal.SIG_IGN:
+        os.kill(os.getpid(), signum)
+      return
+    self.received = self.received or name
+    if self.service and signum != signal.SIGTERM:
+      signal.raise_signal(signal.SIGTERM)  # jax's notifier: every process learns of it
+
+  def reason(self) -> str:
+    if self.received:
+      return f"{self.received} received"
+    return "preemption notice (SIGTERM to a process of this job)"
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to checkpoint `step` and stop; every process calls it after every step."""
+    if self.service:
+      from jax.experimental import multihost_utils
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      flags = multihost_utils.process_allgather(np.asarray(self.received is not None, np.int32))
+      return bool(np.any(flags))
+    return self.received is not None
 
 
 # ================================================================================================
@@ -172,7 +271,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   done = finished_run(config, workdir)
   if done is not None:  # rerunning a finished run: no repeated evaluation, no duplicate rows
     return done
-  os.makedirs(workdir, exist_ok=True)
+  disk.quiet_disk_full_reports()
+  with StopSignals() as signals:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      return _train(config, workdir, signals, stop_after_step)
+    except Exception as e:  # noqa: BLE001  a full disk anywhere (metrics, TensorBoard) is one line too
+      if disk.is_disk_full(e) and not isinstance(e, disk.DiskFullError):
+        raise disk.error(workdir, "training", "free some space (or move the workdir) and rerun the same "
+                         "command to resume from the newest checkpoint") from None
+      raise
+
+
+def _train(config, workdir: str, signals: StopSignals, stop_after_step: int | None) -> dict:
+  """`train_and_evaluate` past its checks, under `signals`."""
   mesh = sharding.make_mesh(config.mesh, sharding.config_devices(config))
   rules = sharding.rules_from_config(config)
   primary = jax.process_index() == 0
@@ -233,6 +345,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return metrics
 
     step = last_saved = start
+    stopped = False
+    if start < config.num_steps and jax.process_count() == 1 and signals.received:
+      # signalled while starting (restore, compile): nothing new to save
+      logging.warning("%s before the first step: nothing new to checkpoint (the newest is step %d); exiting "
+                      "with status %d", signals.reason(), start, EXIT_PREEMPTED)
+      raise Preempted(start, signals.reason(), os.path.join(os.fspath(manager.directory), str(start)))
     for step in range(start + 1, config.num_steps + 1):
       batch = global_batch(next(train_iter), b_shard)
       profiler.before(step)
@@ -250,10 +368,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         profiler.close(state)
         if progress is not None:
           progress.close()
-        manager.wait_until_finished()
+        checkpointing.wait(manager)
         return {"train": last_train}
       if checkpointing.save(manager, step, state, data_iterator=train_iter, config=config):
         last_saved = step
+      if signals.should_stop(step):
+        stopped = True
+        break
       if eval_every and step % eval_every == 0 and step < config.num_steps:
         last_eval = stage.evaluate(state, stage.frozen, step)
         writer.write(step, last_eval, prefix="eval")
@@ -265,7 +386,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # ---------------------------------------------------------------- final save and eval
     if step > last_saved:
       checkpointing.save(manager, step, state, data_iterator=train_iter, config=config, force=True)
-    manager.wait_until_finished()
+    checkpointing.wait(manager)
+    if stopped:  # SIGTERM / SIGINT: the step is saved; no evaluation, exit 75
+      if jax.process_count() > 1:  # nobody exits (and makes a launcher kill the rest) before all saved
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("apt2_jax.train.loop.preempted")
+      path = os.path.join(os.fspath(manager.directory), str(step))
+      logging.warning("%s: stopped after step %d and saved checkpoint %s; exiting with status %d (rerun the "
+                      "same command to resume from step %d)", signals.reason(), step, path, EXIT_PREEMPTED, step)
+      if progress is not None:
+        progress.close()
+      writer.close()
+      manager.close()
+      raise Preempted(step, signals.reason(), path)
     if config.get("eval_at_end", True):
       last_eval = stage.evaluate(state, stage.frozen, step)
       writer.write(step, last_eval, prefix="eval")
