@@ -28,7 +28,7 @@ import numpy as np
 import flax.linen as nn
 
 from apt2_jax.models import kv_cache, rope
-from apt2_jax.models.attention import CrossAttention, SelfAttention, dense
+from apt2_jax.models.attention import IMPLEMENTATIONS, CrossAttention, SelfAttention, dense
 from apt2_jax.models.conditioning import CaptionEncoder, TimeTextEmbedder
 
 REMAT_POLICIES = {
@@ -67,9 +67,13 @@ class DiTConfig:
   dtype: str = "float32"           # compute dtype ("bfloat16" for speed); params stay param_dtype
   param_dtype: str = "float32"
   remat_policy: str = "none"       # one of REMAT_POLICIES
-  attention_impl: Any = None       # None (auto: the cached step's einsums on CPUs, else XLA),
-                                   # "xla", "cudnn" or "einsum" (attention.step_implementation)
-  query_chunk: int = 0             # query frames per chunk in the block-causal pass (0 = all)
+  attention_impl: Any = None       # None (auto per platform and size), "xla", "cudnn", "einsum" or
+                                   # "chunked" (attention.IMPLEMENTATIONS; the whole-clip kernels:
+                                   # attention.block_causal_kernel, cross_kernel; the cached step's:
+                                   # attention.step_implementation)
+  query_chunk: int = 0             # query frames per chunk of the whole-clip gathered and chunked
+                                   # kernels (0 = the kernel's choice)
+  key_chunk: int = 0               # key frames per chunk of the chunked kernels (0 = their choice)
   scan_unroll: int = 1             # layers per iteration of the whole-clip passes' layer scan
                                    # (the cached step keeps 1): unrolled, XLA:CPU needs no stacked
                                    # residual buffers (testbed stage 1: 0.86 -> 0.78 s per step)
@@ -92,6 +96,11 @@ class DiTConfig:
       raise ValueError(f"model.patch_size={self.patch_size}: the time patch must be 1 (one block per latent frame)")
     for name in ("dtype", "param_dtype"):
       jnp.dtype(getattr(self, name))
+    if self.attention_impl not in IMPLEMENTATIONS:
+      raise ValueError(f"model.attention_impl={self.attention_impl!r} is not one of {IMPLEMENTATIONS}")
+    for name in ("query_chunk", "key_chunk"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} must be an integer >= 0")
     if self.prediction not in PREDICTIONS:
       raise ValueError(f"model.prediction={self.prediction!r} is not one of {PREDICTIONS}")
 
