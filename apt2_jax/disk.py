@@ -158,6 +158,8 @@ def _report_is_noise(exc: BaseException | None, text: str = "") -> bool:
   if is_disk_full(exc) or _text_is_disk_full(text):
     _seen.set()
     return True
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return True  # TensorStore completing a write for an orbax event loop already gone: never news
   if _seen.is_set():
     texts = [text] + [f"{type(x).__name__}: {x}" for x in _chain(exc)] if exc is not None else [text]
     return any(a in t for t in texts for a in _AFTERMATH)
@@ -195,7 +197,8 @@ def quiet_disk_full_reports() -> None:
   loggers = [pylogging.getLogger(), pylogging.getLogger("absl"), pylogging.getLogger("asyncio")]
   try:
     from absl import logging as absl_logging
-    handlers = [absl_logging.get_absl_handler()]
+    absl_handler = absl_logging.get_absl_handler()
+    handlers = [absl_handler, absl_handler.python_handler]  # ABSLHandler.handle skips its own filters
   except ImportError:  # pragma: no cover
     handlers = []
   for target in loggers + handlers + [h for lg in loggers for h in lg.handlers]:

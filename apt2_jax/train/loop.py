@@ -348,9 +348,14 @@ def _train(config, workdir: str, signals: StopSignals, stop_after_step: int | No
     stopped = False
     if start < config.num_steps and jax.process_count() == 1 and signals.received:
       # signalled while starting (restore, compile): nothing new to save
-      logging.warning("%s before the first step: nothing new to checkpoint (the newest is step %d); exiting "
-                      "with status %d", signals.reason(), start, EXIT_PREEMPTED)
-      raise Preempted(start, signals.reason(), os.path.join(os.fspath(manager.directory), str(start)))
+      path = os.path.join(os.fspath(manager.directory), str(start)) if start else "none"
+      logging.warning("%s before the first step: nothing new to checkpoint (newest checkpoint: %s); exiting "
+                      "with status %d", signals.reason(), path, EXIT_PREEMPTED)
+      if progress is not None:
+        progress.close()
+      writer.close()
+      manager.close()
+      raise Preempted(start, signals.reason(), path)
     for step in range(start + 1, config.num_steps + 1):
       batch = global_batch(next(train_iter), b_shard)
       profiler.before(step)
