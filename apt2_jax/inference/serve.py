@@ -160,7 +160,7 @@ def checkpoint_world(path: str) -> Optional[tuple[str, dict]]:
   try:
     from apt2_jax import checkpointing
     from apt2_jax.generation import bundle as bundle_lib
-    if bundle_lib.is_bundle(os.path.abspath(path)):
+    if bundle_lib.is_bundle(os.path.abspath(path)) or not checkpointing.has_checkpoint(path):
       return None
     config = checkpointing.load_config(path)
   except Exception as e:  # an unreadable config: the control type's world
@@ -556,8 +556,9 @@ class DemoServer:
       self._stop = stop or self._loop.create_future()
       self._ready.set()
       if self.announce:
-        log.info("serving the %s stream (%dx%d) on %s", self.generator.control_type, self.generator.height,
-                 self.generator.width, self.url)
+        log.info("serving the %s stream (%dx%d, examples of the %s world, %s) on %s", self.generator.control_type,
+                 self.generator.height, self.generator.width, self.world or "?",
+                 f"{self.options.fps:g} fps" if self.options.fps > 0 else "unpaced", self.url)
       await self._stop
 
   def start_in_thread(self) -> "DemoServer":
@@ -643,14 +644,17 @@ def main(argv):
     from apt2_jax.data import worlds
     if FLAGS.world not in worlds.WORLD_NAMES:
       raise app.UsageError(f"--world={FLAGS.world}: expected one of {worlds.WORLD_NAMES}")
-  if FLAGS.checkpoint and not world:
-    world, world_options = checkpoint_world(FLAGS.checkpoint) or ("", None)
-  control = FLAGS.control or (_world_control(world) if world else "camera")
-  if not FLAGS.checkpoint and world and _world_control(world) != control:
-    raise app.UsageError(f"--world={world} is a {_world_control(world)!r} world; --control={control} "
-                         f"needs a {control!r} world")
-  gen = build_generator(FLAGS.checkpoint, FLAGS.size, control, FLAGS.height, FLAGS.width,
-                        FLAGS.decoder)
+  if FLAGS.checkpoint:
+    gen = build_generator(FLAGS.checkpoint, FLAGS.size, FLAGS.control or "", FLAGS.height, FLAGS.width,
+                          FLAGS.decoder)
+    if not world:
+      world, world_options = checkpoint_world(FLAGS.checkpoint) or ("", None)
+  else:
+    control = FLAGS.control or (_world_control(world) if world else "camera")
+    if world and _world_control(world) != control:
+      raise app.UsageError(f"--world={world} is a {_world_control(world)!r} world; --control={control} "
+                           f"needs a {control!r} world")
+    gen = build_generator("", FLAGS.size, control, FLAGS.height, FLAGS.width, FLAGS.decoder)
   if world and _world_control(world) != gen.control_type:
     log.warning("the %r world is a %r world, the model a %r model; examples of the %r world instead",
                 world, _world_control(world), gen.control_type, WORLD_OF_CONTROL[gen.control_type])
