@@ -7,6 +7,12 @@ Per step i (block i generates latent frame i + 1):
 The KV cache carries every earlier frame's keys/values into later steps, so in student forcing the
 gradient of a late frame's loss reaches earlier frames through the cache (unless `detach_cache`).
 
+Backward pass (`backward`): "ring" (default) is a custom VJP over the scan. The forward keeps only
+the ring slot each step overwrites (its evicted keys/values, 1 / (N + 1) of the cache) and the
+final cache; the backward is a reverse scan that puts each evicted slot back (and frame 0's sink
+at step 0), which rebuilds every step's input cache exactly, and takes that step's VJP. "scan" is
+autodiff of the scan itself: with `remat` != "none" each step's residual is its whole input cache.
+
 For the diffusion baseline (stage-1 model) the same rollout runs a multi-step Euler sampler per
 block (`num_steps = K > 1`). Where the context's keys/values come from is `cache_from`:
   "matched"  the way stage 1 trained (one t per clip: every context frame noised to the SAME t as
@@ -25,11 +31,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from apt2_jax.models import kv_cache
 from apt2_jax.models.dit import REMAT_POLICIES, CausalDiT
 
 CACHE_FROM = ("first", "clean", "matched")
+BACKWARDS = ("ring", "scan")
 MATCHED_NOISE_SEED = 0x6D617463  # the re-noising key's root (see `matched_noise`)
 
 
@@ -42,7 +50,8 @@ class RolloutOptions:
   num_steps: int = 1             # Euler steps per block; 1 = the one-step AAPT generator
   shift: float = 1.0             # time shift s * t / (1 + (s - 1) t) of the Euler schedule
   cache_from: str = "first"      # multi-step only: "first" pass, an extra "clean" pass, or "matched" caches
-  remat: str = "none"            # remat policy of the scanned step (see dit.REMAT_POLICIES)
+  remat: str = "none"            # backward="scan" only: remat policy of the scanned step (dit.REMAT_POLICIES)
+  backward: str = "ring"         # "ring": custom VJP over the ring cache; "scan": autodiff of the scan
 
   def __post_init__(self):
     if self.num_steps < 1:
@@ -51,6 +60,8 @@ class RolloutOptions:
       raise ValueError(f"rollout.cache_from={self.cache_from!r} is not one of {CACHE_FROM}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"rollout.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+    if self.backward not in BACKWARDS:
+      raise ValueError(f"rollout.backward={self.backward!r} is not one of {BACKWARDS}")
 
   @property
   def matched(self) -> bool:
@@ -159,19 +170,130 @@ def rollout(model: CausalDiT, params, first_frame, text_kv, noise, controls=None
     raise ValueError(f"first_frame must be [B, 1, h, w, C], got {first_frame.shape}")
   xs = (jnp.moveaxis(noise, 1, 0)[:, :, None],
         None if controls is None else jnp.moveaxis(controls, 1, 0)[:, :, None])
+  recycled = first_frame.astype(noise.dtype)
+  if options.backward == "scan":
+    frames, cache = _scan(model, options, params, text_kv, recycled, xs, cache, remat=True)
+  else:
+    frames, cache = _ring_rollout(model, options)(params, text_kv, recycled, xs, cache)
+  return jnp.moveaxis(frames, 0, 1), cache
+
+
+def _next_recycled(x, options: RolloutOptions):
+  nxt = jax.lax.stop_gradient(x) if options.detach_recycled else x
+  return nxt if options.recycle else jnp.zeros_like(nxt)
+
+
+def _scan(model, options, params, text_kv, recycled, xs, cache, remat: bool, evicted: bool = False):
+  """The rollout's `lax.scan`: (frames [S, B, h, w, C], final cache[, evicted ring slots per step])."""
+  window = model.config.window
 
   def body(carry, inputs):
     cache, recycled = carry
     eps, control = inputs
+    out = _ring_slot(cache, window) if evicted else None
     x, cache = generator_step(model, params, cache, text_kv, eps, recycled, control, options)
     if options.detach_cache:
       cache = jax.lax.stop_gradient(cache)
-    nxt = jax.lax.stop_gradient(x) if options.detach_recycled else x
-    if not options.recycle:
-      nxt = jnp.zeros_like(nxt)
-    return (cache, nxt), x[:, 0]
+    return (cache, _next_recycled(x, options)), (x[:, 0], out)
 
-  if options.remat != "none":
+  if remat and options.remat != "none":
     body = jax.checkpoint(body, policy=REMAT_POLICIES[options.remat], prevent_cse=False)
-  (cache, _), frames = jax.lax.scan(body, (cache, first_frame.astype(noise.dtype)), xs)
-  return jnp.moveaxis(frames, 0, 1), cache
+  (cache, _), (frames, slots) = jax.lax.scan(body, (cache, recycled), xs)
+  return (frames, cache, slots) if evicted else (frames, cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ring-cache VJP
+# ---------------------------------------------------------------------------------------------
+_SINK, _RING = ("sink_k", "sink_v"), ("ring_k", "ring_v")
+
+
+def _slot_of(cache, window: int):
+  """The ring slot the step at `cache["index"]` writes (`kv_cache.write_frame`); a stacked
+  (matched) cache advances all its K caches together, so its first index speaks for all."""
+  index = cache["index"].reshape(-1)[0]
+  return jnp.mod(jnp.maximum(index - 1, 0), window)
+
+
+def _ring_slot(cache, window: int):
+  """The keys/values in the ring slot the next step overwrites: {ring_k, ring_v} `[..., P, D]`."""
+  slot = _slot_of(cache, window)
+  return {k: jax.lax.dynamic_index_in_dim(cache[k], slot, cache[k].ndim - 3, keepdims=False) for k in _RING}
+
+
+def _restore(cache_out, evicted, sink0, first, window: int):
+  """A step's input cache from its output: index - 1, the evicted slot put back, and (at the
+  rollout's first step, the only one that can write the sink) the sink it started from."""
+  cache = dict(cache_out, index=cache_out["index"] - 1)
+  slot = _slot_of(cache, window)
+  for k in _RING:
+    cache[k] = jax.lax.dynamic_update_index_in_dim(cache_out[k], evicted[k].astype(cache_out[k].dtype), slot,
+                                                   cache_out[k].ndim - 3)
+  for k in _SINK:
+    cache[k] = jnp.where(first, sink0[k], cache_out[k])
+  return cache
+
+
+def _floats(cache):
+  return {k: v for k, v in cache.items() if k != "index"}
+
+
+def _ring_rollout(model, options: RolloutOptions):
+  """`_scan` as a custom VJP whose residuals are each step's evicted ring slot and the final cache
+  (not each step's whole input cache). Exact: the backward rebuilds every step's input cache
+  bit for bit and differentiates the same step function."""
+  window = model.config.window
+
+  @jax.custom_vjp
+  def run(params, text_kv, recycled, xs, cache):
+    return _scan(model, options, params, text_kv, recycled, xs, cache, remat=False)
+
+  def fwd(params, text_kv, recycled, xs, cache):
+    frames, final, evicted = _scan(model, options, params, text_kv, recycled, xs, cache, remat=False, evicted=True)
+    sink0 = {k: cache[k] for k in _SINK}
+    return (frames, final), (params, text_kv, recycled, xs, sink0, evicted, frames, final)
+
+  def bwd(res, cts):
+    params, text_kv, recycled0, xs, sink0, evicted, frames, final = res
+    ct_frames, ct_final = cts
+    steps = frames.shape[0]
+
+    def recycled_in(i):
+      """Step i's recycled input: the first frame, then the previous output (or zeros)."""
+      if not options.recycle:
+        return jnp.where(i == 0, recycled0, jnp.zeros_like(recycled0))
+      prev = jax.lax.dynamic_index_in_dim(frames, jnp.maximum(i - 1, 0), 0, keepdims=False)[:, None]
+      return jnp.where(i == 0, recycled0, prev.astype(recycled0.dtype))
+
+    through_recycled = options.recycle and not options.detach_recycled
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    ct_cache0 = zeros(_floats(final)) if options.detach_cache else _floats(ct_final)
+
+    def body(carry, inputs):
+      cache_out, ct_cache, ct_next, ct_params, ct_text = carry
+      i, (eps, control), slot, ct_frame = inputs
+      cache, recycled = _restore(cache_out, slot, sink0, i == 0, window), recycled_in(i)
+      index = cache["index"]
+
+      def step(p, t, c, e, r, ctl):
+        x, new = generator_step(model, p, dict(c, index=index), t, e, r, ctl, options)
+        return x, _floats(new)
+
+      (x, _), pullback = jax.vjp(step, params, text_kv, _floats(cache), eps, recycled, control)
+      ct_x = ct_frame[:, None].astype(x.dtype)
+      if through_recycled:
+        ct_x = ct_x + ct_next.astype(x.dtype)
+      ct_out = zeros(ct_cache) if options.detach_cache else ct_cache
+      d_params, d_text, d_cache, d_eps, d_recycled, d_control = pullback((ct_x, ct_out))
+      add = lambda a, b: jax.tree.map(jnp.add, a, b)
+      return (cache, d_cache, d_recycled, add(ct_params, d_params), add(ct_text, d_text)), (d_eps, d_control)
+
+    init = (final, ct_cache0, jnp.zeros_like(recycled0), zeros(params), zeros(text_kv))
+    (_, ct_cache, ct_recycled, ct_params, ct_text), ct_xs = jax.lax.scan(
+        body, init, (jnp.arange(steps), xs, evicted, ct_frames), reverse=True)
+    index = final["index"]
+    ct_cache = dict(ct_cache, index=np.zeros(index.shape, jax.dtypes.float0))
+    return ct_params, ct_text, ct_recycled, ct_xs, ct_cache
+
+  run.defvjp(fwd, bwd)
+  return run

@@ -15,7 +15,9 @@ clips `x_0 .. x_S` with their controls:
   3. `d_steps` D updates on `L_D = softplus(D(fake) - D(real)) + R1 + R2` (approximated R1 on real,
      R2 on fake, lambda * (D(x) - D(x + sigma n))^2), then one G update on
      `L_G = softplus(D(real) - D(fake))`, both RMSProp-like Adam (b1 = 0, b2 = 0.9) by default.
-     Gradient accumulation over `microbatches`; EMA of G.
+     Gradient accumulation over `microbatches`; EMA of G. G's gradient pass runs after D's update
+     and rolls out again (`adversarial.g_pass`), so the step's peak is the larger of the two passes;
+     the rollout's backward pass keeps one evicted ring slot per step (`rollout_backward`).
 
 Long-video training (stage "long_video") builds on this stage: `apt2_jax/stages/long_video.py`.
 
@@ -40,6 +42,10 @@ from apt2_jax.stages import common
 from apt2_jax.train import data as train_data
 
 VARIANTS = ("student_forcing", "teacher_forcing")
+# G's gradient after D's update: roll out again ("recompute": G's and D's passes never hold their
+# buffers at once) or pull back through the rollout D trained on ("keep": one rollout fewer, its
+# VJP residuals live through D's update).
+G_PASSES = ("recompute", "keep")
 
 
 class AdversarialStage(train.Stage):
@@ -69,7 +75,11 @@ class AdversarialStage(train.Stage):
     self.d_tx = train.make_optimizer(config.d_optimizer, config.num_steps)
     self.ema_decay = float(config.get("ema_decay", 0.0))
     self.options = RolloutOptions(detach_recycled=bool(a.detach_recycled), detach_cache=bool(a.detach_cache),
-                                  recycle=bool(a.recycle), remat=a.rollout_remat)
+                                  recycle=bool(a.recycle), remat=a.rollout_remat,
+                                  backward=a.get("rollout_backward", "ring"))
+    self.g_pass = a.get("g_pass", "recompute")
+    if self.g_pass not in G_PASSES:
+      raise ValueError(f"config.adversarial.g_pass={self.g_pass!r} is not one of {G_PASSES}")
     self.sigma = gan.perturbation_std(a.sigma, bool(a.get("sigma_is_variance", False)))
     self._eval = None
 
@@ -244,15 +254,16 @@ class AdversarialStage(train.Stage):
   def train_step(self, state, frozen, batch, rng):
     micro = int(self.config.get("microbatches", 1))
     mb = self.draw(frozen, batch, rng)
-    if micro == 1:
+    keep = micro == 1 and self.g_pass == "keep"
+    if keep:
       # One rollout serves both updates: D trains on its (detached) frames, then G's gradient is
       # its loss's gradient w.r.t. those frames (under the updated D) pulled back through the same
-      # rollout's VJP. Identical to differentiating a second rollout, at one rollout's cost.
+      # rollout's VJP. One rollout fewer, but its residuals live through D's update.
       def frames_of(params):
         fake, _ = self.generate(params, mb["first"], mb["eps"], mb["controls"], mb["text"], mb["real_recycled"])
         return fake
       fake, pullback = jax.vjp(frames_of, state["params"])
-    else:  # microbatches bound memory: each G microbatch rolls out again inside its gradient
+    else:  # G rolls out again inside its gradient, after D's update
       fake, _ = self.generate(state["params"], mb["first"], mb["eps"], mb["controls"], mb["text"], mb["real_recycled"])
     fake_d = jax.lax.stop_gradient(fake)
     mb_d = dict(mb, fake=fake_d, fake_recycled=self.fake_recycled(mb["first"], fake_d, mb["real_recycled"]))
@@ -264,15 +275,17 @@ class AdversarialStage(train.Stage):
                     d_eps=jax.random.normal(ks[1], mb["real"].shape), n_real=jax.random.normal(ks[2], mb["real"].shape))
       d_grads, d_metrics = train.accumulate_gradients(self.d_loss_fn, d_params, mb_d, micro)
       d_params, d_opt_state, d_extra = train.apply_gradients(self.d_tx, d_params, d_opt_state, d_grads)
-    if micro == 1:
+    if keep:
       def loss_of_frames(frames):
         return self._g_loss_on(d_params, mb, frames, self.fake_recycled(mb["first"], frames, mb["real_recycled"]))
       (g_loss, g_metrics), g_frames = jax.value_and_grad(loss_of_frames, has_aux=True)(fake_d)
       (g_grads,) = pullback(g_frames)
       g_metrics = dict(g_metrics, loss=g_loss)
     else:
+      # The barrier makes G's pass start after D's update, so the peak is the larger of the two.
+      g_params, d_params = jax.lax.optimization_barrier((state["params"], d_params))
       g_grads, g_metrics = train.accumulate_gradients(functools.partial(self.g_loss_fn, d_params=d_params),
-                                                      state["params"], mb, micro)
+                                                      g_params, mb, micro)
     params, opt_state, g_extra = train.apply_gradients(self.tx, state["params"], state["opt_state"], g_grads)
     return self._finish(state, params, opt_state, d_params, d_opt_state, g_metrics, d_metrics, g_extra, d_extra)
 

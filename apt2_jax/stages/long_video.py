@@ -6,7 +6,9 @@ cache and last frame; D scores the segment's frames (with the last `overlap_fram
 frames before it as context) against *independent real short clips* of the same width: the long
 rollout needs only a real first frame, its prompt and a control trajectory, never a long real
 video (the paper's point). The gradients of every segment are computed right after it and
-accumulated (a `lax.scan` over segments), so memory does not grow with the video's length.
+accumulated (a `lax.scan` over segments), so memory does not grow with the video's length. Each
+segment's rollout continues from a non-empty cache with the ring-cache backward pass
+(`apt2_jax.rollout`: one evicted slot per step, not the whole cache), and D's pass follows G's.
 
 Batch layout (the loop's one data iterator, `config.batch_size` = 2B rows of `config.data.frames`
 video frames; its state is checkpointed with the run, so a resumed run sees the same batches):
@@ -143,7 +145,8 @@ class LongVideoStage(AdversarialStage):
       return loss, (metrics, frames, new_cache)
 
     (g_loss_value, (g_metrics, frames, new_cache)), g_grads = jax.value_and_grad(g_loss, has_aux=True)(params)
-    frames = jax.lax.stop_gradient(frames)
+    # D's pass starts after G's gradient is done: G's rollout residuals never live through it.
+    g_grads, frames = jax.lax.optimization_barrier((g_grads, jax.lax.stop_gradient(frames)))
     mb = self._d_inputs(seg_in, jnp.concatenate([context, frames], axis=1))
     (d_loss_value, d_metrics), d_grads = jax.value_and_grad(
         lambda d: self.d_loss_fn(d, mb, mask=mask), has_aux=True)(d_params)
