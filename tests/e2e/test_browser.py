@@ -217,9 +217,9 @@ def test_held_pan_key_moves_the_content_as_commanded():
 
 def test_held_pan_key_on_the_trained_model(trained):
   """The same measurement on the trained generator: its content moves in the commanded direction
-  (alpha > 0). The tiny pipeline's generator (2 steps per stage) has not learnt the controls: its
-  figure is reported and the direction is asserted only for a generator trained long enough
-  (`APT2_E2E_WORKDIR`, e.g. `make demo`'s)."""
+  (alpha > 0). The tiny pipeline's generator (2 steps per stage) has not learnt the controls (it
+  reads alpha 0: no coherent motion), so its figure is printed, and the direction is asserted for a
+  generator trained long enough, with `APT2_E2E_WORKDIR=demo_out/testbed APT2_E2E_FOLLOWS_CONTROLS=1`."""
   server, world, _ = trained
   with sync_api.sync_playwright() as p:
     browser = _browser(p)
@@ -231,7 +231,7 @@ def test_held_pan_key_on_the_trained_model(trained):
       alpha, (dy, dx) = _motion(frames)
       print(f"\ntrained {world} model: {len(frames)} frames, alpha {alpha:.2f}, shift dy {dy:.1f} dx {dx:.1f}")
       assert len(frames) >= 20
-      if os.environ.get("APT2_E2E_WORKDIR"):
+      if os.environ.get("APT2_E2E_FOLLOWS_CONTROLS") == "1":
         assert alpha > 0, alpha
     finally:
       browser.close()
