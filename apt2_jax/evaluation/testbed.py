@@ -566,13 +566,13 @@ def markdown(report: Mapping) -> str:
 
 
 def write_report(report: Mapping, out_dir: str, progress: bool = True) -> dict:
-  """`report.json` and `claims.md`; returns the JSON-able report."""
+  """`report.json` and `claims.md`, each whole or not at all (`disk.write_atomic`; a full disk is
+  one line); returns the JSON-able report."""
+  from apt2_jax import disk
   report = _jsonable(report)
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  disk.write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1), "testbed report")
   text = markdown(report)
-  with open(os.path.join(out_dir, "claims.md"), "w") as f:
-    f.write(text + "\n")
+  disk.write_atomic(os.path.join(out_dir, "claims.md"), text + "\n", "testbed report")
   if progress:
     print(text, flush=True)
   return report
