@@ -17,7 +17,7 @@ from apt2_jax.train import registry
 from tests.config_files import stage3_adversarial
 
 B, H, W = 2, 4, 6
-WARM = 4  # frames already in the non-empty initial cache (a long-video segment continues it)
+WARM = 5  # index of the non-empty initial cache (a long-video segment continues one)
 
 
 def _leaves(tree):
@@ -26,9 +26,9 @@ def _leaves(tree):
 
 @pytest.fixture(scope="module")
 def rollout_grads(tiny_dit):
-  """grads(options, warm): gradients of a loss on the frames and the final cache w.r.t. params,
+  """grads(options, start): gradients of a loss on the frames and the final cache w.r.t. params,
   first frame, noise, controls and the initial cache, for a rollout of N + 3 steps (the ring
-  wraps), from an empty cache or one holding WARM frames. One compile per options."""
+  wraps), from an empty cache or (`start`) a full one at index WARM. One compile per options."""
   model, params, config = tiny_dit
   steps = config.window + 3
   ks = jax.random.split(jax.random.key(3), 6)
@@ -39,8 +39,9 @@ def rollout_grads(tiny_dit):
   text = jax.random.normal(ks[3], (B, 5, config.text_dim))
   weight = jax.random.normal(ks[4], noise.shape)
   empty = kv_cache.init_cache(config, B, H, W)
-  tkv = model.apply({"params": params}, text, method=CausalDiT.encode_text)
-  _, warm = jax.jit(lambda: rollout(model, params, first, tkv, noise[:, :WARM], controls[:, :WARM], cache=empty))()
+  # Any contents will do for the VJP: random keys/values at index WARM (sink set, ring full).
+  warm = {k: jax.random.normal(jax.random.fold_in(ks[5], i), v.shape) for i, (k, v) in enumerate(empty.items())}
+  warm["index"] = jnp.asarray(WARM, jnp.int32)
   fns = {}
 
   def grads(options, start):
@@ -74,7 +75,7 @@ def test_ring_vjp_equals_scan_autodiff(rollout_grads, kw):
       assert max(float(jnp.max(jnp.abs(x))) for x in new[-4:]) > 1e-3
 
 
-def _stage3(**adversarial):
+def _stage3_config(**adversarial):
   c = stage3_adversarial.get_config("tiny")
   c.data.source = "random_latents"
   c.data.frames = 1 + 4 * 6  # 6 generated latent frames: past the ring (N = 3)
@@ -86,20 +87,21 @@ def _stage3(**adversarial):
     opt.name, opt.learning_rate, opt.grad_clip = "sgd", 0.1, 0.0
   for k, v in adversarial.items():
     c.adversarial[k] = v
-  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-  stage = registry.make_stage(c, mesh)
-  with sharding.use_mesh(mesh, sharding.rules_from_config(c)):
-    state = jax.jit(lambda r: unbox(stage.init_state(r)))(jax.random.key(0))
-    batch = next(train_data.make_iterator(c, "train"))
-    batch = train.global_batch(batch, train.batch_shardings(batch, mesh))
-    return jax.device_get(jax.jit(stage.train_step)(state, stage.frozen, batch, jax.random.key(5)))
+  return c
 
 
 def test_stage3_step_lean_path_equals_old():
   """New: ring-cache VJP, G rolled out again after D's update. Old: autodiff of the scan with
-  remat, G pulled back through the rollout D trained on."""
-  new_state, new_metrics = _stage3()
-  old_state, old_metrics = _stage3(rollout_backward="scan", g_pass="keep")
+  remat, G pulled back through the rollout D trained on. Same state, batch and key."""
+  configs = (_stage3_config(), _stage3_config(rollout_backward="scan", g_pass="keep"))
+  mesh = sharding.make_mesh(configs[0].mesh, jax.devices()[:1])
+  stages = [registry.make_stage(c, mesh) for c in configs]
+  with sharding.use_mesh(mesh, sharding.rules_from_config(configs[0])):
+    state = jax.jit(lambda r: unbox(stages[0].init_state(r)))(jax.random.key(0))
+    batch = next(train_data.make_iterator(configs[0], "train"))
+    batch = train.global_batch(batch, train.batch_shardings(batch, mesh))
+    (new_state, new_metrics), (old_state, old_metrics) = (
+        jax.device_get(jax.jit(s.train_step)(state, s.frozen, batch, jax.random.key(5))) for s in stages)
   for k in ("g_loss", "d_loss", "r1", "r2", "g_grad_norm", "d_grad_norm"):
     np.testing.assert_allclose(new_metrics[k], old_metrics[k], rtol=1e-5, atol=1e-6, err_msg=k)
   for name in ("params", "d_params"):
