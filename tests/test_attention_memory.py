@@ -99,23 +99,17 @@ def test_sequence_sharded_queries(devices):
 
 
 def test_model_chunked_equals_default(tiny_dit):
-  """The tiny DiT (whole clip, past the window) with `attention_impl="chunked"` against the CPU
-  default (dense block-causal, per-frame cross-attention): loss and parameter gradients."""
+  """The tiny DiT's whole-clip pass (past the window) with `attention_impl="chunked"` against the
+  CPU default (dense block-causal, per-frame cross-attention); the kernels' gradients are checked
+  above."""
   from tests.test_dit import _inputs
   model, params, config = tiny_dit
   noise, recycled, control, text = _inputs(config, config.window + 3, seed=4)
   t = jnp.array([0.8, 0.3])
-  results = []
-  for fields in ({}, {"attention_impl": "chunked", "query_chunk": 2, "key_chunk": 1}):
-    m = CausalDiT(DiTConfig.from_dict({**config.__dict__, **fields}))
-    loss = lambda p, m=m: jnp.mean(jnp.square(m.apply({"params": p}, noise, recycled, control, t, text)))
-    results.append(jax.jit(jax.value_and_grad(loss))(params))
-  (want, want_grad), (got, got_grad) = results
-  np.testing.assert_allclose(got, want, rtol=TOL)
-  for path, g in jax.tree_util.tree_leaves_with_path(got_grad):
-    w = dict(jax.tree_util.tree_leaves_with_path(want_grad))[path]
-    scale = float(jnp.max(jnp.abs(w))) + 1e-12
-    assert float(jnp.max(jnp.abs(g - w))) <= TOL * scale, jax.tree_util.keystr(path)
+  chunked = CausalDiT(DiTConfig.from_dict({**config.__dict__, "attention_impl": "chunked", "query_chunk": 2,
+                                           "key_chunk": 1}))
+  want, got = (jax.jit(m.apply)({"params": params}, noise, recycled, control, t, text) for m in (model, chunked))
+  np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
 def _temp_bytes(fn, *shapes):
