@@ -22,6 +22,7 @@ against the oracle and writes `report/report.json`, drift-curve PNGs and MP4/GIF
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -60,10 +61,38 @@ def stage_configs(config, workdir: str):
           c.init_from = path
         elif field == "d_init_from":
           c.adversarial.d_init_from = path
+        elif field == "teacher_from":
+          c.distill.teacher = path
+        elif field == "match_wall_time":
+          pass  # resolved when the stage starts (`match_wall_time`)
         else:
           raise ValueError(f"config.chain.{name}: unknown link {field!r}")
     out.append((name, c, sub))
   return out
+
+
+def match_wall_time(config, name: str, stage_config, workdir: str):
+  """A stage linked by `match_wall_time` runs as many steps as fit in the linked stage's measured
+  training time, at its own source stage's measured seconds per step (both from DONE.json): the
+  compute-matched control. Returns the stage config with `num_steps` set (unchanged without a link)."""
+  links = config.chain.get(name, {})
+  if "match_wall_time" not in links:
+    return stage_config
+  def done(stage):
+    path = os.path.join(workdir, stage, "DONE.json")
+    if not os.path.exists(path):
+      raise ValueError(f"config.chain.{name}.match_wall_time: stage {stage!r} has not finished ({path} missing)")
+    with open(path) as f:
+      return json.load(f)
+  budget = done(links["match_wall_time"])["seconds"]
+  source = done(links["init_from"].split("/")[-1])
+  per_step = source["seconds"] / max(int(source["num_steps"]), 1)
+  c = copy.deepcopy(stage_config)
+  with c.unlocked():
+    c.num_steps = max(1, int(budget / per_step))
+    c.checkpoint_every = max(1, c.num_steps // 4)
+  _log(f"{name}: {c.num_steps} steps = {budget:.0f} s of {links['match_wall_time']} at {per_step:.2f} s per step")
+  return c
 
 
 def run_stage(name: str, config, workdir: str):
@@ -81,6 +110,10 @@ def run_pipeline(config, workdir: str) -> dict:
     f.write(config.to_json_best_effort(indent=2))
   timings = {}
   for i, (name, c, sub) in enumerate(plan):
+    if "match_wall_time" in config.chain.get(name, {}) and os.path.exists(os.path.join(sub, "DONE.json")):
+      _log(f"stage {i + 1}/{len(plan)} {name}: already done, skipping")
+      continue
+    c = match_wall_time(config, name, c, workdir)
     head = f"stage {i + 1}/{len(plan)} {name} ({c.stage}, {c.num_steps} steps)"
     if _is_done(sub, c):
       _log(f"{head}: already done, skipping")
@@ -158,7 +191,7 @@ def evaluate(config, workdir: str) -> dict:
     models[label] = evaluation.model_spec_from_workdir(
         sub, vae_workdir=vae_dir, num_steps=int(spec.get("num_steps", 1)), shift=float(spec.get("shift", 1.0)),
         guidance=float(spec.get("guidance", 1.0)), recycle=bool(spec.get("recycle", True)),
-        cache_from=str(spec.get("cache_from", "matched")))
+        cache_from=str(spec.get("cache_from", "matched")), key=str(spec.get("key", "ema_params")))
   out_dir = os.path.join(workdir, "report")
   if ev.get("kind", "") == "testbed":
     return _evaluate_testbed(config, workdir, models, out_dir)
@@ -174,6 +207,9 @@ def _evaluate_testbed(config, workdir: str, models: dict, out_dir: str) -> dict:
   ev = config.evaluation
   adapt = config.stages.adapt
   short_clip_s = (int(adapt.data.frames) - 1) / float(ev.fps)
+  seconds = float(ev.seconds) if "seconds" in ev else float(ev.short_clips) * short_clip_s
+  eval_sets = [s for s in (testbed.IN_DISTRIBUTION, testbed.UNSEEN_APPEARANCE)
+               if s.name in tuple(ev.get("eval_sets", ("in_distribution", "unseen_appearance")))]
   learning_check = None
   if "diffusion" in models:
     spec = ev.models.diffusion
@@ -181,14 +217,33 @@ def _evaluate_testbed(config, workdir: str, models: dict, out_dir: str) -> dict:
     learning_check = learning.stage1_learning_check(
         os.path.join(workdir, spec.workdir), dict(config.get("world_options", {}) or {}), world=config.world,
         num_steps=int(spec.get("num_steps", 1)), shift=float(spec.get("shift", 1.0)), fps=float(ev.fps))
+    # The one-step generators' teacher-forced one-step PSNR (claim (a): AAPT must not win by blurring).
+    clips = learning.in_distribution_clips(config.world, dict(config.get("world_options", {}) or {}),
+                                           int(config.height), int(config.width), int(adapt.data.frames), 8)
+    learning_check["one_step"] = {
+        label: learning.teacher_forced_check(models[label].generator, clips, 1.0)["model_psnr"]
+        for label in ("distilled", "aapt_short", "teacher_forcing", "control") if label in models}
   tc = testbed.TestbedConfig(
       roles={label: label for label in models}, world=config.world,
       world_config=dict(config.get("world_options", {}) or {}), num_worlds=int(ev.num_worlds),
-      noise_seeds=tuple(int(s) for s in ev.noise_seeds), seconds=float(ev.short_clips) * short_clip_s,
+      noise_seeds=tuple(int(s) for s in ev.noise_seeds), seconds=seconds, eval_sets=tuple(eval_sets),
       short_clip_s=short_clip_s, height=int(config.height), width=int(config.width), fps=float(ev.fps))
   _log(f"testbed evaluation: {len(models)} models x {len(tc.eval_sets)} sets x {tc.num_worlds} worlds x "
        f"{len(tc.noise_seeds)} seeds, {tc.duration():.0f} s rollouts")
-  return testbed.evaluate_testbed(models, tc, out_dir, learning=learning_check)
+  report = testbed.evaluate_testbed(models, tc, out_dir, learning=learning_check)
+  # Claim (d): long-video AAPT against AAPT-short on rollouts `long_factor` x as long.
+  from apt2_jax.evaluation import gates
+  long_models = {k: models[k] for k in ("aapt", "aapt_short") if k in models}
+  if len(long_models) == 2:
+    factor = gates.D_ROLLOUT_S / gates.GATE2_ROLLOUT_S
+    long_tc = dataclasses.replace(tc, seconds=factor * tc.duration(), eval_sets=tc.eval_sets[:1])
+    _log(f"claim (d): {', '.join(long_models)} on {long_tc.duration():.0f} s rollouts")
+    long_report = testbed.evaluate_testbed(long_models, long_tc, os.path.join(out_dir, "long"))
+    st = long_report["sets"][long_tc.eval_sets[0].name]["statistics"]["models"]
+    report["claims"]["d"] = gates.claim_d(st)
+  else:
+    report["claims"]["d"] = gates.claim_d({})
+  return testbed.write_report(report, out_dir, tc.progress)
 
 
 # The metrics worth watching per stage family (train/<name> in each stage's metrics.jsonl).

@@ -53,7 +53,9 @@ def test_testbed_pipeline_end_to_end_then_the_readme_commands_on_its_output(tmp_
   config = testbed.get_config("tiny")
   pipeline.run_pipeline(config, str(tmp_path))
   report = json.load(open(tmp_path / "report" / "report.json"))
-  assert set(report["claims"]) == {"a", "b", "c", "d"} and report["learning"]["teacher_forced"]
+  assert set(report["claims"]) == {"gate1", "gate2", "a", "b", "c", "d"} and report["learning"]["teacher_forced"]
+  assert report["learning"]["gate1"]["warp_last_db"] > 20
+  assert set(report["sets"]["in_distribution"]["statistics"]["references"]) >= {"warp_last", "warp_frame0", "flat_colour"}
   assert (tmp_path / "report" / "claims.md").exists() and (tmp_path / "report" / "training_curves.png").exists()
   summary = json.load(open(tmp_path / "pipeline_summary.json"))
   assert "adversarial" in summary["final_train_metrics"]

@@ -46,9 +46,8 @@ import ml_collections
 
 from apt2_jax.configs import adversarial, diffusion, sizes
 from apt2_jax.configs.sizes import flow_shift  # the one shift rule
+from apt2_jax.evaluation import gates
 
-ORDER = ("adapt", "distill", "adversarial", "adversarial_teacher_forcing", "adversarial_no_recycle",
-         "long_video")
 
 PIXELS = 64
 PATCH = (1, 1, 1)
@@ -72,28 +71,49 @@ def model_config(layers: int = 4):
 
 
 # variant: video frames of the short clips, long-video segments (latent frames, overlap, number),
-# batch, steps per stage, learning rates, Euler steps of the diffusion baseline, evaluation
+# batch, steps per stage, learning rates, Euler steps of the diffusion baseline, evaluation worlds,
+# noise seeds and rollout seconds. Stages after stage 1 that a variant gives 0 steps are left out.
+_STAGE_STEPS = ("adapt", "distill", "adversarial", "adversarial_teacher_forcing", "distill_control", "long_video",
+                "adapt_no_recycle", "distill_no_recycle", "adversarial_no_recycle", "distill_seed1",
+                "adversarial_seed1")
 _VARIANTS = {
     "tiny": dict(layers=1, frames=9, segments=(2, 1, 2), batch=4, devices=1, checkpoints=1,
-                 steps=dict(adapt=2, distill=2, adversarial=2, adversarial_teacher_forcing=1,
+                 steps=dict(adapt=2, distill=2, adversarial=2, adversarial_teacher_forcing=1, distill_control=1,
                             adversarial_no_recycle=1, long_video=1),
-                 lr=1e-3, gan_lr=1e-4, euler_steps=2, worlds=1, seeds=(0,), short_clips=2.0),
-    # Sized to ~20 min on 2 CPU cores with the install: measured on a quiet machine at batch 4,
-    # stage 1 runs 2.2 steps/s in the loop (data included). Batch 4 learns the controls faster per
-    # second than 8 (a stage-1 6 s rollout's motion ratio 0.24 vs 0.12 after 4.5 min, 0.59 after
-    # 9 min vs 0.59 after 13.5 min); at 1200 steps t = 1 teacher-forced 26.3 vs 19.2 dB copy-last.
+                 lr=1e-3, gan_lr=1e-4, euler_steps=2, worlds=1, seeds=(0,), seconds=2.0),
+    # `make demo`, ~20 min on 2 CPU cores with the install.
     "short": dict(layers=4, frames=37, segments=(10, 2, 3), batch=4,
-                  steps=dict(adapt=1300, distill=80, adversarial=30, adversarial_teacher_forcing=0,
-                             adversarial_no_recycle=0, long_video=0),
-                  lr=1e-3, gan_lr=2e-5, euler_steps=8, worlds=2, seeds=(0,), short_clips=8.0),
-    # ~1.5 h of training on 2 CPU cores at the per-step costs measured under load before the dense
-    # block-causal kernel (stage 1 1.9 s, distillation 2.2 s, AAPT 10.6 s per step), plus the
-    # evaluation; quiet, with the kernel, stage 1 is ~0.9 s per step in the loop (AAPT 5.5 s).
+                  steps=dict(adapt=1000, distill=60, adversarial=30),
+                  lr=1e-3, gan_lr=5e-5, euler_steps=8, worlds=2, seeds=(0,), seconds=8.0),
+    # Every stage, ablation and control the claims need (issue: "AAPT's effect, shown"): stage 1 to
+    # Gate 1, distillation, AAPT and the teacher-forced adversarial ablation at 300 G updates each, the
+    # distilled model continued for AAPT's wall time (the compute-matched control), the no-recycling
+    # chain trained without recycling from stage 1 on, a second training seed from distillation on,
+    # long video from AAPT; 16 worlds x 2 paired noise seeds, 20-s rollouts. Several hours on 2 cores.
     "full": dict(layers=4, frames=37, segments=(10, 2, 3), batch=4, checkpoints=10,
-                 steps=dict(adapt=5000, distill=150, adversarial=50, adversarial_teacher_forcing=50,
-                            adversarial_no_recycle=50, long_video=15),
-                 lr=1e-3, gan_lr=2e-5, euler_steps=8, worlds=2, seeds=(0, 1), short_clips=20.0),
+                 steps=dict(adapt=5000, distill=300, adversarial=300, adversarial_teacher_forcing=300,
+                            distill_control=-1, long_video=60, adapt_no_recycle=5000, distill_no_recycle=300,
+                            adversarial_no_recycle=300, distill_seed1=300, adversarial_seed1=300),
+                 lr=1e-3, gan_lr=5e-5, euler_steps=8, worlds=16, seeds=(0, 1), seconds=20.0),
 }
+# Where each stage's weights come from (`pipeline.stage_configs`); "match_wall_time": the stage runs
+# as many steps as fit in that stage's measured training time (the compute-matched control).
+_CHAIN = dict(
+    distill=dict(init_from="adapt"),
+    adversarial=dict(init_from="distill", d_init_from="adapt"),
+    adversarial_teacher_forcing=dict(init_from="distill", d_init_from="adapt"),
+    distill_control=dict(init_from="distill", teacher_from="adapt", match_wall_time="adversarial"),
+    long_video=dict(init_from="adversarial", d_init_from="adversarial"),
+    distill_no_recycle=dict(init_from="adapt_no_recycle"),
+    adversarial_no_recycle=dict(init_from="distill_no_recycle", d_init_from="adapt"),
+    distill_seed1=dict(init_from="adapt"),
+    adversarial_seed1=dict(init_from="distill_seed1", d_init_from="adapt"))
+
+
+def ema_decay(steps: int) -> float:
+  """The EMA of a stage of `steps` updates: horizon 1 / (1 - decay) a tenth of them, the longest
+  `gates.ema_allowed` lets a verdict use (none under 100 steps)."""
+  return 0.0 if steps < 100 else 1.0 - 10.0 / steps
 
 
 def _common(c, v, steps, lr):
@@ -119,7 +139,7 @@ def _common(c, v, steps, lr):
   c.eval.sample_steps = v["euler_steps"]
   c.eval.sample_shift = flow_shift(TOKENS_PER_FRAME)
   c.eval.guidance = 1.0
-  c.ema_decay = 0.0 if v["layers"] == 1 else 0.99
+  c.ema_decay = ema_decay(c.num_steps) if v["layers"] > 1 else 0.0
   return c
 
 
@@ -134,55 +154,68 @@ def get_config(arg: str = "short"):
   c.world = WORLD
   c.world_options = ml_collections.ConfigDict()
   c.height = c.width = PIXELS
-  c.order = tuple(name for name in ORDER if v["steps"][name] > 0)
+  steps = {name: int(v["steps"].get(name, 0)) for name in _STAGE_STEPS}
+  c.order = tuple(name for name in _STAGE_STEPS if steps[name])
 
   s = ml_collections.ConfigDict()
-  s.adapt = _common(diffusion.adapt_config("small"), v, v["steps"]["adapt"], v["lr"])
-  s.adapt.caption_dropout = 0.0  # the baseline samples without guidance here
-  # Cosine decay to 1% (docs/testbed_full/stage1_attempts.md: at a constant 1e-3 the loss sat at
-  # ~0.06 from step 1000 to 2000 while the t = 1 prediction was 7 dB under warp-last).
-  s.adapt.optimizer.schedule = "cosine"
-  s.adapt.optimizer.end_factor = 0.01
-  s.distill = _common(diffusion.distill_config("small"), v, v["steps"]["distill"], v["lr"] / 3)
-  s.distill.distill.shift = flow_shift(TOKENS_PER_FRAME)  # the 32-step schedule of the consistency targets
+  for name in ("adapt", "adapt_no_recycle"):
+    a = _common(diffusion.adapt_config("small"), v, steps[name], v["lr"])
+    a.caption_dropout = 0.0  # the baseline samples without guidance here
+    # Cosine decay to 1% (docs/testbed_full/stage1_attempts.md: at a constant 1e-3 the loss sat at
+    # ~0.06 from step 1000 to 2000 while the t = 1 prediction was 7 dB under warp-last).
+    a.optimizer.schedule = "cosine"
+    a.optimizer.end_factor = 0.01
+    a.recycle = name == "adapt"
+    s[name] = a
+  for name in ("distill", "distill_control", "distill_no_recycle", "distill_seed1"):
+    d = _common(diffusion.distill_config("small"), v, max(steps[name], 1), v["lr"] / 3)
+    d.distill.shift = flow_shift(TOKENS_PER_FRAME)  # the 32-step schedule of the consistency targets
+    d.recycle = name != "distill_no_recycle"
+    d.seed = 1 if name.endswith("seed1") else 0
+    s[name] = d
   for name, extra in (("adversarial", ""), ("adversarial_teacher_forcing", ",variant=teacher_forcing"),
-                      ("adversarial_no_recycle", ",recycle=0")):
-    g = _common(adversarial.adversarial_config("small" + extra), v, v["steps"][name], v["gan_lr"])
+                      ("adversarial_no_recycle", ",recycle=0"), ("adversarial_seed1", "")):
+    g = _common(adversarial.adversarial_config("small" + extra), v, steps[name], v["gan_lr"])
     g.optimizer.learning_rate = g.d_optimizer.learning_rate = v["gan_lr"]
     g.optimizer.warmup_steps = 0
+    g.seed = 1 if name.endswith("seed1") else 0
     s[name] = g
   seg, overlap, num = v["segments"]
   lv = _common(adversarial.long_video_config(f"small,segment_frames={seg},overlap_frames={overlap},num_segments={num}"),
-               v, v["steps"]["long_video"], v["gan_lr"])
+               v, steps["long_video"], v["gan_lr"])
   lv.optimizer.learning_rate = lv.d_optimizer.learning_rate = v["gan_lr"]
   lv.optimizer.warmup_steps = 0
   lv.data.frames = 1 + 4 * seg * num
   lv.adversarial.d_init_key = "d_params"  # continue stage 3's discriminator
   s.long_video = lv
+  # Each stage starts from the weights its source's verdict would use (`gates.weights_key`).
+  for name, links in _CHAIN.items():
+    source = s[links["init_from"]]
+    s[name].init_from_key = gates.weights_key(source.ema_decay, source.num_steps)
   c.stages = s
-
-  c.chain = ml_collections.ConfigDict(dict(
-      distill=dict(init_from="adapt"),
-      adversarial=dict(init_from="distill", d_init_from="adapt"),
-      adversarial_teacher_forcing=dict(init_from="distill", d_init_from="adapt"),
-      adversarial_no_recycle=dict(init_from="distill", d_init_from="adapt"),
-      long_video=dict(init_from="adversarial", d_init_from="adversarial")))
+  c.chain = ml_collections.ConfigDict({name: links for name, links in _CHAIN.items() if name in c.order})
 
   e = ml_collections.ConfigDict()
   e.enabled = True
   e.kind = "testbed"
   e.num_worlds = v["worlds"]
   e.noise_seeds = v["seeds"]
-  e.short_clips = v["short_clips"]   # rollout length in short training clips (claim (d): >= 20)
+  e.seconds = v["seconds"]
+  e.eval_sets = ("in_distribution",)   # the unseen palettes never occur in training captions
   e.fps = 24
-  e.models = ml_collections.ConfigDict({
-      "diffusion": dict(workdir="adapt", num_steps=v["euler_steps"], shift=flow_shift(TOKENS_PER_FRAME),
-                        cache_from="matched"),
-      "distilled": dict(workdir="distill"),
-      "aapt": dict(workdir="long_video"),
-      "aapt_short": dict(workdir="adversarial"),
-      "teacher_forcing": dict(workdir="adversarial_teacher_forcing"),
-      "no_recycle": dict(workdir="adversarial_no_recycle", recycle=False),
-  })
+  labels = {"diffusion": "adapt", "distilled": "distill", "aapt": "long_video", "aapt_short": "adversarial",
+            "teacher_forcing": "adversarial_teacher_forcing", "control": "distill_control",
+            "no_recycle": "adversarial_no_recycle", "distilled_seed1": "distill_seed1",
+            "aapt_short_seed1": "adversarial_seed1"}
+  models = {}
+  for label, stage in labels.items():
+    sc = s[stage]
+    spec = dict(workdir=stage, key=gates.weights_key(sc.ema_decay, sc.num_steps))
+    if label == "diffusion":
+      spec.update(num_steps=v["euler_steps"], shift=flow_shift(TOKENS_PER_FRAME), cache_from="matched")
+    if label == "no_recycle":
+      spec.update(recycle=False)
+    models[label] = spec
+  e.models = ml_collections.ConfigDict(models)
   c.evaluation = e
   return c

@@ -53,7 +53,7 @@ def ema_allowed(decay: float, updates: int) -> bool:
   """May a stage of `updates` optimiser updates be scored on its EMA of `decay`?"""
   if not decay:
     return False
-  return 1.0 / (1.0 - float(decay)) <= EMA_MAX_FRACTION * int(updates)
+  return 1.0 / (1.0 - float(decay)) <= EMA_MAX_FRACTION * int(updates) * (1 + 1e-9)
 
 
 def weights_key(decay: float, updates: int) -> str:

@@ -507,11 +507,13 @@ def write_drift_plot(out_dir: str, set_name: str, summaries: Mapping, config: Te
               label=f"{name} (seed {seed})")
       if j == 0:
         ax.plot(centre(s), s["bins"]["psnr_recent"], "-", lw=0.7, color=f"C{i % 10}", alpha=0.35)
-  for style, kind in (("--", "copy_last"), (":", "frozen_first")):
+  for style, kind in (("--", "warp_last"), ("-.", "one_step_back"), (":", "frozen_first"), ("--", "copy_last")):
+    if kind not in summaries["references"]:
+      continue
     s = summaries["references"][kind]
     ax.plot(centre(s), s["bins"]["psnr_known"], style, color="k", lw=1.2, label=f"{kind} (reference)")
-  ax.axhline(drift.GOOD_PSNR, color="r", ls=":", lw=1,
-             label=f"good horizon threshold {drift.GOOD_PSNR:g} dB")
+  threshold = summaries.get("statistics", {}).get("threshold", {}).get("threshold_db", drift.GOOD_PSNR)
+  ax.axhline(threshold, color="r", ls=":", lw=1, label=f"horizon threshold {threshold:.1f} dB")
   ax.set_xlabel("seconds")
   ax.set_ylabel("psnr_known (dB)")
   ax.set_title(f"{config.world}, {set_name}: psnr_known (frame 0's region) per {drift.BIN_S:g} s bin; "
