@@ -282,10 +282,9 @@ class AdversarialStage(train.Stage):
       (g_grads,) = pullback(g_frames)
       g_metrics = dict(g_metrics, loss=g_loss)
     else:
-      # The barrier makes G's pass start after D's update, so the peak is the larger of the two.
-      g_params, d_params = jax.lax.optimization_barrier((state["params"], d_params))
+      # G's rollout waits for D's update, so the step's peak is the larger of the two passes.
       g_grads, g_metrics = train.accumulate_gradients(functools.partial(self.g_loss_fn, d_params=d_params),
-                                                      g_params, mb, micro)
+                                                      state["params"], dict(mb, eps=after(mb["eps"], d_params)), micro)
     params, opt_state, g_extra = train.apply_gradients(self.tx, state["params"], state["opt_state"], g_grads)
     return self._finish(state, params, opt_state, d_params, d_opt_state, g_metrics, d_metrics, g_extra, d_extra)
 
@@ -321,6 +320,14 @@ class AdversarialStage(train.Stage):
     fake = self.d_logits(d_params, frames, jnp.concatenate([mb["first"], frames[:, :-1]], 1), *args)
     out["eval_realism_gap"] = gan.realism_gap(real, fake)
     return out
+
+
+def after(x, tree):
+  """`x`, made to depend on `tree` so that XLA computes `tree` first (XLA:CPU drops optimisation
+  barriers before it schedules). Adds 0 x one element of `tree`: exact while that is finite (a
+  non-finite one poisons the step anyway)."""
+  leaf = jax.tree.leaves(tree)[0]
+  return x + jnp.zeros((), x.dtype) * leaf[(0,) * leaf.ndim].astype(x.dtype)
 
 
 def _load_like(fresh, path, key, source):

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from apt2_jax import train
 from apt2_jax.models import kv_cache
 from apt2_jax.stages import common
-from apt2_jax.stages.adversarial import AdversarialStage
+from apt2_jax.stages.adversarial import AdversarialStage, after
 from apt2_jax.train import data as train_data
 
 
@@ -145,8 +145,8 @@ class LongVideoStage(AdversarialStage):
       return loss, (metrics, frames, new_cache)
 
     (g_loss_value, (g_metrics, frames, new_cache)), g_grads = jax.value_and_grad(g_loss, has_aux=True)(params)
-    # D's pass starts after G's gradient is done: G's rollout residuals never live through it.
-    g_grads, frames = jax.lax.optimization_barrier((g_grads, jax.lax.stop_gradient(frames)))
+    # D's pass waits for G's gradient: G's rollout residuals never live through it.
+    frames = after(jax.lax.stop_gradient(frames), g_grads)
     mb = self._d_inputs(seg_in, jnp.concatenate([context, frames], axis=1))
     (d_loss_value, d_metrics), d_grads = jax.value_and_grad(
         lambda d: self.d_loss_fn(d, mb, mask=mask), has_aux=True)(d_params)
