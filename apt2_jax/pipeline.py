@@ -236,7 +236,8 @@ def _evaluate_testbed(config, workdir: str, models: dict, out_dir: str) -> dict:
   long_models = {k: models[k] for k in ("aapt", "aapt_short") if k in models}
   if len(long_models) == 2:
     factor = gates.D_ROLLOUT_S / gates.GATE2_ROLLOUT_S
-    long_tc = dataclasses.replace(tc, seconds=factor * tc.duration(), eval_sets=tc.eval_sets[:1])
+    long_tc = dataclasses.replace(tc, seconds=factor * tc.duration(), eval_sets=tc.eval_sets[:1],
+                                  roles={k: k for k in long_models})
     _log(f"claim (d): {', '.join(long_models)} on {long_tc.duration():.0f} s rollouts")
     long_report = testbed.evaluate_testbed(long_models, long_tc, os.path.join(out_dir, "long"))
     st = long_report["sets"][long_tc.eval_sets[0].name]["statistics"]["models"]

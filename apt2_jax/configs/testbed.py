@@ -79,7 +79,7 @@ _STAGE_STEPS = ("adapt", "distill", "adversarial", "adversarial_teacher_forcing"
 _VARIANTS = {
     "tiny": dict(layers=1, frames=9, segments=(2, 1, 2), batch=4, devices=1, checkpoints=1,
                  steps=dict(adapt=2, distill=2, adversarial=2, adversarial_teacher_forcing=1, distill_control=1,
-                            adversarial_no_recycle=1, long_video=1),
+                            long_video=1),
                  lr=1e-3, gan_lr=1e-4, euler_steps=2, worlds=1, seeds=(0,), seconds=2.0),
     # `make demo`, ~20 min on 2 CPU cores with the install.
     "short": dict(layers=4, frames=37, segments=(10, 2, 3), batch=4,

@@ -96,7 +96,7 @@ class _WorldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         'textures': tfds.features.Text(),
         'trajectory': tfds.features.Text(),
     }
-    if self.WORLD in ('camera', 'panorama'):
+    if self.WORLD in ('camera', 'panorama', 'torus'):
       features['poses'] = tfds.features.Tensor(shape=(t, 13), dtype=np.float32)
     if cfg.encode_fn is not None:
       features['latents'] = tfds.features.Tensor(shape=cfg.latent_shape, dtype=np.float32)
@@ -141,8 +141,13 @@ class Apt2Panorama(_WorldBuilder):
   WORLD = 'panorama'
 
 
+class Apt2Torus(_WorldBuilder):
+  """A view panning over content whose period is the frame (the testbed world)."""
+  WORLD = 'torus'
+
+
 WORLD_BUILDERS = {'camera': Apt2Camera, 'puppet': Apt2Puppet, 'bouncing': Apt2Bouncing,
-                  'panorama': Apt2Panorama}
+                  'panorama': Apt2Panorama, 'torus': Apt2Torus}
 
 
 # =============================================================================================

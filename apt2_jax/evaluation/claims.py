@@ -34,6 +34,9 @@ from typing import Callable, Mapping, Optional
 HOLDS, FAILS, UNMEASURABLE = "holds", "does not hold", "not measurable"
 
 ROLES = {
+    "control": "compute-matched control: the distilled model continued with its own loss for AAPT's wall time",
+    "distilled_seed1": "the distilled model, second training seed",
+    "aapt_short_seed1": "AAPT without long-video training, second training seed",
     "diffusion": "multi-step diffusion baseline (stage 1, Euler sampler)",
     "distilled": "1-NFE consistency-distilled model (stage 2)",
     "aapt": "AAPT: adversarial student forcing with long-video training (stages 3 + 4)",

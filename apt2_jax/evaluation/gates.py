@@ -138,6 +138,10 @@ def claim_d(long_models: Mapping[str, Any]) -> dict:
   return {"verdict": _verdict(ok), "long_video_horizon_s": a, "aapt_short_horizon_s": s}
 
 
+def _pct(x) -> str:
+  return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.0f}%"
+
+
 def _fmt(x, f="{:.2f}") -> str:
   return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f.format(x)
 
@@ -159,14 +163,14 @@ def gates_table(report: Mapping) -> str:
               f"Threshold {_fmt(th['threshold_db'])} dB: midway between the floors (flat colour, frozen frame 0 "
               f"after one latent step; {th['floor_quantile']:g} quantile {_fmt(th['floor_db'])} dB) and warp-frame-0 "
               f"({th['ceiling_quantile']:g} quantile {_fmt(th['ceiling_db'])} dB); check: floors below within one "
-              f"latent step in {100 * chk['floors_fall_within_one_step']:.0f}% of worlds, warp-frame-0 above "
-              f"throughout in {100 * chk['ceilings_stay_above']:.0f}%.", "",
+              f"latent step in {_pct(chk['floors_fall_within_one_step'])} of worlds, warp-frame-0 above "
+              f"throughout in {_pct(chk['ceilings_stay_above'])}.", "",
               f"| model | median horizon s (first crossing) [95% CI] | last crossing s | censored | "
               f"PSNR {st['late_s'][0]:g}-{st['late_s'][1]:g} s [95% CI] |", "|---|---|---|---|---|"]
     ci = lambda c, f="{:.2f}": f"{_fmt(c['median'], f)} [{_fmt(c['lo'], f)}, {_fmt(c['hi'], f)}]"
     for name, m in st["models"].items():
       lines.append(f"| {name} | {ci(m['horizon'], '{:.1f}')} | {ci(m['horizon_last'], '{:.1f}')} | "
-                   f"{100 * m['reached_end']:.0f}% | {ci(m['late_psnr'])} |")
+                   f"{_pct(m['reached_end'])} | {ci(m['late_psnr'])} |")
     for name, m in st["references"].items():
       lines.append(f"| *{name}* | {ci(m['horizon'], '{:.1f}')} | | | {ci(m['late_psnr'])} |")
   return "\n".join(lines)

@@ -90,6 +90,10 @@ def threshold_from_references(floors: Sequence[np.ndarray], ceilings: Sequence[n
     that does not).
   """
   start = 1 + FRAMES_PER_LATENT           # after the first latent step
+  if not len(floors) or not len(ceilings):
+    nan = float("nan")
+    return {"threshold_db": nan, "floor_db": nan, "ceiling_db": nan, "separable": False,
+            "floor_quantile": FLOOR_QUANTILE, "ceiling_quantile": CEILING_QUANTILE}
   floor_vals = np.concatenate([np.asarray(c, np.float64)[start:] for c in floors])
   ceil_vals = np.concatenate([np.asarray(c, np.float64)[1:] for c in ceilings])
   floor = float(np.nanquantile(floor_vals, FLOOR_QUANTILE))
