@@ -49,3 +49,20 @@ def test_periodic_scene(world):
   # Tiled twice, any 64x64 window is a roll of the base image.
   tiled = np.tile(base, (2, 2, 1))
   np.testing.assert_array_equal(tiled[5:69, 17:81], torus.roll(base, (-5, -17)))
+
+
+def test_whitened_codec_loss_is_the_pixel_loss():
+  """`pixels_pca_torus_white`'s weighted latent MSE is `pixels_pca_torus`'s latent MSE: both are the
+  pixel MSE inside the basis' span (orthonormal basis), up to the same constant."""
+  import jax.numpy as jnp
+  from apt2_jax.models import vae as vae_lib
+  from apt2_jax.objectives import flow
+  rms, white = vae_lib.vae_config("pixels_pca_torus"), vae_lib.vae_config("pixels_pca_torus_white")
+  assert vae_lib.latent_loss_weights(rms) is None
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.normal(size=(2, 3, 8, 8, 32)) * np.asarray(white.latents_std), jnp.float32)
+          for _ in range(2))
+  to = lambda z, cfg: vae_lib.normalize_latents(z, cfg)
+  want = flow.mse(to(a, rms), to(b, rms))
+  got = flow.mse(to(a, white), to(b, white), vae_lib.latent_loss_weights(white))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)

@@ -66,20 +66,33 @@ def config_fields() -> dict:
   return dict(codec="space_to_depth", z_dim=Z_DIM, latents_mean=mean, latents_std=std)
 
 
-def pca_config_fields(codec: str = "pca") -> dict:
+def pca_config_fields(codec: str = "pca", whiten: bool = False) -> dict:
   """The VAEConfig fields of the PCA codecs' named sizes.
 
   `pixels_pca` (codec "pca", the panorama's basis): unit-variance latents (each component divided
   by its std over the fitting clips). `pixels_pca_torus` (codec "pca_torus"): one scale for every
   component (their root-mean-square std), so that a latent MSE is the pixel MSE inside the basis'
   span up to a constant: the basis is orthonormal, and a per-component scale would weigh the
-  faint components (fine detail) as much as the main ones."""
+  faint components (fine detail) as much as the main ones. `pixels_pca_torus_white` (`whiten`):
+  unit-variance latents, so the model sees the faint components at the main ones' scale, with
+  per-channel loss weights `std_c^2 / mean(std^2)` (`pixel_loss_weights`): its latent MSE is the
+  same pixel MSE as `pixels_pca_torus`'s."""
   _, _, std = pca_basis(codec)
-  if codec == "pca":
+  if codec == "pca" or whiten:
     scale = tuple(float(v) for v in std)
   else:
     scale = (float(np.sqrt(np.mean(np.square(std)))),) * PCA_RANK
-  return dict(codec=codec, z_dim=PCA_RANK, latents_mean=(0.0,) * PCA_RANK, latents_std=scale)
+  fields = dict(codec=codec, z_dim=PCA_RANK, latents_mean=(0.0,) * PCA_RANK, latents_std=scale)
+  if whiten:
+    fields["loss_weights"] = pixel_loss_weights(std)
+  return fields
+
+
+def pixel_loss_weights(latents_std) -> tuple[float, ...]:
+  """Per-channel weights that turn a latent MSE into the pixel MSE (up to a constant) for an
+  orthonormal linear codec whose channel c is scaled by `latents_std[c]`: `std_c^2 / mean(std^2)`."""
+  var = np.square(np.asarray(latents_std, np.float64))
+  return tuple(float(v) for v in var / var.mean())
 
 
 def check_config(codec: str, z_dim: int) -> None:

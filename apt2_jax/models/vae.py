@@ -71,6 +71,8 @@ class VAEConfig:
       encoder); the slim decoder uses 64 x (1, 2, 4, 8) with 1 (+1) residual blocks per scale.
     latents_mean, latents_std: per-channel statistics; `normalize_latents` maps the posterior mean
       to zero mean, unit variance. None = (0, 1).
+    loss_weights: per-channel weights of the latent MSE losses (`latent_loss_weights`; None: all
+      ones), e.g. `pixel_codec.pixel_loss_weights` for a whitened PCA codec.
     dropout: dropout rate in residual blocks (training only).
     remat: rematerialise residual blocks in the backward pass.
     dtype: computation dtype (parameters stay float32).
@@ -91,6 +93,7 @@ class VAEConfig:
   decoder_num_res_blocks: Optional[int] = None
   latents_mean: Optional[tuple[float, ...]] = None
   latents_std: Optional[tuple[float, ...]] = None
+  loss_weights: Optional[tuple[float, ...]] = None
   dropout: float = 0.0
   remat: bool = False
   dtype: Any = jnp.float32
@@ -160,6 +163,8 @@ def vae_config(size: str, **overrides) -> VAEConfig:
       "pixels_pca": pixel_codec.pca_config_fields(),
       # The torus world's PCA codec (one scale for all components: per-pixel loss weights).
       "pixels_pca_torus": pixel_codec.pca_config_fields("pca_torus"),
+      # The same basis with unit-variance latents and per-pixel loss weights.
+      "pixels_pca_torus_white": pixel_codec.pca_config_fields("pca_torus", whiten=True),
   }
   if size not in sizes:
     raise ValueError(f"Unknown VAE size {size!r}; choose from {sorted(sizes)}")
@@ -348,6 +353,15 @@ def normalize_latents(z: Array, config: VAEConfig) -> Array:
   """Posterior latents -> the DiT's latent space: `(z - mean) / std` per channel."""
   mean, std = _latent_stats(config, z.dtype)
   return (z - mean) / std
+
+
+def latent_loss_weights(config: Optional[VAEConfig]) -> Optional[Array]:
+  """`config.loss_weights` as float32 `[z_dim]` (the last axis of the latents), or None (ones)."""
+  if config is None or not config.loss_weights:
+    return None
+  if len(config.loss_weights) != config.z_dim:
+    raise ValueError(f"VAEConfig.loss_weights has {len(config.loss_weights)} values, z_dim={config.z_dim}")
+  return jnp.asarray(config.loss_weights, jnp.float32)
 
 
 def denormalize_latents(z: Array, config: VAEConfig) -> Array:

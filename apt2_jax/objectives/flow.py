@@ -68,9 +68,12 @@ def teacher_forcing_inputs(latents, controls=None, recycle: bool = True):
   return recycled, latents[:, 1:], None if controls is None else controls[:, 1:]
 
 
-def mse(a, b):
-  """Mean squared error over everything but the batch: `[B]`."""
+def mse(a, b, weights=None):
+  """Mean squared error over everything but the batch: `[B]`. `weights`: per-channel weights of
+  the last axis (`vae.latent_loss_weights`), None for ones."""
   d = jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32))
+  if weights is not None:
+    d = d * weights
   return jnp.mean(d.reshape(d.shape[0], -1), axis=-1)
 
 

@@ -77,6 +77,11 @@ class LatentInputs:
   def frozen(self):
     return {"vae": self.vae_params} if self.vae is not None else {}
 
+  @property
+  def loss_weights(self):
+    """Per-channel weights of the latent MSE losses (`vae.latent_loss_weights`), or None."""
+    return vae_lib.latent_loss_weights(self.vae.config if self.vae is not None else None)
+
   def encode(self, frozen, video):
     """Video `[B, T, H, W, 3]` (uint8, or float in [-1, 1]) -> normalised latents (the VAE mean)."""
     video = video.astype(jnp.float32) / 127.5 - 1.0 if video.dtype == jnp.uint8 else video.astype(jnp.float32)

@@ -91,7 +91,7 @@ class DiffusionStage(train.Stage):
     v = self.model.apply({"params": params}, xt, mb.get("recycled"), mb.get("control"), mb["t"], mb["text"],
                          mode=self.mode)
     w = flow.loss_weight(mb["t"], float(self.config.flow.get("weight_t", 0.0)))
-    return jnp.mean(w * flow.mse(v, flow.velocity_target(mb["x0"], mb["eps"]))), {}
+    return jnp.mean(w * flow.mse(v, flow.velocity_target(mb["x0"], mb["eps"]), self.inputs.loss_weights)), {}
 
   def train_step(self, state, frozen, batch, rng):
     mb = self.draw(frozen, batch, rng)

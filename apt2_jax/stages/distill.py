@@ -74,7 +74,7 @@ class DistillStage(DiffusionStage):
     f = consistency.consistency_fn(mb["xt"], mb["t"], apply(mb["xt"], mb["t"]))
     target = jax.lax.stop_gradient(
         consistency.consistency_fn(mb["xt_next"], mb["t_next"], apply(mb["xt_next"], mb["t_next"])))
-    return jnp.mean(flow.mse(f, target)), {}
+    return jnp.mean(flow.mse(f, target, self.inputs.loss_weights)), {}
 
   # ---------------------------------------------------------------------------------------------
   def _eval_fn(self, params, frozen, batch):
