@@ -7,6 +7,7 @@ folder is (`model_index.json`, `transformer/` in two shards with an index, `vae/
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -91,6 +92,16 @@ def videos(tmp_path_factory):
     _write_video(folder / f"{name}.mp4", frames)
     (folder / f"{name}.txt").write_text(CAPTIONS[name])
   _write_video(folder / "silent.mp4", np.full((13, 40, 48, 3), 128, np.uint8))
+  return folder
+
+
+def _fresh_copy(videos, folder):
+  """The videos and captions alone in a test's own folder: another test's caption sidecars
+  (`embed_captions` writes them next to the videos) must not be counted as already embedded."""
+  folder.mkdir()
+  for path in videos.iterdir():
+    if path.suffix in (".mp4", ".txt"):
+      shutil.copy(path, folder / path.name)
   return folder
 
 
@@ -220,8 +231,7 @@ def test_embed_captions_build_and_read_every_stage(wan, videos, tmp_path):
   from apt2_jax.tools import embed_captions
   from apt2_jax.train import data as train_data
   root, _ = wan
-  folder = tmp_path / "videos"
-  os.symlink(videos, folder)
+  folder = _fresh_copy(videos, tmp_path / "videos")
   encoder = prompt.TextEncoder(str(root), max_length=TEXT_LEN)
   manifest = embed_captions.embed_folder(str(folder), encoder, batch_size=2, progress=False)
   assert (manifest["embedded"], manifest["uncaptioned"], manifest["shape"]) == (3, 1, [TEXT_LEN, TEXT_DIM])
@@ -271,8 +281,7 @@ def test_finetune_commands_end_to_end(wan, videos, tmp_path):
   Wan init -> stages 2 and 3 one step each -> `sample` writes a video from stage 3 with a text
   prompt through the umT5 encoder."""
   root, _ = wan
-  folder = tmp_path / "videos"
-  os.symlink(videos, folder)
+  folder = _fresh_copy(videos, tmp_path / "videos")
   wan_dir, data, runs = str(root), str(tmp_path / "data"), tmp_path / "runs"
   out = _run(["apt2_jax.tools.embed_captions", f"--text_encoder={wan_dir}", f"--folder={folder}",
               f"--max_length={TEXT_LEN}"], ROOT)
