@@ -93,13 +93,14 @@ def test_aot_tiny_compiles_stream_and_train_without_running(devices):
   assert row["bytes_per_device"] > row["kv_cache_bytes"] // 8 > 0
   assert row["flops_per_step"] > 0 and row["fits_80gb"] is True
   assert row["projected_h100_s"] == pytest.approx(row["flops_per_step"] / (989e12 * 8 * 0.5))
-  # The rows compile (and name) what GPUs run by default, not the CPU kernels auto would pick here.
-  assert "dot_product_attention (xla)" in row["attention"]
+  # The rows compile (and name) the chunked kernels, not the dense ones auto would pick here.
+  assert row["attention"].startswith("cached step: heads-major einsums")
   train = dict(kind="stage1", devices=8, height=64, width=64, window=3, batch=4, frames=3,
                mesh=dict(data=1, fsdp=4, tensor=1, sequence=2))
   row = benchmark.aot_case("tiny_stage1", train, size="tiny")
   assert row["bytes_per_device"] > 0 and row["frames"] == 3 and row["param_dtype"] == "float32"
-  assert row["attention"].startswith("gathered block-causal")
+  assert row["attention"].startswith("block-causal: chunked online softmax (3 query x 2 key frames")
+  assert "cross-attention: chunked" in row["attention"]
   assert "tiny_stage1" in benchmark.aot_table([row])
 
 

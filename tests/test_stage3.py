@@ -105,6 +105,14 @@ def test_teacher_forcing_variant_recycles_real_frames():
     _build(_config("tiny,variant=half_forcing"), jax.devices()[:1])
 
 
+def test_memory_options_fail_at_start_naming_the_field():
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1])
+  for arg, field in (("tiny,rollout_backward=reverse", "adversarial.rollout_backward='reverse'"),
+                     ("tiny,g_pass=later", "adversarial.g_pass='later'")):
+    with pytest.raises(ValueError, match=field):
+      registry.make_stage(_config(arg), mesh)
+
+
 def test_teacher_forcing_discriminator_judges_fakes_in_the_real_context():
   """Teacher forcing: D judges generated frame i with the REAL frames < i as its context (as G made
   it): equal to a brute-force block-causal pass per frame over the real clip with block i

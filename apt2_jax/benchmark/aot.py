@@ -52,25 +52,44 @@ AOT_CASES = {
 }
 
 
-# The attention every case compiles: what GPUs run by default, the XLA path of
-# `jax.nn.dot_product_attention` (the gathered block-causal kernel for the whole-clip passes). Left
-# on auto, XLA:CPU would pick the CPU kernels (`attention.step_implementation`), and stage 1's
-# 30-frame clip the dense block-causal kernel, whose [heads, queries, keys] logits no GPU run
-# materialises. cuDNN flash attention cannot be compiled for CPU devices, so no row assumes it.
-AOT_ATTENTION = "xla"
+# The attention every case compiles: the chunked online-softmax kernels for the whole-clip passes
+# and the cross-attention (`attention.block_causal_kernel`, `cross_kernel`: "chunked"), the memory
+# a flash kernel needs (no [tokens x tokens] logits kept by either pass). cuDNN flash attention, the
+# GPUs' default for bf16 where the queries are not sequence-sharded, cannot be compiled for CPU
+# devices; the XLA path of `jax.nn.dot_product_attention` ("xla") materialises each query chunk's
+# logits and probabilities (stage 1 at apt2_8b on 8 devices: 128.7 GB with it). The cached steps
+# of the rollouts and the stream take the CPU's einsum kernel (`attention.step_implementation`).
+AOT_ATTENTION = "chunked"
+
+_KERNEL_WORDS = {
+    "chunked": "chunked online softmax ({cq} query x {ck} key frames per chunk, per-chunk remat; "
+               "no logits kept: a flash kernel's memory)",
+    "gathered": "gathered per query frame, jax.nn.dot_product_attention (xla), materialised logits",
+    "cudnn": "gathered per query frame, cuDNN flash attention",
+    "dense": "dense heads-major einsums over the clip ([heads, queries, keys] logits)",
+    "xla": "jax.nn.dot_product_attention (xla) per frame, materialised logits",
+}
 
 
-def attention_description(implementation, kind: str, frames: int, window: int) -> str:
-  """What a row's attention is, in words (`AOT_ATTENTION` resolved as the model resolves it)."""
+def attention_description(model_config, kind: str, frames: int, tokens_per_frame: int, text_len: int) -> str:
+  """What a row's attention is, in words: the kernels `model_config` resolves to at this shape
+  (`attention.block_causal_kernel`, `cross_kernel`, `step_implementation`) outside a mesh."""
+  import jax.numpy as jnp
   from apt2_jax.models import attention
-  impl = attention.step_implementation(implementation)
+  mc = model_config
+  impl, p, f, dtype, head_dim = mc.attention_impl, tokens_per_frame, frames, jnp.dtype(mc.dtype), mc.dim // mc.num_heads
+  step = attention.step_implementation(impl)
+  cached = ("heads-major einsums over the KV cache (the CPU kernel)" if step == "einsum" else
+            f"jax.nn.dot_product_attention ({step or 'xla'}) over the KV cache")
   if kind == "stream":
-    return ("heads-major einsum over the KV cache (the CPU kernel)" if impl == "einsum" else
-            f"jax.nn.dot_product_attention ({impl or 'xla'}) over the KV cache")
-  if attention.use_dense_block_causal(frames, window, implementation):
-    return "dense block-causal einsums (the CPU kernel; [heads, queries, keys] logits)"
-  return (f"gathered block-causal: jax.nn.dot_product_attention ({impl or 'xla'}) per frame over "
-          f"the sink + {window} + 1 frames, materialised logits (no flash attention)")
+    return f"cached step: {cached}"
+  cq = attention._frames_per_chunk(mc.query_chunk, p, f)  # pylint: disable=protected-access
+  ck = attention._frames_per_chunk(mc.key_chunk, p, max(1, min(mc.window + cq, f - 1)))  # pylint: disable=protected-access
+  words = lambda kernel: _KERNEL_WORDS[kernel].format(cq=cq, ck=ck)
+  self_kernel = attention.block_causal_kernel(f, mc.window, impl, p, dtype, head_dim)
+  cross = attention.cross_kernel(f * p, text_len, impl, dtype, head_dim)
+  text = f"block-causal: {words(self_kernel)}; cross-attention: {words(cross)}"
+  return text + (f"; rollout steps: {cached}" if kind != "stage1" else "")
 
 
 def aot_config(case: dict, size: str = "apt2_8b", **model_overrides):
@@ -110,7 +129,7 @@ def aot_case(name: str, case: dict, *, size: str = "apt2_8b", mfu: float = 0.4, 
              resolution=f"{config.width}x{config.height}", latent=f"{w}x{h}", tokens_per_frame=s.tokens,
              window=mc.window, params=count_params(mc), dtype=mc.dtype, param_dtype=mc.param_dtype,
              remat=mc.remat_policy,
-             attention=attention_description(mc.attention_impl, case["kind"], case.get("frames", 1), mc.window))
+             attention=attention_description(mc, case["kind"], case.get("frames", 1), s.tokens, config.text_len))
   t0 = time.perf_counter()
   with s.use_mesh():
     if case["kind"] == "stream":
@@ -177,5 +196,5 @@ def aot_result(names=None, mfu: float = 0.4, subprocesses: bool = True) -> dict:
               paper_step_s=PAPER_STEP_S, wall_s=time.perf_counter() - t0,
               xla_flags=os.environ.get("XLA_FLAGS", ""),
               note="Compiled for virtual CPU devices: bytes come from XLA:CPU's memory_analysis "
-                   "with the attention each row names (the XLA path GPUs run by default; no flash "
-                   "attention) and `AOT_XLA_FLAGS`; FLOPs are analytic.")
+                   "with the attention each row names (the chunked online-softmax kernels: the memory "
+                   "of a flash kernel) and `AOT_XLA_FLAGS`; FLOPs are analytic.")

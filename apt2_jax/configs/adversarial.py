@@ -1,6 +1,7 @@
 """Stage 3: adversarial post-training (`adversarial_config`) and long-video training
 (`long_video_config`). The argument is `size[,key=value...]` (`diffusion.parse_arg`): `world=`,
 and the ablations `variant=teacher_forcing`, `recycle=0`, `detach_cache=1`, `loss=non_saturating`;
+the memory options `rollout_backward=scan` and `g_pass=keep` (the paths before the ring-cache VJP);
 long video also `segment_frames=`, `overlap_frames=`, `num_segments=`.
 """
 import ml_collections
@@ -25,7 +26,14 @@ def adversarial_block(extra: dict) -> ml_collections.ConfigDict:
       r1_weight=1000.0, r2_weight=1000.0,               # approximated R1 (real) / R2 (fake)
       sigma=0.1, sigma_is_variance=False,               # perturbation std of the approximation
       d_head_layers=(),                                 # () = the paper's 16/26/36-of-36 scaled
-      rollout_remat="full",                             # remat of the scanned rollout step
+      rollout_remat="full",                             # remat of the scanned step (rollout_backward="scan")
+      # The rollout's backward pass (`RolloutOptions.backward`): "ring", a custom VJP that keeps each
+      # step's evicted ring slot; "scan", autodiff of the scan (one whole cache per step).
+      rollout_backward=extra.get("rollout_backward", "ring"),
+      # G's gradient pass (`stages.adversarial.G_PASSES`): "recompute" rolls out again after D's
+      # update (the step's peak is the larger pass); "keep" pulls back through the first rollout
+      # (one rollout fewer; its residuals live through D's update).
+      g_pass=extra.get("g_pass", "recompute"),
       d_init_from="",                                   # stage-1 workdir for D's backbone
       d_init_key="ema_params"))                         # or "d_params": a stage-3 D as a whole
 

@@ -40,20 +40,28 @@ _MODEL_SIZES = {
                   freq_dim=256, window=8, caption_vocab_size=128, caption_dim=128, caption_layers=2),
     # Wan2.1 T2V 1.3B: text from precomputed 4096-d umT5 embeddings. N = 30 latent frames (5 s).
     "wan_1_3b": dict(latent_channels=16, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30,
-                     text_dim=4096, freq_dim=256, window=30, caption_vocab_size=0),
+                     text_dim=4096, freq_dim=256, window=30, caption_vocab_size=0, key_chunk=1),
     # The paper's 8B: 36 blocks; width 3584 with 28 heads of 128 channels.
     "apt2_8b": dict(latent_channels=16, dim=3584, ffn_dim=16384, num_heads=28, num_layers=36,
                     text_dim=4096, freq_dim=256, window=30, caption_vocab_size=0, dtype="bfloat16",
-                    remat_policy="full"),
+                    remat_policy="full", key_chunk=1),
 }
 
 
 def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
-  """The `config.model` block for a size; fields are those of `apt2_jax.models.DiTConfig`."""
+  """The `config.model` block for a size; fields are those of `apt2_jax.models.DiTConfig`.
+
+  `key_chunk` (key frames per chunk of the chunked attention kernels, `models/attention.py`): 0 at
+  the small sizes, whose frames of 4-256 tokens take `CHUNK_TOKENS` (1024) keys per chunk (where
+  the chunked kernel runs at all: their clips mostly take the dense or gathered ones); one latent
+  frame at `wan_1_3b` and `apt2_8b`, 1196-3600 keys at 736x416-1280x720, at any resolution: one
+  chunk's float32 logits are heads x (frame tokens / sequence) x frame tokens (20 MB per device at
+  `apt2_8b`, 736x416, 8-way context parallelism), and the backward pass keeps one chunk's.
+  """
   if size not in _MODEL_SIZES:
     raise ValueError(f"unknown model size {size!r}; choose one of {SIZES}")
   d = dict(control_channels=0, recycled_channels=True, patch_size=(1, 2, 2), eps=1e-6, rope_theta=10000.0, dtype="float32",
-           param_dtype="float32", remat_policy="none", attention_impl=None, query_chunk=0, scan_unroll=1,
+           param_dtype="float32", remat_policy="none", attention_impl=None, query_chunk=0, key_chunk=0, scan_unroll=1,
            caption_dim=128, caption_layers=2, caption_max_len=32)
   d.update(_MODEL_SIZES[size])
   d.update(overrides)

@@ -37,6 +37,7 @@ from apt2_jax.models import dit
 from apt2_jax.models.conditioning import TimeTextEmbedder
 from apt2_jax.models.discriminator import Discriminator, init_discriminator_params, noise_judged
 from apt2_jax.objectives import gan
+from apt2_jax import rollout as rollout_lib
 from apt2_jax.rollout import RolloutOptions, rollout
 from apt2_jax.stages import common
 from apt2_jax.train import data as train_data
@@ -74,12 +75,14 @@ class AdversarialStage(train.Stage):
     self.tx = train.make_optimizer(config.optimizer, config.num_steps)
     self.d_tx = train.make_optimizer(config.d_optimizer, config.num_steps)
     self.ema_decay = float(config.get("ema_decay", 0.0))
-    self.options = RolloutOptions(detach_recycled=bool(a.detach_recycled), detach_cache=bool(a.detach_cache),
-                                  recycle=bool(a.recycle), remat=a.rollout_remat,
-                                  backward=a.get("rollout_backward", "ring"))
+    backward = a.get("rollout_backward", "ring")
+    if backward not in rollout_lib.BACKWARDS:
+      raise ValueError(f"config.adversarial.rollout_backward={backward!r} is not one of {rollout_lib.BACKWARDS}")
     self.g_pass = a.get("g_pass", "recompute")
     if self.g_pass not in G_PASSES:
       raise ValueError(f"config.adversarial.g_pass={self.g_pass!r} is not one of {G_PASSES}")
+    self.options = RolloutOptions(detach_recycled=bool(a.detach_recycled), detach_cache=bool(a.detach_cache),
+                                  recycle=bool(a.recycle), remat=a.rollout_remat, backward=backward)
     self.sigma = gan.perturbation_std(a.sigma, bool(a.get("sigma_is_variance", False)))
     self._eval = None
 
