@@ -57,8 +57,8 @@ from apt2_jax.evaluation.references import (REFERENCE_SECONDS, frozen_frame_curv
 from apt2_jax.evaluation.report import (DEFINITIONS, LATENT_CURVES, RELATIVE_HORIZON_DB, SUMMARY_WINDOW_S,
                                         _jsonable, good_horizon, summarize, summary_table)
 from apt2_jax.evaluation.run import evaluate_models
-from apt2_jax.evaluation.sampler import (FRAMES_PER_LATENT, ModelSpec, Sampler, chunk_controls,
-                                         model_spec_from_workdir)
+from apt2_jax.evaluation.models import (FRAMES_PER_LATENT, ModelSpec, ModelStream, chunk_controls,
+                                        model_spec_from_workdir)
 from apt2_jax.evaluation.claims import CLAIMS, ROLES, claims_table, evaluate_claims
 from apt2_jax.evaluation.learning import stage1_learning_check, teacher_forced_check
 from apt2_jax.evaluation.testbed import (IN_DISTRIBUTION, UNSEEN_APPEARANCE, EvalSet, TestbedConfig,

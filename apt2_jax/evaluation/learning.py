@@ -116,10 +116,10 @@ def rollout_check(spec, config, chunk_frames: int = 8) -> dict:
   """`motion_ratio` (overall, bursts) of a `ModelSpec` streamed on the in-distribution worlds of a
   `testbed.TestbedConfig` (its first noise seed), and the oracle's."""
   from apt2_jax.evaluation import testbed
-  from apt2_jax.evaluation.sampler import Sampler
+  from apt2_jax.evaluation.models import ModelStream
   env = testbed.make_env(config, testbed.IN_DISTRIBUTION)
   steps = config.latent_steps()
-  sampler = Sampler(spec, config.height, config.width, chunk_frames)
+  sampler = ModelStream(spec, config.height, config.width, chunk_frames)
   window = spec.dit_config.window
   curves, oracle_curves, commanded = [], [], []
   for tw in testbed.eval_worlds(env, testbed.IN_DISTRIBUTION, config.num_worlds, 1 + 4 * steps, config.fps):
@@ -185,7 +185,7 @@ def stage1_learning_check(workdir: str, world_config: Optional[Mapping[str, Any]
   from apt2_jax import checkpointing
   from apt2_jax import generation
   from apt2_jax.evaluation import testbed
-  from apt2_jax.evaluation.sampler import ModelSpec
+  from apt2_jax.evaluation.models import ModelSpec
   gen = generation.load(workdir, vae=vae)
   cfg = checkpointing.load_config(workdir)
   data, ev = cfg.get("data") or {}, cfg.get("eval") or {}

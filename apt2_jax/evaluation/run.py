@@ -38,7 +38,7 @@ from apt2_jax.evaluation.metrics import (PSNR_CAP, figure_metrics, masked_mean_s
                                          psnr, ssim_map)
 from apt2_jax.evaluation.oracle import (EVAL_SPLITS, TestWorld, eval_worlds, render_oracle, training_motion,
                                         visible_mask, world_background)
-from apt2_jax.evaluation.sampler import FRAMES_PER_LATENT, ModelSpec, Sampler
+from apt2_jax.evaluation.models import FRAMES_PER_LATENT, ModelSpec, ModelStream
 
 CURVES = ("psnr", "ssim", "psnr_visible", "ssim_visible", "visible_fraction")
 FIGURE_CURVES = ("figure_psnr", "figure_iou", "figure_centroid_error_px")
@@ -142,7 +142,7 @@ def _noise_seed(seed: int, world_seed: int) -> int:
   return int(np.random.SeedSequence([seed, world_seed]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def _evaluate_model(run: _Run, name: str, sampler: Sampler, tw: TestWorld, target: _Target,
+def _evaluate_model(run: _Run, name: str, sampler: ModelStream, tw: TestWorld, target: _Target,
                     noise_seed: int) -> tuple[dict, Optional[np.ndarray]]:
   """Streams one model on one world: (the world's report entry, its first GIF frames or None)."""
   stem = os.path.join(run.video_dir, f"{name}_world{tw.index}") if run.video_dir else None
@@ -168,7 +168,7 @@ def _evaluate_model(run: _Run, name: str, sampler: Sampler, tw: TestWorld, targe
   return entry, kept
 
 
-def _evaluate_world(run: _Run, tw: TestWorld, models: Mapping[str, ModelSpec], samplers: Mapping[str, Sampler],
+def _evaluate_world(run: _Run, tw: TestWorld, models: Mapping[str, ModelSpec], samplers: Mapping[str, ModelStream],
                     results: dict, references: dict, scratch: str, video_dir: Optional[str]):
   """One world: the oracle, the references, every model; appends to `results` and `references`;
   writes the world's all-models GIF under `video_dir`."""
@@ -354,7 +354,7 @@ def evaluate_models(models: Mapping[str, ModelSpec], *, world: str = "camera", n
     raise ValueError(f"eval_sets={eval_sets}: expected names from {tuple(EVAL_SPLITS)}")
   run = _setup(models, world, seconds, fps, height, width, out_dir, seed, progress, gif_seconds,
                write_videos, world_config, chunk_frames)
-  samplers = {name: Sampler(spec, run.height, run.width, chunk_frames) for name, spec in models.items()}
+  samplers = {name: ModelStream(spec, run.height, run.width, chunk_frames) for name, spec in models.items()}
   config = {"world": world, "num_worlds": num_worlds, "seconds": run.durations, "fps": fps,
             "height": run.height, "width": run.width, "seed": seed, "latent_frames": run.latent_steps + 1,
             "video_frames": run.num_frames, "chunk_frames": chunk_frames, "good_psnr": good_psnr,

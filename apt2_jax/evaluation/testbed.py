@@ -25,7 +25,7 @@ commanded motion (|image shift| at the centre from frame 4j-4 to 4j, median / 95
 the tethered types is training's: wander 5.8 / 10.0 px vs training clips 5.9 / 10.5, bursty 8.0 /
 29.4 vs 7.8 / 27.7 (`tests/test_testbed_metrics.py`; `panorama`'s docstring has the turn rates).
 
-Each model streams each world through `Sampler` (`apt2_jax.generation.stream`, the one path from
+Each model streams each world through `ModelStream` (`apt2_jax.generation.stream`, the one path from
 weights to frames) from the oracle's frame 0, once per noise seed (`noise_seeds`, paired across
 models); every frame is decoded by the model's codec and scored by `drift.frame_metrics` against
 the oracle: `psnr_known` on frame 0's region (`known_mask`; the primary metric: good horizon, late
@@ -75,7 +75,7 @@ from apt2_jax.evaluation import gates
 from apt2_jax.evaluation import horizon as horizon_lib
 from apt2_jax.evaluation.oracle import TestWorld, long_controls, render_oracle
 from apt2_jax.evaluation.report import _jsonable
-from apt2_jax.evaluation.sampler import FRAMES_PER_LATENT, ModelSpec, Sampler
+from apt2_jax.evaluation.models import FRAMES_PER_LATENT, ModelSpec, ModelStream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +299,7 @@ def reference_curves(target: Target, window: int, roundtrip: Optional[Callable] 
   return out
 
 
-def stream_world(sampler: Sampler, target: Target, tw: TestWorld, noise_seed: int, latent_steps: int,
+def stream_world(sampler: ModelStream, target: Target, tw: TestWorld, noise_seed: int, latent_steps: int,
                  keep_every: int = 0) -> tuple[dict, Optional[np.ndarray]]:
   """One model's rollout of one world from the oracle's frame 0: (its `frame_metrics` curves, the
   generated frames t with t % keep_every == 0, or None when keep_every is 0)."""
@@ -430,7 +430,7 @@ def evaluate_testbed(models: Mapping[str, ModelSpec], config: TestbedConfig, out
   _check(models, config)
   os.makedirs(out_dir, exist_ok=True)
   ref_window = int(config.window or next(iter(models.values())).dit_config.window)
-  samplers = {n: Sampler(spec, config.height, config.width, config.chunk_frames) for n, spec in models.items()}
+  samplers = {n: ModelStream(spec, config.height, config.width, config.chunk_frames) for n, spec in models.items()}
   sets, gifs = {}, {}
   roundtrip = codec_roundtrip(next(iter(models.values())).generator)  # one codec (`_check`)
   for i, eval_set in enumerate(config.eval_sets):

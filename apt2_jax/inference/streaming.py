@@ -135,6 +135,55 @@ class StreamingGenerator:
     self.frames_generated += FRAMES_PER_STEP
     return frames
 
+  def generate(self, controls=None, length: Optional[int] = None):
+    """Generates the next `length` latent frames in one compiled call: float32 device array
+    `[B, L, h, w, C]` (decode them with `decode`).
+
+    The same frames as `length` calls of `step` (`generation.stream.chunk`: one `lax.scan` of the
+    stream step, with the same noise, KV cache and cache-index rebase). `controls`: raw
+    per-video-frame controls, float32 `[B, L, 4, D]` or `[L, 4, D]` (every stream alike), already
+    valid (a world's or a controls file's; `step` validates a user's); None for a model without
+    control. `length` defaults to the controls' L. The evaluation streams this way (chunks of
+    latent frames), so it measures what users stream.
+    """
+    if self._state is None:
+      raise RuntimeError("call start(first_frame, ...) before generate()")
+    raw = None
+    if controls is None and self.dit_config.control_channels:
+      raise ValueError(f"a {self.control_type!r} model needs controls [B, L, {FRAMES_PER_STEP}, "
+                       f"{self.generator.control_dim}]")
+    if controls is not None and self.control_type != "none":
+      raw = np.asarray(controls, np.float32)
+      raw = np.broadcast_to(raw, (self.batch,) + raw.shape) if raw.ndim == 3 else raw
+      if raw.ndim != 4 or raw.shape[0] != self.batch or raw.shape[2:] != (FRAMES_PER_STEP, self.generator.control_dim):
+        raise ValueError(f"controls must be [{self.batch}, L, {FRAMES_PER_STEP}, {self.generator.control_dim}], "
+                         f"got {raw.shape}")
+      length = length or raw.shape[1]
+      if raw.shape[1] != length:
+        raise ValueError(f"controls hold {raw.shape[1]} latent frames, length={length}")
+      if self.control_type == "pose":  # a later `step` without control holds the last pose
+        self._controls.last = raw[0, -1].reshape(FRAMES_PER_STEP, -1, 2)
+    if not length:
+      raise ValueError("generate needs length (or controls)")
+    latents, self._state = self._fns.chunk(int(length))(self.params, self._state, self._text_kv,
+                                                        None if raw is None else jnp.asarray(raw))
+    return latents
+
+  def decode(self, latents):
+    """Latent frames `[B, L, h, w, C]` (after frame 0, in order) -> their video frames, uint8 device
+    array `[B, 4 L, H, W, 3]` (the VAE's streaming decoder, one latent frame at a time)."""
+    videos = []
+    for i in range(latents.shape[1]):
+      video, self._decode_cache = self._fns.decode(self.vae_params, self._decode_cache, latents[:, i:i + 1])
+      videos.append(video)
+    self.frames_generated += FRAMES_PER_STEP * latents.shape[1]
+    return videos[0] if len(videos) == 1 else jnp.concatenate(videos, axis=1)
+
+  def steps(self, controls=None, length: Optional[int] = None) -> np.ndarray:
+    """`generate` then `decode`: the next `length` latent frames' video frames, uint8
+    `[B, 4 L, H, W, 3]`."""
+    return np.asarray(self.decode(self.generate(controls, length)))
+
   def control_input(self, control) -> Optional[np.ndarray]:
     """User control -> the raw controls [B, 4, D] the step takes (None without control)."""
     return self._controls(control)
