@@ -177,9 +177,11 @@ def write_examples(config, workdir: str, seconds: float = 4.0) -> dict:
 
 
 def evaluate(config, workdir: str) -> dict:
-  """The evaluation the config names: `evaluation.kind = "testbed"` (the claims on the panorama
-  world, after the stage-1 learning check) or the held-out worlds' drift report (default)."""
+  """The evaluation the config names (`apt2_jax.evaluation.evaluate`, one for every world):
+  `evaluation.kind = "testbed"` adds the stage-1 learning check and claim (d)'s long rollouts; else
+  every model on `durations` (the longest rolled out, the shorter scored on its prefix)."""
   from apt2_jax import evaluation
+  from apt2_jax.evaluation import claims
   ev = config.evaluation
   vae_dir = os.path.join(workdir, "vae") if "vae" in config.order else None
   models = {}
@@ -195,20 +197,22 @@ def evaluate(config, workdir: str) -> dict:
   out_dir = os.path.join(workdir, "report")
   if ev.get("kind", "") == "testbed":
     return _evaluate_testbed(config, workdir, models, out_dir)
-  # One rollout of the longest duration per model and world; shorter durations are summarised on
-  # its prefix (same controls and noise), e.g. 1 and 5 minutes.
-  return evaluation.evaluate_models(
-      models, world=config.world, num_worlds=int(ev.num_worlds), seconds=tuple(float(s) for s in ev.durations),
-      fps=int(ev.fps), height=int(config.height), width=int(config.width), out_dir=out_dir, seed=int(ev.seed))
+  durations = sorted(float(s) for s in ev.durations)
+  ec = evaluation.EvalConfig(
+      roles={label: label for label in models if label in claims.ROLES}, world=config.world,
+      world_config=dict(config.get("world_options", {}) or {}), num_worlds=int(ev.num_worlds),
+      noise_seeds=(int(ev.seed),), seconds=durations[-1], summary_seconds=tuple(durations[:-1]),
+      height=int(config.height), width=int(config.width), fps=float(ev.fps))
+  return evaluation.evaluate(models, ec, out_dir)
 
 
 def _evaluate_testbed(config, workdir: str, models: dict, out_dir: str) -> dict:
-  from apt2_jax.evaluation import learning, testbed
+  from apt2_jax.evaluation import learning, oracle, report, run
   ev = config.evaluation
   adapt = config.stages.adapt
   short_clip_s = (int(adapt.data.frames) - 1) / float(ev.fps)
   seconds = float(ev.seconds) if "seconds" in ev else float(ev.short_clips) * short_clip_s
-  eval_sets = [s for s in (testbed.IN_DISTRIBUTION, testbed.UNSEEN_APPEARANCE)
+  eval_sets = [s for s in (oracle.IN_DISTRIBUTION, oracle.UNSEEN_APPEARANCE)
                if s.name in tuple(ev.get("eval_sets", ("in_distribution", "unseen_appearance")))]
   learning_check = None
   if "diffusion" in models:
@@ -223,14 +227,14 @@ def _evaluate_testbed(config, workdir: str, models: dict, out_dir: str) -> dict:
     learning_check["one_step"] = {
         label: learning.teacher_forced_check(models[label].generator, clips, 1.0)["model_psnr"]
         for label in ("distilled", "aapt_short", "teacher_forcing", "control") if label in models}
-  tc = testbed.TestbedConfig(
+  tc = run.EvalConfig(
       roles={label: label for label in models}, world=config.world,
       world_config=dict(config.get("world_options", {}) or {}), num_worlds=int(ev.num_worlds),
       noise_seeds=tuple(int(s) for s in ev.noise_seeds), seconds=seconds, eval_sets=tuple(eval_sets),
       short_clip_s=short_clip_s, height=int(config.height), width=int(config.width), fps=float(ev.fps))
   _log(f"testbed evaluation: {len(models)} models x {len(tc.eval_sets)} sets x {tc.num_worlds} worlds x "
        f"{len(tc.noise_seeds)} seeds, {tc.duration():.0f} s rollouts")
-  report = testbed.evaluate_testbed(models, tc, out_dir, learning=learning_check)
+  result = run.evaluate(models, tc, out_dir, learning=learning_check)
   # Claim (d): long-video AAPT against AAPT-short on rollouts `long_factor` x as long.
   from apt2_jax.evaluation import gates
   long_models = {k: models[k] for k in ("aapt", "aapt_short") if k in models}
@@ -239,12 +243,12 @@ def _evaluate_testbed(config, workdir: str, models: dict, out_dir: str) -> dict:
     long_tc = dataclasses.replace(tc, seconds=factor * tc.duration(), eval_sets=tc.eval_sets[:1],
                                   roles={k: k for k in long_models})
     _log(f"claim (d): {', '.join(long_models)} on {long_tc.duration():.0f} s rollouts")
-    long_report = testbed.evaluate_testbed(long_models, long_tc, os.path.join(out_dir, "long"))
+    long_report = run.evaluate(long_models, long_tc, os.path.join(out_dir, "long"))
     st = long_report["sets"][long_tc.eval_sets[0].name]["statistics"]["models"]
-    report["claims"]["d"] = gates.claim_d(st)
+    result["claims"]["d"] = gates.claim_d(st)
   else:
-    report["claims"]["d"] = gates.claim_d({})
-  return testbed.write_report(report, out_dir, tc.progress)
+    result["claims"]["d"] = gates.claim_d({})
+  return report.write_report(result, out_dir, tc.progress)
 
 
 # The metrics worth watching per stage family (train/<name> in each stage's metrics.jsonl).

@@ -1,6 +1,6 @@
 """What every command sets up first: the persistent compilation cache and a readable console.
 
-Each command line (`main`, `inference.sample`, `inference.serve`, `export`, `evaluate`,
+Each command line (`main`, `inference.sample`, `inference.serve`, `export`, `evaluation`,
 `benchmark`, `demo`) calls `define_flags()` where it defines its flags and `setup()` at the top of
 its `main`, before anything compiles:
 

@@ -1,6 +1,6 @@
 """The testbed evaluation: drift metrics on known inputs, the commanded motion and the recent and
 known regions against the panorama world's own helpers, the claims logic on hand-made summaries, the stage-1
-learning check's predictors, and a tiny end-to-end `evaluate_testbed` (random tiny DiT, the
+learning check's predictors, and a tiny end-to-end `evaluate` (random tiny DiT, the
 space-to-depth codec, the panorama world)."""
 import json
 import os
@@ -217,16 +217,17 @@ def test_commanded_motion_and_recent_region_match_the_world(panorama):
 
 
 def test_eval_sets_are_disjoint_from_training_and_hold_bursts():
-  from apt2_jax.evaluation import testbed
-  config = testbed.TestbedConfig(num_worlds=4, seconds=2.0)
+  from apt2_jax.evaluation import oracle, run
+  config = run.EvalConfig(num_worlds=4, seconds=2.0)
+  assert [s.name for s in config.eval_sets] == ["in_distribution", "unseen_appearance"]
   seeds = {}
   for eval_set in config.eval_sets:
-    env = testbed.make_env(config, eval_set)
-    tws = testbed.eval_worlds(env, eval_set, 4, 1 + 4 * config.latent_steps())
+    env = config.env(eval_set)
+    tws = oracle.eval_worlds(env, eval_set, 4, config.video_frames())
     seeds[eval_set.name] = [t.seed for t in tws]
     assert [t.trajectory for t in tws] == ["bursty_tethered"] + ["wander_tethered"] * 3
     assert [t.caption for t in tws] == [env.caption(t.seed, t.trajectory.split("_")[0]) for t in tws]
-    untethered = testbed.eval_worlds(env, eval_set, 4, 1 + 4 * config.latent_steps(), tethered=False)
+    untethered = oracle.eval_worlds(env, eval_set, 4, config.video_frames(), tethered=False)
     assert [t.trajectory for t in untethered] == ["bursty", "wander", "wander", "wander"]
     assert all(np.linalg.norm(t.controls[1:, :2], axis=-1).min() > 0 for t in tws)   # never hovers
     assert {env.appearance(s) for s in seeds[eval_set.name]} == {"seen" if eval_set.split == "validation" else "unseen"}
@@ -352,14 +353,14 @@ def test_teacher_forced_check_and_copy_last_predictor(pixel_spec):
 
 def test_evaluate_testbed_end_to_end(pixel_spec, tmp_path):
   import jax
-  from apt2_jax.evaluation import learning, testbed
+  from apt2_jax.evaluation import learning, run
   models = {"aapt": pixel_spec, "diffusion": pixel_spec.with_params(jax.tree.map(lambda x: 0.9 * x, pixel_spec.params))}
-  config = testbed.TestbedConfig(roles={"aapt": "aapt", "diffusion": "diffusion"}, num_worlds=1, noise_seeds=(0, 1),
-                                 seconds=0.5, short_clip_s=0.025, chunk_frames=2, progress=False)
+  config = run.EvalConfig(roles={"aapt": "aapt", "diffusion": "diffusion"}, num_worlds=1, noise_seeds=(0, 1),
+                          seconds=0.5, short_clip_s=0.025, chunk_frames=2, progress=False)
   fake_learning = {"teacher_forced": {"t": 0.5, "model_mse": 1.0, "copy_last_mse": 2.0, "mse_ratio": 0.5,
                                       "model_psnr": 30.0, "copy_last_psnr": 25.0, "beats_copy_last": True},
                    "rollout": learning.rollout_check(pixel_spec, config, chunk_frames=2)}
-  report = testbed.evaluate_testbed(models, config, str(tmp_path), learning=fake_learning)
+  report = run.evaluate(models, config, str(tmp_path), learning=fake_learning)
   assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
   assert report["config"]["video_frames"] == 13 and report["config"]["reference_window"] == pixel_spec.dit_config.window
   for set_name in ("in_distribution", "unseen_appearance"):

@@ -1,6 +1,6 @@
 """Evaluation: metric functions on known inputs, the oracle helpers, chunked streaming == one
-rollout == the `StreamingGenerator` step by step, and a tiny end-to-end `evaluate_models` (random
-tiny DiT + tiny VAE, 32x32, 3 latent frames)."""
+rollout == the `StreamingGenerator` step by step, and a tiny end-to-end `evaluate` of the camera
+world (random tiny DiT + tiny VAE, 32x32, 3 latent frames) and its command line."""
 import json
 import os
 
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apt2_jax import evaluate as evaluate_cli
 from apt2_jax import evaluation
+from apt2_jax.evaluation import __main__ as evaluate_cli
 from apt2_jax.data import worlds
 
 H = W = 32
@@ -61,14 +61,23 @@ def test_phase_correlation_recovers_integer_shift():
     np.testing.assert_allclose(est, shift, atol=0.1)
 
 
-def test_good_horizon_and_summary():
+def test_horizon_and_summary_of_a_whole_frame_curve():
+  """The one horizon rule (`horizon.horizon`, full 1-s windows of generated frames) and the drift
+  summary's whole-frame PSNR."""
+  from apt2_jax.evaluation import drift
+  from apt2_jax.evaluation import horizon as hz
   fps = 4.0
   curve = np.array([30.0] * 8 + [10.0] * 8)
-  seconds, reached = evaluation.good_horizon(curve, fps, 20.0)
-  assert not reached and seconds == pytest.approx(10 / fps)  # the 1 s mean drops at frame 10
-  assert evaluation.good_horizon(np.full(8, 30.0), fps, 20.0) == (2.0, True)
-  s = evaluation.summarize({"psnr": curve}, fps, 20.0)
-  assert s["psnr"]["mean"] == pytest.approx(20.0) and s["duration_s"] == 4.0
+  # Windows of 4 generated frames: frames 6-9 hold two bad ones (mean 20, not below), frames 7-10
+  # three (15): the first crossing is the window starting at frame 7.
+  h = hz.horizon(curve, fps, 20.0)
+  assert not h["reached_end"] and h["first_s"] == pytest.approx(7 / fps) == h["last_s"]
+  assert hz.horizon(np.full(8, 30.0), fps, 20.0) == {"first_s": 2.0, "last_s": 2.0, "reached_end": True}
+  n = len(curve)
+  curves = {k: np.full(n, np.nan) for k in drift.FRAME_KEYS}
+  curves.update(psnr=curve, motion=np.full((n, 2), np.nan))
+  s = drift.summarize([curves], [np.zeros((n, 2))], fps)
+  assert s["overall"]["psnr"] == pytest.approx((7 * 30 + 8 * 10) / 15) and s["duration_s"] == 4.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,7 +116,8 @@ def test_long_camera_controls_stay_in_limits_and_are_prefixes():
   assert long.shape == (81, 5) and hover == 0
   np.testing.assert_array_equal(long[:41], short)
   scene = world._scene(seed)
-  assert evaluation._camera_within_limits(world, long, scene["rotation"], scene["position"], 0.0)
+  from apt2_jax.evaluation import oracle
+  assert oracle._camera_within_limits(world, long, scene["rotation"], scene["position"], 0.0)
 
 
 def test_training_sampler_unchanged_by_the_long_trajectory_helpers():
@@ -126,8 +136,8 @@ def test_training_sampler_unchanged_by_the_long_trajectory_helpers():
   np.testing.assert_array_equal(world.random_controls(np.random.default_rng([seed, 1]), 17, seed=seed)[1:], want)
 
 
-@pytest.mark.parametrize("split", ["validation", "test"])
-def test_evaluation_trajectories_keep_moving_at_training_speed(split):
+@pytest.mark.parametrize("set_name", ["in_distribution", "held_out"])
+def test_evaluation_trajectories_keep_moving_at_training_speed(set_name):
   """No hovering: over 3 worlds x 60 s every latent step moves, and the median motion per latent
   step (the 4 frames' summed controls in units of the per-frame std) is within a factor 2 of the
   training clips' (`World.sample`, 17 frames), as is the oracle's image motion (phase correlation)."""
@@ -142,7 +152,7 @@ def test_evaluation_trajectories_keep_moving_at_training_speed(split):
   train = np.concatenate([step_speed(world.sample(worlds.split_seed("train", i), num_frames=17)["controls"])
                           for i in range(32)])
   from apt2_jax.evaluation import oracle
-  tests = oracle.eval_worlds(world, 3, 1 + 24 * 60, split=split)
+  tests = oracle.eval_worlds(world, oracle.EVAL_SETS[set_name], 3, 1 + 24 * 60)
   assert all(t.hover_segments == 0 for t in tests)
   speed = np.concatenate([step_speed(t.controls) for t in tests])
   assert speed.min() > 0.05 * np.median(train)
@@ -247,7 +257,10 @@ def test_chunked_rollout_equals_streaming_generator(tiny_spec, camera_world):
   assert np.abs(videos.astype(int) - np.stack(frames).astype(int)).max() <= 1
 
 
-def test_evaluate_models_report(tiny_spec, tmp_path):
+def test_evaluate_the_camera_world(tiny_spec, tmp_path):
+  """The camera world through the one evaluation: both sets, paired noise, the references through
+  the models' VAE (no warp references: the camera world has no exact warp), a shorter duration on
+  the prefix, the checks, GIFs, MP4s, plots, report.json == the returned report."""
   import dataclasses
   # Two models that differ only in parameters share one compilation (the guided, multi-step and
   # no-recycling samplers compile their own: tests marked slow).
@@ -255,97 +268,73 @@ def test_evaluate_models_report(tiny_spec, tmp_path):
   models = {"one_step": tiny_spec,
             "other": dataclasses.replace(tiny_spec.with_params(other), benchmark={"frames_per_s": 1.0})}
   fps = 24.0
-  report = evaluation.evaluate_models(models, world="camera", num_worlds=1, seconds=[0.25, 0.5],
-                                      fps=fps, out_dir=str(tmp_path), progress=False, chunk_frames=2,
-                                      world_config={"texture_size": 64})
+  config = evaluation.EvalConfig(world="camera", world_config={"texture_size": 64}, num_worlds=1, noise_seeds=(0,),
+                                 seconds=0.5, summary_seconds=(0.25,), height=H, width=W, fps=fps, chunk_frames=2,
+                                 videos=True, ssim=True, progress=False)
+  assert [s.name for s in config.eval_sets] == ["in_distribution", "held_out"]
+  report = evaluation.evaluate(models, config, str(tmp_path))
   on_disk = json.loads((tmp_path / "report.json").read_text())
   assert on_disk == json.loads(json.dumps(report))
-  assert report["config"]["video_frames"] == 13 and report["config"]["latent_frames"] == 4
+  assert report["config"]["video_frames"] == 13 and report["config"]["latent_steps"] == 3
   for name in models:
     m = report["models"][name]
-    (w,) = m["worlds"]
-    curves = w["curves"]
-    for key in ("psnr", "ssim", "psnr_visible", "ssim_visible", "visible_fraction"):
-      assert len(curves[key]) == 13 and all(np.isfinite(curves[key])), key
-    assert len(curves["control_error_px"]) == 3 and all(np.isfinite(curves["control_error_px"]))
-    assert curves["visible_fraction"][0] == 1.0
-    assert set(m["summary"]) == {"0.25s", "0.5s"}
-    s = m["summary"]["0.5s"]
-    for key in ("mean", "first_10s", "last_10s", "good_horizon_s"):
-      assert np.isfinite(s["psnr"][key]), key
-    assert np.isfinite(s["control_error_px"]["mean"]) and np.isfinite(s["ssim_visible"]["mean"])
-    assert m["throughput"]["frames_per_s"] > 0
-    for path in w["videos"].values():
-      assert os.path.getsize(tmp_path / path) > 0
-    assert os.path.getsize(tmp_path / w["videos"]["gif"]) < 1_000_000
+    assert m["throughput"]["frames_per_s"] > 0 and m["role"] is None
   assert report["models"]["other"]["benchmark"] == {"frames_per_s": 1.0}
-  # Same noise, same controls, different sampler: the curves differ, frame 0 (the VAE's) agrees.
-  a, b = (report["models"][n]["worlds"][0]["curves"]["psnr"] for n in models)
-  assert a[0] == b[0] and a[-1] != b[-1]
-  for png in report["plots"].values():
-    assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
-  assert (tmp_path / "videos" / "world0_all.gif").exists()
-  assert not [p for p in os.listdir(tmp_path) if p.startswith("oracle_")]  # scratch removed
-  # References through the same VAE: the ceiling (its first 4 s: `vae_reconstruction`), copy-last
-  # (frame t = the ceiling's frame t-1), frozen frame 0 and the flat colour (no VAE).
-  refs = report["references"]
-  (v,) = refs["vae_reconstruction"]["worlds"]
-  assert v["frames"] == 13 and 0 < refs["vae_reconstruction"]["psnr"] < 100
-  ceiling, copy = refs["vae_ceiling"]["mean_curves"], refs["copy_last"]["mean_curves"]
-  frozen, flat = refs["frozen_frame0"]["mean_curves"], refs["flat_colour"]["mean_curves"]
-  assert v["psnr"] == pytest.approx(np.mean(ceiling["psnr"]), rel=1e-4)
-  for curves in (ceiling, copy, frozen, flat):
-    assert len(curves["psnr"]) == 13 and np.all(np.isfinite(curves["psnr"])) and max(curves["psnr"]) < 100
-  assert copy["psnr"][0] == ceiling["psnr"][0] == frozen["psnr"][0]   # all start from the VAE's frame 0
-  assert set(refs["frozen_frame0"]["summary"]) == {"0.25s", "0.5s"} == set(refs["flat_colour"]["summary"])
-  vf = refs["vae_vs_flat"]
-  assert vf["margin_db"] == pytest.approx(np.mean(ceiling["psnr"]) - np.mean(flat["psnr"]), abs=1e-3)
-  text = (tmp_path / "summary.md").read_text()
-  assert "## in_distribution" in text and "## held_out" in text and "VAE vs flat colour" in text
-  assert "Frozen frame 0" in text and "| flat_colour | 0.5s |" in text
-  # The horizon against the VAE's ceiling: its threshold is the reconstruction PSNR minus 3 dB.
-  ps = report["models"]["one_step"]["summary"]["0.5s"]["psnr"]
-  assert ps["horizon_vs_vae_threshold"] == pytest.approx(refs["vae_reconstruction"]["psnr"] - 3.0, abs=1e-3)
-  assert 0 <= ps["horizon_vs_vae_s"] <= 13 / fps + 1e-3
-  # Two sets: in-distribution (validation worlds, the top level) and held-out (test worlds).
-  sets = report["sets"]
-  assert sets["in_distribution"]["split"] == "validation" and sets["held_out"]["split"] == "test"
-  assert report["config"]["world_seeds"] == sets["in_distribution"]["world_seeds"] == [worlds.split_seed("validation", 0)]
-  assert sets["held_out"]["world_seeds"] == [worlds.split_seed("test", 0)]
-  assert sets["in_distribution"]["hover_segments"] == [0] == sets["held_out"]["hover_segments"]
-  held = report["held_out"]
-  assert set(held["models"]) == set(models) and "vae_vs_flat" in held["references"]
-  assert len(held["models"]["one_step"]["worlds"][0]["curves"]["psnr"]) == 13
-  assert held["models"]["one_step"]["worlds"][0]["videos"]["gif"].startswith("held_out/videos/")
-  for png in held["plots"].values():
-    assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and png.startswith("held_out/")
-  motion = report["config"]["motion"]
-  assert motion["training_median_px"] > 0 and motion["held_out"]["ratio_to_training"] > 0
+  for set_name, split in (("in_distribution", "validation"), ("held_out", "test")):
+    s = report["sets"][set_name]
+    assert s["set"]["split"] == split and s["set"]["world_seeds"] == [worlds.split_seed(split, 0)]
+    assert s["set"]["hover_segments"] == [0]
+    for name in models:
+      x = s["models"][name]["0"]
+      assert len(x["per_latent"]["psnr_known"]) == 3 and x["duration_s"] == pytest.approx(13 / fps)
+      for key in ("psnr_known", "psnr", "ssim", "psnr_recent", "known_fraction", "warp_error"):
+        assert np.isfinite(x["overall"][key]), key
+      assert 0 < x["overall"]["known_fraction"] <= 1.0          # the frustum test of frame 0's view
+      (video,) = s["videos"][name]
+      assert os.path.getsize(tmp_path / video) > 0 and video.startswith("videos/")
+    # Same noise, same controls, different parameters: the curves differ.
+    a, b = (s["models"][n]["0"]["per_latent"]["psnr_known"] for n in models)
+    assert a != b
+    refs = s["references"]
+    assert set(refs) == {"oracle", "one_step_back", "flat_colour", "frozen_first"}   # no exact warp
+    assert 0 < refs["oracle"]["overall"]["psnr"] < 100                                # through the lossy VAE
+    st = s["statistics"]
+    assert set(st["models"]) == set(models) and "frozen_first" in st["references"]
+    assert set(s["by_duration"]) == {"0.25s"} and set(s["by_duration"]["0.25s"]["models"]) == set(models)
+    vf = s["vae_vs_flat"]
+    (w,) = vf["worlds"]
+    assert vf["margin_db"] == pytest.approx(w["vae_psnr"] - w["flat_psnr"], abs=1e-3)
+    assert s["motion"]["training_median_px"] > 0 and s["motion"]["ratio_to_training"] > 0
+    assert (tmp_path / report["plots"][set_name]).read_bytes()[:4] == b"\x89PNG"
+    assert set(report["gifs"][set_name]) == {"one_step", "other", "all"}
+    for path in report["gifs"][set_name].values():
+      assert 0 < os.path.getsize(tmp_path / path) < 1_000_000
+  assert report["claims"]["gate2"]["verdict"] == "not measured"   # no model has the role
+  text = (tmp_path / "claims.md").read_text()
+  assert "## Gates and claims" in text and "## Sets" in text and "### held_out" in text
+  assert "clear margin" in text and "First 0.25s" in text and "## Models" in text
 
 
-def test_vae_stream_equals_the_whole_clip_and_the_still_video_shortcut(tiny_spec, camera_world):
-  """The references' streaming VAE (chunks of 4L frames, the last one padded) == the whole-clip
-  encode/decode; the still video's repeated steady chunk == streaming every chunk."""
+def test_vae_stream_equals_the_whole_clip(tiny_spec, camera_world):
+  """The references' codec: the learned VAE streamed (chunks of 4L frames, the last one padded) ==
+  its whole-clip encode/decode within one grey level; a pixel codec goes whole clip, exactly."""
   from apt2_jax.evaluation import references
+  from apt2_jax.models import vae as vae_lib
   world, seed, controls = camera_world
   frames = world.render(controls, seed)                               # 13 frames
-  want = references.vae_reconstruction(tiny_spec, frames)
+  want = np.asarray(references._whole_clip(tiny_spec.vae_config)(tiny_spec.vae_params, frames))
   s = references.VAEStream(tiny_spec, chunk_latents=2)
   got = np.concatenate([s.start(frames[0])[None], s.chunk(frames[1:9]), s.chunk(frames[9:13])])
   assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
-  still = np.broadcast_to(frames[0], (41,) + frames.shape[1:])
-  s = references.VAEStream(tiny_spec, chunk_latents=1)
-  full = np.concatenate([s.start(frames[0])[None]] + [s.chunk(np.ascontiguousarray(still[a:a + 4]))
-                                                      for a in range(1, 41, 4)])
-  short = np.concatenate(list(references.still_video_chunks(tiny_spec, frames[0], 41, chunk_latents=1)))
-  np.testing.assert_array_equal(short, full)
-  flat = references.flat_colour(frames[0])
-  assert flat.shape == frames[0].shape and len(np.unique(flat.reshape(-1, 3), axis=0)) == 1
+  np.testing.assert_array_equal(references.codec_roundtrip(tiny_spec, chunk_latents=2)(frames), got)
+  lossless = type("Codec", (), {"vae_config": vae_lib.vae_config("pixels"), "vae_params": {"params": {}}})()
+  video = np.random.default_rng(0).integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(references.codec_roundtrip(lossless)(video), video)
 
 
 def test_vae_references_tool_scores_the_evaluation_worlds(tiny_spec):
-  """`tools.vae_references`: per set and world, the VAE ceiling, flat colour, copy-last and the 8x
-  average pool, on the evaluation's own worlds; the margin is the VAE's mean minus the flat's."""
+  """`tools.vae_references`: per set and world, the VAE ceiling, flat colour, one step back and the
+  8x average pool, on the evaluation's own worlds; the margin is the VAE's mean minus the flat's."""
   from apt2_jax.evaluation import references
   from apt2_jax.tools import vae_references
   frames = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
@@ -360,7 +349,7 @@ def test_vae_references_tool_scores_the_evaluation_worlds(tiny_spec):
     assert s["margin_db"] == pytest.approx(row["vae_psnr"] - row["flat_psnr"])
     assert s["clear_margin"] == (s["margin_db"] >= references.VAE_MARGIN_DB)
     assert row["avgpool_psnr"] > row["flat_psnr"]  # a low-pass of the frame beats its mean colour
-    assert all(np.isfinite(row[k]) for k in ("vae_psnr", "copy_last_psnr"))
+    assert all(np.isfinite(row[k]) for k in ("vae_psnr", "one_step_back_psnr"))
 
 
 def test_cli_parse_models():
@@ -378,7 +367,7 @@ def test_cli_parse_models():
 
 @pytest.mark.slow
 def test_cli_from_training_workdir(tiny_spec, tmp_path, capsys):
-  """`python -m apt2_jax.evaluate` on a trainer-style workdir (EMA params + saved config)."""
+  """`python -m apt2_jax.evaluation` on a trainer-style workdir (EMA params + saved config)."""
   import ml_collections
   from absl import flags
   from apt2_jax import checkpointing
@@ -397,7 +386,7 @@ def test_cli_from_training_workdir(tiny_spec, tmp_path, capsys):
   jax.tree.map(np.testing.assert_array_equal, spec.params, tiny_spec.params)
   out = tmp_path / "eval"
   argv = ["evaluate", f"--models=aapt={workdir}", "--seconds=0.5", f"--out={out}", "--num_worlds=1",
-          "--chunk_frames=2", "--noprogress", "--gif_seconds=0.5"]
+          "--chunk_frames=2", "--noprogress", "--novideos"]
   evaluate_cli.define_flags()
   flags.FLAGS.unparse_flags()
   flags.FLAGS(argv)
@@ -406,5 +395,7 @@ def test_cli_from_training_workdir(tiny_spec, tmp_path, capsys):
   finally:
     flags.FLAGS.unparse_flags()
   report = json.loads((out / "report.json").read_text())
-  assert report["config"]["height"] == H and len(report["models"]["aapt"]["mean_curves"]["psnr"]) == 13
+  assert report["config"]["height"] == H and report["config"]["video_frames"] == 13
+  assert report["models"]["aapt"]["role"] == "aapt" and set(report["sets"]) == {"in_distribution", "held_out"}
+  assert len(report["sets"]["in_distribution"]["models"]["aapt"]["0"]["per_latent"]["psnr_known"]) == 3
   assert "good horizon" in capsys.readouterr().out

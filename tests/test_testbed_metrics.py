@@ -1,4 +1,4 @@
-"""The testbed evaluation's region and motion estimate (`apt2_jax.evaluation.drift`, `testbed`):
+"""The testbed evaluation's region and motion estimate (`apt2_jax.evaluation.drift`, `oracle`):
 
 * `psnr_known`'s region is frame 0's image (what a model given only frame 0 can know), and the
   tethered evaluation trajectories keep it in view with training's local motion;
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from apt2_jax.data import panorama, worlds
-from apt2_jax.evaluation import drift, testbed
+from apt2_jax.evaluation import drift, references
 
 H = W = 64
 
@@ -28,7 +28,7 @@ def pca_roundtrip():
   """uint8 video -> the same through the PCA codec (VAE size `pixels_pca`), the evaluation's path."""
   from apt2_jax.models import vae as vae_lib
   generator = types.SimpleNamespace(vae_config=vae_lib.vae_config("pixels_pca"), vae_params={"params": {}})
-  return testbed.codec_roundtrip(generator)
+  return references.codec_roundtrip(generator)
 
 
 def _controls(env, index, trajectory, frames, split="validation"):

@@ -27,13 +27,15 @@ tokens, 1.39; `demo`/`full` 64x64 px: 16 tokens, 2.78) for stage 1's flow, the d
 schedule and the stage-1 baseline's Euler sampler, whose KV cache matches stage-1 training
 ("matched": one cache per schedule time, 2 x euler_steps passes per frame).
 
-Evaluation (`apt2_jax.evaluation.evaluate_models`): every model on `worlds` worlds of two sets,
-reported separately: `in_distribution` (validation-split worlds drawn like training's: training
-textures, trajectory types and caption words; the metrics) and `held_out` (test-split worlds:
-unseen textures and the held-out trajectory; generalisation). The trajectories continue training's
-control sampler (training's speeds, no hovering). References through the same VAE: its
-reconstruction of the oracle (`vae_ceiling`), copy-last, frozen frame 0, and frame 0's flat colour,
-with the VAE-vs-flat-colour margin.
+Evaluation (`apt2_jax.evaluation.evaluate`, the one evaluation of every world): every model on
+`worlds` worlds of two sets, reported separately: `in_distribution` (validation-split worlds drawn
+like training's: training textures, trajectory types and caption words; the gates and claims) and
+`held_out` (test-split worlds: unseen textures and the held-out trajectory; generalisation). The
+trajectories continue training's control sampler (training's speeds, no hovering). References
+through the same VAE: the oracle (the VAE's ceiling), the true frame one latent step back, frozen
+frame 0 and frame 0's flat colour (the camera world has no exact warp, so no warp references),
+with the VAE-vs-flat-colour margin; the longest of `durations` is rolled out, the shorter ones
+scored on its prefix.
 """
 import ml_collections
 

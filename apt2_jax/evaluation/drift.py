@@ -1,4 +1,4 @@
-"""The testbed's drift metrics, on plain arrays (uint8 frames, bool masks, 3x3 homographies).
+"""The evaluation's drift metrics, on plain arrays (uint8 frames, bool masks, 3x3 homographies).
 
 Fixed before any model is trained (they are the claims' pass criteria; never tune them on results):
 
@@ -20,7 +20,7 @@ Fixed before any model is trained (they are the claims' pass criteria; never tun
 Per video frame t >= 1 (frame 0 is the given image, left out of every summary):
 
   psnr_known     PSNR (dB, capped at `PSNR_CAP`) over the pixels whose ray lies inside frame 0's
-                 image (`testbed.known_mask`: the panorama's exact projection test, `known_mask` =
+                 image (`oracle.known_mask`: the panorama's exact projection test, `known_mask` =
                  `visible_mask` with window_frames = 0): the content a model that is given only
                  frame 0 can know. NaN when that region is under `KNOWN_MIN_FRACTION` of the frame.
                  The primary metric: the good horizon, the late bin and the claims use it.
@@ -32,6 +32,9 @@ Per video frame t >= 1 (frame 0 is the given image, left out of every summary):
                  for every model) were that scroll time. The evaluation's trajectories are tethered
                  (`panorama.TETHERED_TRAJECTORIES`) so that frame 0's content keeps coming back.
   known_fraction the known region's share of the frame's pixels.
+  psnr           (reported) PSNR over the whole frame, generated content included; `ssim` (when
+                 asked for) the whole frame's mean SSIM (`metrics.ssim`); the puppet world adds its
+                 figure metrics (`metrics.figure_metrics`).
   psnr_recent    (secondary, reported only) PSNR over the pixels whose world content was in view in
                  frame 0 or in one of the last `window_frames` = 4 N video frames (N: the model's
                  window in latent frames; the mask uses the 4 N frames just before t; the world's
@@ -74,6 +77,7 @@ from apt2_jax.evaluation.camera_motion import (  # noqa: F401  (re-exported: dri
     MOTION_MIN_PX, MOTION_SCALES, MOTION_STRIDE, commanded_homographies, commanded_shift, homography_power,
     intrinsics, motion_features, motion_scales, relative_homography, rotation_in_view, shift_homography, warp,
     warp_batch, warp_error, warp_errors, windowed_recent)
+from apt2_jax.evaluation import metrics as metrics_lib
 from apt2_jax.evaluation.metrics import PSNR_CAP
 
 GOOD_PSNR = 20.0
@@ -84,7 +88,7 @@ BIN_S = 2.0
 LATE_FRACTION = 0.2
 BURST_PX = 4.0
 
-FRAME_KEYS = ("psnr_known", "known_fraction", "psnr_recent", "recent_fraction", "warp_error", "lapvar",
+FRAME_KEYS = ("psnr", "psnr_known", "known_fraction", "psnr_recent", "recent_fraction", "warp_error", "lapvar",
               "lapvar_oracle", "colour_drift", "motion_scale")
 
 
@@ -123,7 +127,7 @@ def _masked_psnr(err, mask, cap: float = PSNR_CAP) -> np.ndarray:
 
 
 def frame_metrics(frames, oracle, recent, homographies, previous=None, known=None,
-                  previous_homographies=None) -> dict[str, np.ndarray]:
+                  previous_homographies=None, *, background=None, ssim: bool = False) -> dict[str, np.ndarray]:
   """Per-frame metrics of consecutive frames `[n, H, W, 3]` (uint8) against the oracle's.
 
   Args:
@@ -137,9 +141,12 @@ def frame_metrics(frames, oracle, recent, homographies, previous=None, known=Non
       known_fraction are NaN.
     previous_homographies: `[k, 3, 3]`, the homographies of `previous` (needed to use more than
       its last frame; without them only the last previous frame is used).
+    background: the puppet world's background (uint8 `[H, W, 3]`): adds `metrics.figure_metrics`
+      (figure_psnr, figure_iou, figure_centroid_error_px).
+    ssim: adds "ssim", the whole frame's mean SSIM (`metrics.ssim`).
   Returns:
     `FRAME_KEYS` `[n]` and "motion" `[n, 2]` (alpha x the commanded centre shift; NaN rows without
-    an estimate).
+    an estimate), and the optional keys asked for.
   """
   frames, oracle = np.asarray(frames), np.asarray(oracle)
   homographies = np.asarray(homographies, np.float64)
@@ -171,11 +178,16 @@ def frame_metrics(frames, oracle, recent, homographies, previous=None, known=Non
     known = np.asarray(known, bool)
     known_fraction = known.mean(axis=(-2, -1))
     known_psnr = np.where(known_fraction >= KNOWN_MIN_FRACTION, _masked_psnr(err, known), np.nan)  # too few: NaN
-  return {"psnr_known": known_psnr, "known_fraction": known_fraction,
-          "psnr_recent": _masked_psnr(err, recent),
-          "recent_fraction": recent.mean(axis=(-2, -1)), "warp_error": warp_err, "motion_scale": scale,
-          "motion": motion, "lapvar": laplacian_variance(frames), "lapvar_oracle": laplacian_variance(oracle),
-          "colour_drift": colour_drift(frames, oracle)}
+  out = {"psnr": _masked_psnr(err, np.ones(err.shape, bool)), "psnr_known": known_psnr,
+         "known_fraction": known_fraction, "psnr_recent": _masked_psnr(err, recent),
+         "recent_fraction": recent.mean(axis=(-2, -1)), "warp_error": warp_err, "motion_scale": scale,
+         "motion": motion, "lapvar": laplacian_variance(frames), "lapvar_oracle": laplacian_variance(oracle),
+         "colour_drift": colour_drift(frames, oracle)}
+  if ssim:
+    out["ssim"] = metrics_lib.ssim(frames, oracle)
+  if background is not None:
+    out.update(metrics_lib.figure_metrics(frames, oracle, background))
+  return out
 
 
 class DriftCurves:
@@ -184,8 +196,8 @@ class DriftCurves:
   last `MOTION_STRIDE` frames as `previous`, but without a pass per chunk; ~9 MB of frames for 30 s
   at 64x64)."""
 
-  def __init__(self):
-    self.chunks = []
+  def __init__(self, background=None, ssim: bool = False):
+    self.chunks, self.background, self.ssim = [], background, ssim
 
   def add(self, frames, oracle, recent, homographies, known=None):
     self.chunks.append((np.asarray(frames), np.asarray(oracle), np.asarray(recent, bool),
@@ -195,7 +207,7 @@ class DriftCurves:
     frames, oracle, recent, homographies, known = zip(*self.chunks)
     known = None if any(k is None for k in known) else np.concatenate(known)
     return frame_metrics(np.concatenate(frames), np.concatenate(oracle), np.concatenate(recent),
-                         np.concatenate(homographies), known=known)
+                         np.concatenate(homographies), known=known, background=self.background, ssim=self.ssim)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +278,9 @@ def _group_ratio(num, den, groups, num_groups) -> np.ndarray:
     return np.where(d > 0, n / np.where(d > 0, d, 1.0), np.nan)
 
 
-MEAN_KEYS = ("psnr_known", "known_fraction", "psnr_recent", "recent_fraction", "warp_error", "colour_drift")
+MEAN_KEYS = ("psnr", "psnr_known", "known_fraction", "psnr_recent", "recent_fraction", "warp_error", "colour_drift")
+# Means of the optional per-frame metrics, where the curves hold them (`frame_metrics`).
+OPTIONAL_MEAN_KEYS = ("ssim", "figure_psnr", "figure_iou", "figure_centroid_error_px")
 
 
 def grouped(curves: Sequence[Mapping[str, np.ndarray]], commanded: Sequence[np.ndarray], groups: np.ndarray,
@@ -291,7 +305,8 @@ def grouped(curves: Sequence[Mapping[str, np.ndarray]], commanded: Sequence[np.n
   dot = (motion * cmd).sum(-1)
   sq = np.square(size)
   valid = np.isfinite(dot)
-  out = {k: _group_means(cat(k), g, num_groups) for k in MEAN_KEYS}
+  keys = MEAN_KEYS + tuple(k for k in OPTIONAL_MEAN_KEYS if all(k in c for c in curves))
+  out = {k: _group_means(cat(k), g, num_groups) for k in keys}
   out["known_frames"] = _group_means(np.isfinite(cat("psnr_known")).astype(np.float64), g, num_groups)
   out["commanded_px"] = _group_means(size, g, num_groups)
   out["blur"] = _group_ratio(cat("lapvar"), cat("lapvar_oracle"), g, num_groups)

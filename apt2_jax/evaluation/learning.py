@@ -14,7 +14,7 @@ Reported before any stage-3 claim (a drift comparison means nothing if stage 1 n
                   (`TEACHER_FORCED_T_PURE`: nothing of frame s + 1 in the input; only the context
                   and the controls can beat copying).
   rollout         the model streamed with its multi-step Euler sampler on in-distribution worlds
-                  (the testbed's `IN_DISTRIBUTION` set; default: one training clip's length):
+                  (`oracle.IN_DISTRIBUTION`; default: one training clip's length):
                   `motion_ratio` overall and on bursts (`drift`), beside the oracle's own.
 
     result = stage1_learning_check("runs/testbed/adapt", {"pano_burst_fraction": 0.25})
@@ -114,19 +114,20 @@ def teacher_forced_check(generator, clips, t: float = TEACHER_FORCED_T, seed: in
 
 def rollout_check(spec, config, chunk_frames: int = 8) -> dict:
   """`motion_ratio` (overall, bursts) of a `ModelSpec` streamed on the in-distribution worlds of a
-  `testbed.TestbedConfig` (its first noise seed), and the oracle's."""
-  from apt2_jax.evaluation import testbed
+  `run.EvalConfig` (its first noise seed), and the oracle's."""
+  from apt2_jax.evaluation import oracle, run
   from apt2_jax.evaluation.models import ModelStream
-  env = testbed.make_env(config, testbed.IN_DISTRIBUTION)
+  env = config.env(oracle.IN_DISTRIBUTION)
   steps = config.latent_steps()
-  sampler = ModelStream(spec, config.height, config.width, chunk_frames)
+  stream = ModelStream(spec, config.height, config.width, chunk_frames)
   window = spec.dit_config.window
   curves, oracle_curves, commanded = [], [], []
-  for tw in testbed.eval_worlds(env, testbed.IN_DISTRIBUTION, config.num_worlds, 1 + 4 * steps, config.fps):
-    target = testbed.make_target(env, tw, [window])
-    seed = testbed.noise_seed(config.noise_seeds[0], 0, tw.index)
-    curves.append(testbed.stream_world(sampler, target, tw, seed, steps)[0])
-    oracle_curves.append(testbed.reference_curves(target, window)["oracle"])
+  for tw in oracle.eval_worlds(env, oracle.IN_DISTRIBUTION, config.num_worlds, config.video_frames(), config.fps):
+    target = oracle.make_target(env, tw, [window])
+    seed = run.noise_seed(config.noise_seeds[0], 0, tw.index)
+    curves.append(run.stream_world(stream, target, tw, seed, steps)[0])
+    oracle_curves.append(drift.frame_metrics(target.oracle, target.oracle, target.recent[window],
+                                             target.homographies, known=target.known))
     commanded.append(target.commanded)
   s = drift.summarize(curves, commanded, config.fps)
   o = drift.summarize(oracle_curves, commanded, config.fps)
@@ -142,7 +143,7 @@ def rollout_check(spec, config, chunk_frames: int = 8) -> dict:
 def in_distribution_clips(world: str, world_config: Mapping[str, Any], height: int, width: int, num_frames: int,
                           num_clips: int) -> list[dict]:
   """Clips drawn as training's (`World.sample`) on the first `validation` seeds."""
-  from apt2_jax.evaluation.testbed import world_fields
+  from apt2_jax.evaluation.oracle import world_fields
   env = worlds_lib.make_world(world, worlds_lib.WorldConfig(height=height, width=width, num_frames=num_frames,
                                                             **world_fields(world_config)))
   clips = [env.sample(seed=worlds_lib.split_seed("validation", k)) for k in range(num_clips)]
@@ -184,7 +185,7 @@ def stage1_learning_check(workdir: str, world_config: Optional[Mapping[str, Any]
   """
   from apt2_jax import checkpointing
   from apt2_jax import generation
-  from apt2_jax.evaluation import testbed
+  from apt2_jax.evaluation import run
   from apt2_jax.evaluation.models import ModelSpec
   gen = generation.load(workdir, vae=vae)
   cfg = checkpointing.load_config(workdir)
@@ -197,9 +198,9 @@ def stage1_learning_check(workdir: str, world_config: Optional[Mapping[str, Any]
   steps = int(num_steps or ev.get("sample_steps") or 32)
   shift = float(shift or ev.get("sample_shift") or (cfg.get("flow") or {}).get("shift", 1.0))
   spec = ModelSpec(gen, num_steps=steps, shift=shift, guidance=guidance)
-  config = testbed.TestbedConfig(world=world, world_config=world_config, num_worlds=num_worlds, noise_seeds=(0,),
-                                 seconds=rollout_seconds or (clip_frames - 1) / fps, height=height, width=width,
-                                 fps=fps, progress=False)
+  config = run.EvalConfig(world=world, world_config=world_config, num_worlds=num_worlds, noise_seeds=(0,),
+                          seconds=rollout_seconds or (clip_frames - 1) / fps, height=height, width=width,
+                          fps=fps, progress=False)
   pure = teacher_forced_check(gen, clips, TEACHER_FORCED_T_PURE)
   return {"workdir": workdir, "stage": gen.stage, "world": world, "world_config": world_config,
           "teacher_forced": teacher_forced_check(gen, clips, t), "teacher_forced_pure": pure,

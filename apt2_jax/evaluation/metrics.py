@@ -1,6 +1,6 @@
 """Frame metrics (numpy; frames uint8 `[..., H, W, 3]`): PSNR, SSIM, phase correlation, puppet figure.
 
-Their definitions, as the report states them, are `apt2_jax.evaluation.report.DEFINITIONS`.
+The per-frame metrics the report uses, and their definitions, are `apt2_jax.evaluation.drift`.
 """
 from __future__ import annotations
 
@@ -128,7 +128,11 @@ def _centroid(mask) -> np.ndarray:
 
 
 def figure_metrics(generated, oracle, background) -> dict[str, np.ndarray]:
-  """Puppet pose error per frame (`report.DEFINITIONS`): figure_psnr, figure_iou, centroid."""
+  """Puppet pose error per frame, without a keypoint detector: the figure is every pixel that
+  differs from the world's background (the oracle rendered with every keypoint off screen) by more
+  than `FIGURE_THRESHOLD` (sum over RGB). figure_psnr: PSNR over the oracle's figure pixels;
+  figure_iou: IoU of the generated and the oracle figure masks; figure_centroid_error_px: distance
+  between the masks' centroids (pixels). A drifting background lowers the IoU, as it should."""
   gen_mask, ref_mask = figure_mask(generated, background), figure_mask(oracle, background)
   inter = (gen_mask & ref_mask).sum(axis=(-2, -1))
   union = (gen_mask | ref_mask).sum(axis=(-2, -1))

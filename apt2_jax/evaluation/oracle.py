@@ -1,22 +1,66 @@
-"""The held-out test worlds: long control trajectories, the oracle, the region visible in frame 0.
+"""The evaluation worlds, one definition for every world: the fixed evaluation sets, each world's
+long trajectory, its oracle, the regions the metrics score and the commanded camera motion.
 
 The oracle is the frame a perfect model draws for given controls: the synthetic worlds render it
-exactly, so drift and control error are measured without pretrained metric networks.
+exactly, so drift is measured without pretrained metric networks.
+
+Evaluation sets (`EvalSet`, fixed seeds, never training's): `IN_DISTRIBUTION` holds the first
+`num_worlds` worlds of the `validation` split (the training appearance and motion distribution;
+the gates and claims are measured here). The second set is `UNSEEN_APPEARANCE` (the `test` split:
+an unseen palette family, motion drawn as in training) for the panorama and torus worlds and
+`HELD_OUT` (the `test` split: unseen textures and the held-out trajectory type and caption words)
+for the others (`default_eval_sets`); both are reported separately.
+
+Trajectories (`eval_worlds`, rng `[seed, 1]`, at the rollout's length, never hovering):
+  panorama, torus  stratified so that every set holds bursts: the first `ceil(num_worlds x
+                   pano_burst_fraction)` (>= 1) worlds are 'bursty', the others 'wander', both the
+                   tethered variants (`panorama.TETHERED_TRAJECTORIES`: the same random draws, so
+                   training's speed in every frame and its bursts, but beyond 30 degrees from the
+                   start view the heading turns back toward it at up to 0.1 rad per frame), so that
+                   frame 0's content keeps coming back into view over the whole rollout: the region
+                   `psnr_known` scores (`tethered=False`: training's untethered walks). Measured on
+                   the first 4 worlds of each set, 30 s at 24 fps: frame 0's region covers 0.45 (in
+                   distribution) / 0.42 (unseen appearance) of the pixels on average and 5% or more
+                   in 97% / 93% of the frames; untethered 0.14 / 0.15 and 38% / 41%. The
+                   per-latent-step commanded motion (|image shift| at the centre from frame 4j-4 to
+                   4j, median / 95th percentile) of the tethered types is training's: wander 5.8 /
+                   10.0 px vs training clips 5.9 / 10.5, bursty 8.0 / 29.4 vs 7.8 / 27.7
+                   (`tests/test_testbed_metrics.py`; `panorama`'s docstring has the turn rates).
+  camera           the trajectory type drawn as `World.sample` draws a clip's (the split's pool),
+                   continued in segments that stay inside the world's limits (`long_controls`).
+  puppet, bouncing the type drawn from the split's pool, the whole length at once.
+
+Regions and motion of a world (`make_target`):
+  known       `psnr_known`'s region: the pixels whose ray lies inside frame 0's image. Exact where
+              the world has its own test (panorama, torus: `known_mask`; camera: `visible_mask`,
+              the frustum test against frame 0's camera); a still camera (puppet, bouncing): the
+              whole frame.
+  recent      `psnr_recent`'s region for a model of window N: seen in frame 0 or in the 4 N video
+              frames before (the world's `visible_mask` where it has one, else a rotation-only
+              camera from its poses, else the whole frame).
+  commanded   the commanded camera motion: homographies and the centre's image shift (the world's
+              exact `image_shift` where it has one); zero for a still camera.
+  warp        the world's exact warp (torus): the warp references exist only where it does.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import functools
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from apt2_jax.controls import WORLD_CONTROL_TYPES
 from apt2_jax.data import captions
 from apt2_jax.data import worlds as worlds_lib
+from apt2_jax.evaluation import camera_motion
+from apt2_jax.generation.stream import FRAMES_PER_STEP as FRAMES_PER_LATENT
 
 
 @dataclasses.dataclass
 class TestWorld:
-  """One held-out world and its trajectory. `controls` float32 [video_frames, control_dim]."""
+  """One evaluation world and its trajectory. `controls` float32 [video_frames, control_dim]."""
   index: int
   seed: int
   trajectory: str
@@ -24,6 +68,52 @@ class TestWorld:
   text_tokens: np.ndarray
   controls: np.ndarray
   hover_segments: int = 0   # camera: segments that had to hover (no trajectory fitted; expected 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  """One evaluation set: worlds `split_seed(split, first_index + k)`, k < num_worlds, with
+  `WorldConfig` overrides `world_config` (e.g. `pano_appearance`)."""
+  name: str
+  split: str
+  first_index: int = 0
+  world_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+IN_DISTRIBUTION = EvalSet("in_distribution", "validation")
+UNSEEN_APPEARANCE = EvalSet("unseen_appearance", "test")
+HELD_OUT = EvalSet("held_out", "test")
+EVAL_SETS = {s.name: s for s in (IN_DISTRIBUTION, UNSEEN_APPEARANCE, HELD_OUT)}
+SET_ROLES = {"in_distribution": "worlds drawn like training's (training appearance, trajectory types and caption "
+                                "words; validation seeds): the gates and claims",
+             "unseen_appearance": "an unseen palette family (test seeds), motion as in training",
+             "held_out": "generalisation: test-split worlds (unseen textures, the held-out trajectory type and "
+                         "their caption words)"}
+PANORAMA_WORLDS = ("panorama", "torus")
+
+
+def default_eval_sets(world: str) -> tuple[EvalSet, EvalSet]:
+  """In distribution first (the gates and claims), then the world's generalisation set."""
+  return (IN_DISTRIBUTION, UNSEEN_APPEARANCE if world in PANORAMA_WORLDS else HELD_OUT)
+
+
+def world_fields(options: Optional[Mapping[str, Any]]) -> dict:
+  """`WorldConfig` overrides with lists made tuples (as a JSON or ml_collections config gives them)."""
+  return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(options or {}).items()}
+
+
+def make_env(world: str, eval_set: EvalSet, height: int, width: int, num_frames: int,
+             world_config: Optional[Mapping[str, Any]] = None):
+  """The world of an evaluation set: `WorldConfig` of `num_frames` video frames, the shared
+  `world_config` overrides, then the set's."""
+  wcfg = worlds_lib.WorldConfig(height=height, width=width, num_frames=num_frames,
+                                **{**world_fields(world_config), **world_fields(eval_set.world_config)})
+  return worlds_lib.make_world(world, wcfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trajectories
+# ------------------------------------------------------------------------------------------------
 
 
 def _camera_within_limits(world, controls, rotation, position, log_focal) -> bool:
@@ -81,58 +171,51 @@ def long_controls(world, rng: np.random.Generator, num_frames: int, seed: int, t
   return np.concatenate(parts)[:num_frames], hover
 
 
-EVAL_SPLITS = {"in_distribution": "validation", "held_out": "test"}
-"""The evaluation sets and their seed splits. `in_distribution`: worlds drawn like training's (the
-training texture and trajectory pools, so the trained caption words; other seeds than the
-training pool's); `held_out`: the test split (unseen textures, the held-out 'spiral' trajectory
-and their caption words)."""
+def _trajectory(env, rng, split: str, k: int, num_worlds: int, tethered: bool = True) -> str:
+  """World k's trajectory type: panorama and torus stratified (bursty first), tethered unless
+  `tethered` is False; other worlds drawn from the split's pool as `World.sample` draws it (this
+  consumes `rng`, as `sample` does, before the controls)."""
+  if env.name in PANORAMA_WORLDS:
+    fraction = env.config.pano_burst_fraction
+    bursty = max(1, math.ceil(num_worlds * fraction)) if fraction > 0 else 0
+    base = "bursty" if k < bursty else "wander"
+    return f"{base}_tethered" if tethered else base
+  pool = env.trajectory_pools[split]
+  return str(pool[rng.integers(len(pool))])
 
 
-def eval_worlds(world, num_worlds: int, num_frames: int, fps: float = 24.0,
-                split: str = "test") -> list[TestWorld]:
-  """The first `num_worlds` worlds of `split`, each with a long trajectory whose type is drawn as
-  `World.sample` draws a clip's (rng `[seed, 1]`, the split's trajectory pool)."""
+def eval_worlds(env, eval_set: EvalSet, num_worlds: int, num_frames: int, fps: float = 24.0,
+                tethered: bool = True) -> list[TestWorld]:
+  """The set's worlds with their trajectories of `num_frames` video frames (module docstring)."""
   out = []
   for k in range(num_worlds):
-    seed = worlds_lib.split_seed(split, k)
+    seed = worlds_lib.split_seed(eval_set.split, eval_set.first_index + k)
     rng = np.random.default_rng([seed, 1])
-    pool = world.trajectory_pools[worlds_lib.seed_split(seed)]
-    trajectory = str(pool[rng.integers(len(pool))])
-    controls, hover = long_controls(world, rng, num_frames, seed, trajectory, fps=fps)
-    caption = world.caption(seed, trajectory)
+    trajectory = _trajectory(env, rng, worlds_lib.seed_split(seed), k, num_worlds, tethered)
+    if env.name in PANORAMA_WORLDS:
+      controls, hover = np.asarray(env.random_controls(rng, num_frames, trajectory=trajectory, seed=seed),
+                                   np.float32), 0
+    else:
+      controls, hover = long_controls(env, rng, num_frames, seed, trajectory, fps=fps)
+    caption = env.caption(seed, trajectory)
     out.append(TestWorld(k, seed, trajectory, caption, captions.tokenize(caption), controls, hover))
   return out
 
 
-def held_out_worlds(world, num_worlds: int, num_frames: int, fps: float = 24.0) -> list[TestWorld]:
-  """The first `num_worlds` worlds of the held-out `test` split, each with a long trajectory."""
-  return eval_worlds(world, num_worlds, num_frames, fps, split="test")
-
-
-def latent_step_motion(frames) -> np.ndarray:
-  """|image translation| (pixels, `phase_correlation`) per latent step of a clip `[1+4k, H, W, 3]`:
-  video frames 4j-4 -> 4j, j = 1..k. `[k]`."""
-  from apt2_jax.evaluation.metrics import phase_correlation
-  k = (len(frames) - 1) // 4
-  return np.array([np.linalg.norm(phase_correlation(np.asarray(frames[4 * j - 4]), np.asarray(frames[4 * j])))
-                   for j in range(1, k + 1)])
-
-
-def training_motion(world, num_clips: int = 16, clip_frames: int = 17) -> np.ndarray:
-  """`latent_step_motion` of the first `num_clips` training clips (`World.sample` of the `train`
-  split, `clip_frames` frames), concatenated: the motion the models were trained on."""
-  out = [latent_step_motion(world.sample(worlds_lib.split_seed("train", i), num_frames=clip_frames)["video"])
-         for i in range(num_clips)]
-  return np.concatenate(out) if out else np.zeros(0)
+# ------------------------------------------------------------------------------------------------
+# The oracle, the regions, the commanded motion
+# ------------------------------------------------------------------------------------------------
 
 
 def render_oracle(world, controls, seed: int, start: int, stop: int) -> np.ndarray:
   """Oracle frames `[start, stop)` of `controls`, uint8 `[stop - start, H, W, 3]`.
 
-  The camera world renders frame by frame from the composed poses and the puppet world from each
-  frame's keypoints, so a chunk costs only its own frames; other worlds render the prefix
-  (`evaluate_models` renders them in one call).
+  The panorama and torus worlds render any range (`render_frames`), the camera world frame by frame
+  from the composed poses and the puppet world from each frame's keypoints, so a chunk costs only
+  its own frames; other worlds render the prefix.
   """
+  if hasattr(world, "render_frames"):
+    return world.render_frames(controls, seed, start, stop)
   if world.name == "camera":
     scene = world._scene(seed)  # pylint: disable=protected-access
     rotations, positions, log_focals = world.poses(controls[:stop], seed)
@@ -142,6 +225,75 @@ def render_oracle(world, controls, seed: int, start: int, stop: int) -> np.ndarr
   if world.name == "puppet":
     return world.render(controls[start:stop], seed)
   return world.render(controls[:stop], seed)[start:]
+
+
+def _moves(env) -> bool:
+  """Does the world's camera move under its controls?"""
+  return WORLD_CONTROL_TYPES.get(env.name) == "camera" and hasattr(env, "poses")
+
+
+def recent_mask(env, controls, seed: int, window: int) -> np.ndarray:
+  """The `psnr_recent` region of every frame for a model of `window` latent frames: bool [T, H, W].
+  The world's exact `visible_mask` when it has one (panorama), else a rotation-only camera from its
+  `poses` (exact without translation), else the whole frame."""
+  n, cfg = len(controls), env.config
+  frames = FRAMES_PER_LATENT * int(window)
+  if hasattr(env, "visible_mask"):
+    return env.visible_mask(controls, seed, 0, n, window_frames=frames)
+  if _moves(env):
+    rotations, _, log_focals = env.poses(controls, seed)
+    in_view = camera_motion.rotation_in_view(rotations, log_focals, cfg.height, cfg.width, cfg.fov_deg)
+    return camera_motion.windowed_recent(in_view, cfg.height, cfg.width, frames, 0, n)
+  return np.ones((n, cfg.height, cfg.width), bool)
+
+
+def known_mask(env, controls, seed: int) -> np.ndarray:
+  """The `psnr_known` region of every frame: the pixels whose ray lies inside frame 0's image (what
+  a model given only frame 0 can know), bool [T, H, W]. The world's exact `known_mask` when it has
+  one (panorama: `visible_mask` with window_frames = 0), the camera world's frustum test against
+  frame 0 (`visible_mask`), else the whole frame (a still camera)."""
+  n, cfg = len(controls), env.config
+  if hasattr(env, "known_mask"):
+    return env.known_mask(controls, seed, 0, n)
+  if env.name == "camera":
+    return visible_mask(env, controls, seed, 0, n)
+  return np.ones((n, cfg.height, cfg.width), bool)
+
+
+@dataclasses.dataclass
+class Target:
+  """A world's oracle uint8 [T, H, W, 3], commanded homographies [T, 3, 3] (frame t's pixels ->
+  frame t-1's) and centre shifts [T, 2], the `psnr_recent` regions bool [T, H, W] per window
+  (latent frames), the `psnr_known` region bool [T, H, W], the world's exact warp (or None) and
+  the puppet world's background (or None: `metrics.figure_metrics`)."""
+  oracle: np.ndarray
+  homographies: np.ndarray
+  commanded: np.ndarray
+  recent: dict
+  known: Optional[np.ndarray] = None
+  warp: Optional[Callable] = None     # (frame, source, target) -> frame: the world's exact warp
+  background: Optional[np.ndarray] = None
+
+
+def make_target(env, tw: TestWorld, windows: Sequence[int]) -> Target:
+  """The oracle, the commanded motion (the world's own `image_shift` when it has one, panorama;
+  else `camera_motion.commanded_shift`; none for a still camera), the recent regions and the known
+  region of one world."""
+  cfg, n = env.config, len(tw.controls)
+  if _moves(env):
+    homographies = camera_motion.commanded_homographies(tw.controls, cfg.height, cfg.width, cfg.fov_deg)
+    commanded = (env.image_shift(tw.controls) if hasattr(env, "image_shift")
+                 else camera_motion.commanded_shift(homographies, cfg.height, cfg.width))
+  else:
+    homographies, commanded = np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 2))
+  warp = functools.partial(_world_warp, env, np.asarray(tw.controls)) if hasattr(env, "warp") else None
+  return Target(render_oracle(env, tw.controls, tw.seed, 0, n), homographies, np.asarray(commanded, np.float64),
+                {w: recent_mask(env, tw.controls, tw.seed, w) for w in sorted(set(windows))},
+                known_mask(env, tw.controls, tw.seed), warp, world_background(env, tw.seed))
+
+
+def _world_warp(env, controls, frame, source: int, target: int):
+  return env.warp(frame, controls, source, target)
 
 
 def world_background(world, seed: int) -> Optional[np.ndarray]:
@@ -154,7 +306,11 @@ def world_background(world, seed: int) -> Optional[np.ndarray]:
 def visible_mask(world, controls, seed: int, start: int, stop: int) -> np.ndarray:
   """Pixels of frames `[start, stop)` whose world point was in view in frame 0: bool [T, H, W].
 
-  Camera world only (`report.DEFINITIONS`); other worlds have a still camera: all True.
+  Camera world (the known region): a pixel of frame t is in it when every surface its ray meets
+  (the ground and the canopy/cloud layers in front of it; the sky direction when it misses the
+  ground) projects inside frame 0's image, in front of camera 0. Computed exactly from the world's
+  poses and pinhole rays; a view-frustum test, so points hidden in frame 0 by the semi-transparent
+  canopy still count as seen. Other worlds have a still camera: all True.
   """
   cfg = world.config
   shape = (stop - start, cfg.height, cfg.width)
@@ -190,3 +346,20 @@ def visible_mask(world, controls, seed: int, start: int, stop: int) -> np.ndarra
     visible &= ground_hit | in_view0(rays @ r0)
     out[i] = visible
   return out
+
+
+def latent_step_motion(frames) -> np.ndarray:
+  """|image translation| (pixels, `phase_correlation`) per latent step of a clip `[1+4k, H, W, 3]`:
+  video frames 4j-4 -> 4j, j = 1..k. `[k]`."""
+  from apt2_jax.evaluation.metrics import phase_correlation
+  k = (len(frames) - 1) // 4
+  return np.array([np.linalg.norm(phase_correlation(np.asarray(frames[4 * j - 4]), np.asarray(frames[4 * j])))
+                   for j in range(1, k + 1)])
+
+
+def training_motion(world, num_clips: int = 16, clip_frames: int = 17) -> np.ndarray:
+  """`latent_step_motion` of the first `num_clips` training clips (`World.sample` of the `train`
+  split, `clip_frames` frames), concatenated: the motion the models were trained on."""
+  out = [latent_step_motion(world.sample(worlds_lib.split_seed("train", i), num_frames=clip_frames)["video"])
+         for i in range(num_clips)]
+  return np.concatenate(out) if out else np.zeros(0)

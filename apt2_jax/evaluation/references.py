@@ -1,55 +1,42 @@
-"""References that go through the same representation as the models.
+"""References: "models" whose frames are known, scored like the models, through the models' codec.
 
-Every model's frames are its VAE's decodes, so the references are passed through the same VAE
-(the first model's; encode + decode, `VAEStream`: the causal VAE's streaming encoder and decoder,
-which equal its whole-clip encode/decode, in bounded memory for any duration):
+The kinds are `drift.REFERENCES` (`drift.reference_frames` builds their frames from the oracle):
+the oracle itself (through the codec: the codec's ceiling, the best frames the models'
+representation can hold), warp-last (the one-step ceiling), the true frame one latent step back,
+frame 0's flat colour, frozen frame 0 and warp-frame-0. The two warp references need the world's
+exact warp (the torus); where a world has none (camera, panorama, puppet, bouncing) they are
+absent. The horizon's threshold comes from them (`horizon.threshold_from_references`).
 
-  vae_ceiling    the VAE's reconstruction of the oracle: the ceiling of any model decoded by this VAE.
-  copy_last      frame t is the VAE's reconstruction of oracle frame t-1 (a model that copies its last
-                 frame, at the VAE's best).
-  frozen_frame0  the VAE's reconstruction of a still video of oracle frame 0 (a model that ignores the
-                 controls).
-  flat_colour    every frame the mean colour of oracle frame 0 (no VAE): what a blurry model reaches;
-                 the VAE must beat it by a clear margin (`VAE_MARGIN_DB`) or the evaluation cannot tell
-                 a model that draws the world from one that paints a flat colour.
+Every model's frames are its codec's decodes, so each reference's frames pass through the same
+codec (`codec_roundtrip`): the pixel codecs (space-to-depth, PCA), which hold nothing across latent
+frames, encode and decode the whole clip in one jitted call; a learned VAE streams it through its
+causal encoder and decoder (`VAEStream`, chunks of latent frames, bounded memory for any duration;
+equal to its whole-clip encode/decode within one grey level).
 
-`world_references` computes all four curves (psnr, ssim per video frame) of one world.
-`vae_reconstruction` / `frozen_frame_curves` are the whole-clip and raw-pixel helpers.
+`vae_vs_flat`: the codec's ceiling against frame 0's flat colour (whole-frame PSNR). A codec that
+does not beat the flat colour by `VAE_MARGIN_DB` cannot tell a model that draws the world from
+one that paints a flat colour.
 """
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apt2_jax.evaluation.metrics import PSNR_CAP, psnr, ssim
+from apt2_jax.evaluation import drift
 from apt2_jax.generation import stream
 from apt2_jax.models import vae as vae_lib
 
-REFERENCE_SECONDS = 4.0   # `vae_reconstruction` in the report: the VAE ceiling's first 4 s of each world
 FRAMES_PER_LATENT = stream.FRAMES_PER_STEP
-VAE_MARGIN_DB = 3.0       # "clear margin": the VAE ceiling's PSNR must beat the flat colour's by this
-REFERENCES = ("vae_ceiling", "copy_last", "frozen_frame0", "flat_colour")
-
-DEFINITIONS = f"""References (per set; report["references"], the summary's reference table), each scored like
-a model (psnr, ssim per video frame vs the oracle; summaries per duration):
-  vae_ceiling     the first model's VAE encoding + decoding the oracle as one causal clip (streaming
-                  encoder and decoder, = the whole-clip encode/decode): the ceiling of any model behind
-                  this VAE. `vae_reconstruction` (the threshold of `horizon_vs_vae_s`) is its mean over
-                  the first {REFERENCE_SECONDS:g} s.
-  copy_last       frame t = the VAE's reconstruction of oracle frame t-1 (frame 0: its own).
-  frozen_frame0   the VAE's reconstruction of a still video of oracle frame 0 (the floor of a model that
-                  ignores the controls; drawn in the drift plots).
-  flat_colour     every frame the mean colour of oracle frame 0, no VAE.
-  vae_vs_flat     the VAE ceiling's PSNR minus the flat colour's (means over the rollout and the set's
-                  worlds); `clear_margin`: at least {VAE_MARGIN_DB:g} dB."""
+VAE_MARGIN_DB = 3.0       # "clear margin": the codec ceiling's PSNR must beat the flat colour's by this
+REFERENCES = drift.REFERENCES
 
 
 # ------------------------------------------------------------------------------------------------
-# The VAE, streaming
+# The codec
 # ------------------------------------------------------------------------------------------------
 
 
@@ -80,18 +67,18 @@ def _stream_functions(vae_config: vae_lib.VAEConfig):
     (enc, decode_cache), outs = jax.lax.scan(body, (enc, decode_cache), groups)
     return outs.swapaxes(0, 1).reshape(b, n, h, w, c), enc, decode_cache
 
-  return vae, first, chunk
+  return first, chunk
 
 
 class VAEStream:
-  """The VAE's reconstruction of a video streamed through its causal encoder and decoder:
+  """A video's reconstruction streamed through the VAE's causal encoder and decoder:
   `start(frame0 [H, W, 3])` -> uint8 [H, W, 3]; `chunk(frames [4L, H, W, 3])` -> uint8 [4L, H, W, 3]
-  (the last chunk may be short: padded by repeating its last frame, the padding dropped).
+  (a short chunk is padded by repeating its last frame, the padding dropped).
   `model`: anything with `vae_config` and `vae_params` (a `ModelSpec`, a `generation.Generator`)."""
 
   def __init__(self, model, chunk_latents: int = 24):
     self.params = model.vae_params
-    self.vae, self._first, self._chunk = _stream_functions(model.vae_config)
+    self._first, self._chunk = _stream_functions(model.vae_config)
     self.chunk_latents = int(chunk_latents)
     self.enc = self.dec = None
 
@@ -108,54 +95,35 @@ class VAEStream:
     out, self.enc, self.dec = self._chunk(self.params, stream.from_uint8(jnp.asarray(frames))[None], self.enc, self.dec)
     return np.asarray(out[0, :n])
 
-  def caches(self):
-    return self.enc, self.dec
-
-
-def _same(a, b) -> bool:
-  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def still_video_chunks(model, frame0: np.ndarray, num_frames: int, chunk_latents: int = 24) -> Iterator[np.ndarray]:
-  """The VAE's streaming reconstruction of `num_frames` copies of `frame0`, chunk by chunk (frame 0,
-  then up to `4 chunk_latents` frames per chunk). Once a chunk leaves the caches exactly as it found
-  them (a still input fills the causal caches' finite window), every later chunk is the same: it is
-  repeated without running the VAE."""
-  s = VAEStream(model, chunk_latents)
-  yield s.start(frame0)[None]
-  size = FRAMES_PER_LATENT * chunk_latents
-  still = np.broadcast_to(frame0, (size,) + frame0.shape)
-  done, steady = 1, None
-  while done < num_frames:
-    n = min(size, num_frames - done)
-    if steady is None:
-      before = jax.tree.map(np.asarray, s.caches())
-      out = s.chunk(np.ascontiguousarray(still))
-      if _same(before, s.caches()):
-        steady = out
-      yield out[:n]
-    else:
-      yield steady[:n]
-    done += n
-
-
-def vae_reconstruction(model, frames: np.ndarray) -> np.ndarray:
-  """uint8 `[1+4k, H, W, 3]` -> `model`'s VAE whole-clip reconstruction (posterior mean), uint8."""
-  return _whole_clip(model.vae_config)(model.vae_params, stream.from_uint8(jnp.asarray(frames))[None])[0]
+  def video(self, frames: np.ndarray) -> np.ndarray:
+    """The reconstruction of a whole video uint8 `[1 + 4k, H, W, 3]` (a memory map is fine),
+    chunk by chunk."""
+    out = [self.start(np.asarray(frames[0]))[None]]
+    size = FRAMES_PER_LATENT * self.chunk_latents
+    out += [self.chunk(np.asarray(frames[a:a + size])) for a in range(1, len(frames), size)]
+    return np.concatenate(out)
 
 
 @functools.lru_cache(maxsize=4)
 def _whole_clip(vae_config: vae_lib.VAEConfig):
   vae = vae_lib.VAE(vae_config)
-  fn = jax.jit(lambda p, v: stream.to_uint8(vae.apply(p, vae.apply(p, v, method=vae_lib.VAE.encode)[0],
-                                                      method=vae_lib.VAE.decode)))
-  return lambda p, v: np.asarray(fn(p, v))
+
+  @jax.jit
+  def fn(params, video):
+    mean, _ = vae.apply(params, stream.from_uint8(video[None]), method=vae_lib.VAE.encode)
+    return stream.to_uint8(vae.apply(params, mean, method=vae_lib.VAE.decode))[0]
+
+  return fn
 
 
-def reference_frames(num_frames: int, fps: float) -> int:
-  """Video frames of `vae_reconstruction` in the report: whole latent frames covering `REFERENCE_SECONDS`."""
-  latents = max(1, int(REFERENCE_SECONDS * fps) // FRAMES_PER_LATENT)
-  return min(num_frames, 1 + FRAMES_PER_LATENT * latents)
+def codec_roundtrip(model, chunk_latents: int = 24) -> Callable[[np.ndarray], np.ndarray]:
+  """uint8 video `[1 + 4k, H, W, 3]` -> the same video encoded and decoded by `model`'s codec
+  (anything with `vae_config` and `vae_params`): the whole clip at once for a pixel codec, streamed
+  `chunk_latents` latent frames at a time for a learned VAE (module docstring)."""
+  if model.vae_config.codec == "learned":
+    return lambda video: VAEStream(model, chunk_latents).video(video)
+  fn = _whole_clip(model.vae_config)
+  return lambda video: np.asarray(fn(model.vae_params, np.asarray(video)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,68 +131,31 @@ def reference_frames(num_frames: int, fps: float) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def _scores(frames: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  return psnr(frames, ref, cap=PSNR_CAP), ssim(frames, ref)
+def reference_curves(target, window: int, roundtrip: Optional[Callable] = None,
+                     ssim: bool = False) -> dict[str, dict]:
+  """`drift.frame_metrics` of every reference (`REFERENCES`; the warp ones only where the world has
+  an exact warp) on one world (`oracle.Target`); with `roundtrip` (`codec_roundtrip`) each
+  reference's frames go through the models' codec first."""
+  out = {}
+  for kind in REFERENCES:
+    if kind in drift.WARP_REFERENCES and target.warp is None:
+      continue
+    frames = drift.reference_frames(target.oracle, kind, target.warp)
+    if roundtrip is not None:
+      frames = roundtrip(frames)
+    out[kind] = drift.frame_metrics(frames, target.oracle, target.recent[window], target.homographies,
+                                    known=target.known, background=target.background, ssim=ssim)
+  return out
 
 
-def flat_colour(frame0: np.ndarray) -> np.ndarray:
-  """Frame 0's mean colour as a flat uint8 image of its shape."""
-  colour = np.round(np.asarray(frame0, np.float64).reshape(-1, 3).mean(0)).astype(np.uint8)
-  return np.broadcast_to(colour, frame0.shape)
-
-
-def world_references(model, oracle, chunk_latents: int = 24) -> dict[str, dict[str, np.ndarray]]:
-  """{reference: {"psnr", "ssim": float [T]}} of one world's oracle (uint8 [T = 1+4k, H, W, 3], a
-  memory map is fine), the VAE parts through `model`'s VAE, chunk by chunk (bounded memory)."""
-  n = len(oracle)
-  curves = {k: {"psnr": [], "ssim": []} for k in REFERENCES}
-
-  def add(name, frames, ref):
-    p, s = _scores(frames, ref)
-    curves[name]["psnr"].append(p)
-    curves[name]["ssim"].append(s)
-
-  frame0 = np.asarray(oracle[0])
-  vae = VAEStream(model, chunk_latents)
-  recon0 = vae.start(frame0)[None]
-  add("vae_ceiling", recon0, frame0[None])
-  add("copy_last", recon0, frame0[None])
-  flat = flat_colour(frame0)
-  add("flat_colour", flat[None], frame0[None])
-  last = recon0[-1]
-  size = FRAMES_PER_LATENT * vae.chunk_latents
-  for a in range(1, n, size):
-    ref = np.asarray(oracle[a:a + size])
-    recon = vae.chunk(ref)
-    add("vae_ceiling", recon, ref)
-    add("copy_last", np.concatenate([last[None], recon[:-1]]), ref)
-    add("flat_colour", np.broadcast_to(flat, ref.shape), ref)
-    last = recon[-1]
-  a = 0
-  for frames in still_video_chunks(model, frame0, n, chunk_latents):
-    add("frozen_frame0", frames, np.asarray(oracle[a:a + len(frames)]))
-    a += len(frames)
-  return {k: {m: np.concatenate(v) for m, v in c.items()} for k, c in curves.items()}
-
-
-def vae_vs_flat(vae_curves, flat_curves) -> dict:
-  """The VAE ceiling against the flat colour over a set's worlds (each a `world_references` curve
-  dict): per world and mean PSNRs, the margin (mean VAE minus mean flat) and whether it is clear
+def vae_vs_flat(oracle_curves, flat_curves) -> dict:
+  """The codec's ceiling (the "oracle" reference through the codec) against frame 0's flat colour
+  over a set's worlds (per-world `frame_metrics`, whole-frame `psnr` of the generated frames): per
+  world and mean PSNRs, the margin (mean ceiling minus mean flat) and whether it is clear
   (`VAE_MARGIN_DB`)."""
-  worlds = [{"vae_psnr": float(np.mean(v["psnr"])), "flat_psnr": float(np.mean(f["psnr"])),
-             "margin_db": float(np.mean(v["psnr"]) - np.mean(f["psnr"]))} for v, f in zip(vae_curves, flat_curves)]
+  mean = lambda c: float(np.mean(np.asarray(c["psnr"], np.float64)[1:]))
+  worlds = [{"vae_psnr": mean(v), "flat_psnr": mean(f), "margin_db": mean(v) - mean(f)}
+            for v, f in zip(oracle_curves, flat_curves)]
   vae, flat = float(np.mean([w["vae_psnr"] for w in worlds])), float(np.mean([w["flat_psnr"] for w in worlds]))
   return {"vae_psnr": vae, "flat_psnr": flat, "margin_db": vae - flat, "clear_margin": bool(vae - flat >= VAE_MARGIN_DB),
           "threshold_db": VAE_MARGIN_DB, "worlds": worlds}
-
-
-def frozen_frame_curves(oracle: np.ndarray, chunk: int = 96) -> dict[str, np.ndarray]:
-  """PSNR/SSIM of raw frame 0 repeated forever (no VAE; `world_references` has the VAE's)."""
-  first = np.asarray(oracle[0])
-  curves = {"psnr": [], "ssim": []}
-  for a in range(0, len(oracle), chunk):
-    ref = np.asarray(oracle[a:a + chunk])
-    p, s = _scores(np.broadcast_to(first, ref.shape), ref)
-    curves["psnr"].append(p)
-    curves["ssim"].append(s)
-  return {k: np.concatenate(v) for k, v in curves.items()}

@@ -1,381 +1,330 @@
-"""`evaluate_models`: every model streamed on the same worlds of each evaluation set, compared with
-the oracle and with references that pass through the same VAE.
+"""`evaluate`: every model streamed on the same worlds of each evaluation set, scored against the
+oracle beside references, with the gates and claims; one evaluation for every world.
 
-Evaluation sets (`oracle.EVAL_SPLITS`), reported separately: `in_distribution` (validation-split
-worlds, drawn like training's: the training textures and trajectory types, so the trained caption
-words; the summary's metrics are measured here: `report["models"]`, `report["references"]`) and
-`held_out` (test-split worlds: unseen textures, the held-out trajectory and caption words;
-generalisation: `report["held_out"]`). Each world's trajectory continues training's control
-sampler (`oracle.long_controls`: training's speeds, no hovering); `report["sets"][set]["motion"]`
-compares the oracle's median motion per latent step with the training clips'.
+    models = {"aapt_short": model_spec_from_workdir(STAGE3), "distilled": model_spec_from_workdir(STAGE2),
+              "diffusion": model_spec_from_workdir(STAGE1, num_steps=32, shift=3.0), ...}
+    config = EvalConfig(world="torus", roles={name: name for name in models}, seconds=20.0)
+    report = evaluate(models, config, out_dir=DIR, learning=stage1_learning_check(STAGE1))
 
-Per world: the oracle is rendered once into memory-mapped scratch files (bounded memory); the
-references are computed (`references.world_references`: the VAE ceiling, copy-last and frozen
-frame 0 through the first model's VAE, and a flat colour); then each model starts from the oracle's
-frame 0 with the world's caption and streams the world's controls with the same per-step noise
-seed (paired across models), frame by frame into the metrics, the MP4 and the GIF.
+The command line is `python -m apt2_jax.evaluation` (`__main__.py`); the pipeline calls `evaluate`.
+
+Per evaluation set (`oracle.EvalSet`, fixed seeds; `oracle.default_eval_sets`) and world
+(`oracle.eval_worlds`): the target (`oracle.make_target`: the oracle, the known and recent regions,
+the commanded motion, the world's exact warp where it has one), the references through the models'
+codec (`references.reference_curves`), then each model, once per noise seed (`noise_seeds`, paired
+across models: the same stream seed for every model of a world), streams the world from the oracle's
+frame 0 through its `StreamingGenerator` (`models.ModelStream`) and every frame is scored by
+`drift.frame_metrics` (`drift`'s module docstring has the definitions).
+
+Summaries: `drift.summarize` per (set, noise seed, model) and per reference, pooled over the set's
+worlds; `horizon.set_statistics`: the threshold from the references, per-world horizons (first and
+last crossing), medians with bootstrap CIs and paired late-PSNR differences (also on the prefixes of
+the shorter `summary_seconds`); the gates and claims (`gates`, by model name = role) on the first
+set. Checks per set: the codec's ceiling against the flat colour (`references.vae_vs_flat`) and,
+in the camera world, the oracle's motion against training's (`oracle.training_motion`).
+
+Cost apart from the model rollouts, per world of a 30 s panorama rollout at 24 fps (721 frames),
+measured on one CPU core shared with a training run (a free core is ~2x faster): the oracle ~0.9 s,
+the recent region ~1.7 s per distinct window, the known region ~0.1 s, and `drift.frame_metrics`
+~1.5 s per scored video (each reference, after a 0.15 s codec round trip, and each model x noise
+seed), vectorised numpy: the warp error (bilinear, RGB, full resolution) ~0.65 s, the motion
+estimate ~0.55 s. Every world's videos are held in memory (30 s of 64x64 frames: ~9 MB each).
+
+Outputs under `out_dir`: `report.json`, `claims.md` (`report`), `drift_<set>.png`, `gifs/` and, with
+`videos`, `videos/` (`figures`).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from apt2_jax import media
 from apt2_jax.controls import WORLD_CONTROL_TYPES
-from apt2_jax.data import worlds as worlds_lib
+from apt2_jax.evaluation import camera_motion
+from apt2_jax.evaluation import claims as claims_lib
+from apt2_jax.evaluation import drift
 from apt2_jax.evaluation import figures
+from apt2_jax.evaluation import gates
+from apt2_jax.evaluation import horizon as horizon_lib
+from apt2_jax.evaluation import oracle as oracle_lib
 from apt2_jax.evaluation import references as refs_lib
 from apt2_jax.evaluation import report as report_lib
-from apt2_jax.evaluation.metrics import (PSNR_CAP, figure_metrics, masked_mean_ssim, phase_correlation,
-                                         psnr, ssim_map)
-from apt2_jax.evaluation.oracle import (EVAL_SPLITS, TestWorld, eval_worlds, render_oracle, training_motion,
-                                        visible_mask, world_background)
 from apt2_jax.evaluation.models import FRAMES_PER_LATENT, ModelSpec, ModelStream
-
-CURVES = ("psnr", "ssim", "psnr_visible", "ssim_visible", "visible_fraction")
-FIGURE_CURVES = ("figure_psnr", "figure_iou", "figure_centroid_error_px")
+from apt2_jax.evaluation.oracle import EvalSet, Target, TestWorld
 
 
 @dataclasses.dataclass
-class _Run:
-  """One evaluation's settings and derived sizes."""
-  world: str
-  env: Any
-  fps: float
-  height: int
-  width: int
-  durations: list
-  latent_steps: int       # generated latent frames
-  num_frames: int         # video frames, frame 0 included
-  out_dir: str
-  video_dir: Optional[str]  # None: no videos
-  gif_frames: int
-  progress: bool
-  seed: int
-  world_config: Any       # the worlds' `WorldConfig`
-  chunk_frames: int = 24  # latent frames per compiled call (models and the references' VAE)
+class EvalConfig:
+  """The evaluation's settings (fixed before any model is trained).
 
-  def bar(self, **kwargs):
-    from tqdm import tqdm
-    return tqdm(disable=not self.progress, file=sys.stderr, dynamic_ncols=True, **kwargs)
-
-
-@dataclasses.dataclass
-class _Target:
-  """A world's oracle (memory-mapped uint8 [T, H, W, 3]), visible region, background, and the
-  oracle's motion per latent step (camera)."""
-  oracle: np.ndarray
-  visible: np.ndarray
-  background: Optional[np.ndarray]
-  motion: Optional[np.ndarray]
-
-
-class _Curves:
-  """Accumulates one model's per-frame metrics on one world, its video and its first GIF frames."""
-
-  def __init__(self, target: _Target, writer, gif_frames: int):
-    self.target, self.writer, self.gif_frames = target, writer, gif_frames
-    self.curves = {k: [] for k in CURVES}
-    self.extra = {k: [] for k in FIGURE_CURVES}
-    self.motion, self.kept, self.previous = [], [], None
-
-  def add(self, frames: np.ndarray, a: int):
-    """Frames `[n, H, W, 3]` that start at video frame `a`."""
-    t = self.target
-    ref, vis = np.asarray(t.oracle[a:a + len(frames)]), np.asarray(t.visible[a:a + len(frames)])
-    smap = ssim_map(frames, ref)
-    for key, value in (("psnr", psnr(frames, ref, cap=PSNR_CAP)), ("ssim", masked_mean_ssim(smap)),
-                       ("psnr_visible", psnr(frames, ref, vis, cap=PSNR_CAP)),
-                       ("ssim_visible", masked_mean_ssim(smap, vis)),
-                       ("visible_fraction", vis.mean(axis=(-2, -1)))):
-      self.curves[key].append(value)
-    if t.background is not None:
-      for k, v in figure_metrics(frames, ref, t.background).items():
-        self.extra[k].append(v)
-    if t.motion is not None and self.previous is not None:
-      self.motion.append(phase_correlation(self.previous, frames[-1]))
-    self.previous = frames[-1]
-    if self.writer is not None:
-      self.writer.write(figures.side_by_side(frames, ref))
-    if sum(len(k) for k in self.kept) < self.gif_frames:
-      self.kept.append(frames)
-
-  def result(self) -> dict[str, np.ndarray]:
-    out = {k: np.concatenate(v) for k, v in self.curves.items()}
-    if self.target.background is not None:
-      out.update({k: np.concatenate(v) for k, v in self.extra.items()})
-    if self.target.motion is not None:
-      out["control_error_px"] = np.linalg.norm(np.array(self.motion) - self.target.motion, axis=-1)
-      out["oracle_motion_px"] = np.linalg.norm(self.target.motion, axis=-1)
-    return out
-
-
-def _render_target(run: _Run, tw: TestWorld, scratch: str) -> _Target:
-  """Renders a world's oracle and visible region into memory-mapped files under `scratch`."""
-  n, h, w = run.num_frames, run.height, run.width
-  oracle = np.lib.format.open_memmap(os.path.join(scratch, f"oracle{tw.index}.npy"), "w+", np.uint8, (n, h, w, 3))
-  visible = np.lib.format.open_memmap(os.path.join(scratch, f"visible{tw.index}.npy"), "w+", bool, (n, h, w))
-  with run.bar(total=n, desc=f"oracle world {tw.index}", unit="frame") as b:
-    # Camera and puppet frames render independently; other worlds simulate from frame 0.
-    step = 96 if run.world in ("camera", "puppet") else n
-    for a in range(0, n, step):
-      z = min(n, a + step)
-      oracle[a:z] = render_oracle(run.env, tw.controls, tw.seed, a, z)
-      visible[a:z] = visible_mask(run.env, tw.controls, tw.seed, a, z)
-      b.update(z - a)
-  motion = None
-  if run.world == "camera":
-    motion = np.array([phase_correlation(oracle[4 * j - 4], oracle[4 * j]) for j in range(1, run.latent_steps + 1)])
-  return _Target(oracle, visible, world_background(run.env, tw.seed), motion)
-
-
-def _noise_seed(seed: int, world_seed: int) -> int:
-  """The stream seed of a world: the same for every model (paired noise)."""
-  return int(np.random.SeedSequence([seed, world_seed]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def _evaluate_model(run: _Run, name: str, sampler: ModelStream, tw: TestWorld, target: _Target,
-                    noise_seed: int) -> tuple[dict, Optional[np.ndarray]]:
-  """Streams one model on one world: (the world's report entry, its first GIF frames or None)."""
-  stem = os.path.join(run.video_dir, f"{name}_world{tw.index}") if run.video_dir else None
-  writer = media.VideoWriter(stem + ".mp4", run.fps) if stem else None
-  acc = _Curves(target, writer, run.gif_frames)
-  try:
-    acc.add(sampler.start(np.array(target.oracle[0]), tw.text_tokens, noise_seed), 0)
-    with run.bar(total=run.latent_steps, desc=f"{name} world {tw.index}", unit="latent frame") as b:
-      for j, video in enumerate(sampler.stream(tw.controls, run.latent_steps)):
-        acc.add(video, 1 + FRAMES_PER_LATENT * j)
-        b.update(1)
-  finally:
-    if writer is not None:
-      writer.close()
-  entry = {"world_index": tw.index, "seed": tw.seed, "trajectory": tw.trajectory, "caption": tw.caption,
-           "hover_segments": tw.hover_segments, "curves": acc.result()}
-  if stem is None:
-    return entry, None
-  kept = np.concatenate(acc.kept)[:run.gif_frames]
-  figures.write_small_gif(stem + ".gif", figures.side_by_side(kept, np.array(target.oracle[:len(kept)])), run.fps)
-  entry["videos"] = {"mp4": os.path.relpath(stem + ".mp4", run.out_dir),
-                     "gif": os.path.relpath(stem + ".gif", run.out_dir)}
-  return entry, kept
-
-
-def _evaluate_world(run: _Run, tw: TestWorld, models: Mapping[str, ModelSpec], samplers: Mapping[str, ModelStream],
-                    results: dict, references: dict, scratch: str, video_dir: Optional[str]):
-  """One world: the oracle, the references, every model; appends to `results` and `references`;
-  writes the world's all-models GIF under `video_dir`."""
-  target = _render_target(run, tw, scratch)
-  refs = refs_lib.world_references(next(iter(models.values())), target.oracle, run.chunk_frames)
-  for name, curves in refs.items():
-    references[name].append(curves)
-  n = refs_lib.reference_frames(run.num_frames, run.fps)
-  references["vae_reconstruction"].append({"psnr": float(np.mean(refs["vae_ceiling"]["psnr"][:n])),
-                                           "ssim": float(np.mean(refs["vae_ceiling"]["ssim"][:n])), "frames": n})
-  references["motion"].append(None if target.motion is None else np.linalg.norm(target.motion, axis=-1))
-  panels = {"oracle": np.array(target.oracle[:run.gif_frames])}
-  noise_seed = _noise_seed(run.seed, tw.seed)
-  run_videos = dataclasses.replace(run, video_dir=video_dir)
-  for name in models:
-    entry, kept = _evaluate_model(run_videos, name, samplers[name], tw, target, noise_seed)
-    results[name].append(entry)
-    if kept is not None:
-      panels[name] = kept
-  if video_dir:
-    labelled = [figures._label(v, k) for k, v in panels.items()]  # pylint: disable=protected-access
-    n = min(len(p) for p in labelled)
-    figures.write_small_gif(os.path.join(video_dir, f"world{tw.index}_all.gif"),
-                            figures.side_by_side(*[p[:n] for p in labelled]), run.fps)
-
-
-def _setup(models, world, seconds, fps, height, width, out_dir, seed, progress, gif_seconds, write_videos,
-           world_config, chunk_frames) -> _Run:
-  """The run's settings and world (`make_world`); checks that the models take the world's controls."""
-  first = next(iter(models.values()))
-  height, width = int(height or first.height or 64), int(width or first.width or 64)
-  durations = sorted({float(s) for s in (seconds if isinstance(seconds, (list, tuple)) else [seconds])})
-  if durations[0] <= 0:
-    raise ValueError(f"seconds={seconds} must be positive")
-  kind = WORLD_CONTROL_TYPES[world]
-  for name, spec in models.items():
-    g = spec.generator
-    if spec.dit_config.control_channels and g.control_type != kind:
-      raise ValueError(f"model {name!r} takes {g.control_type!r} controls, the {world!r} world gives {kind!r}")
-  latent_steps = max(1, math.ceil(durations[-1] * fps / FRAMES_PER_LATENT))
-  num_frames = 1 + FRAMES_PER_LATENT * latent_steps
-  wcfg = worlds_lib.WorldConfig(height=height, width=width, num_frames=num_frames, **dict(world_config or {}))
-  os.makedirs(out_dir, exist_ok=True)
-  return _Run(world, worlds_lib.make_world(world, wcfg), fps, height, width, durations, latent_steps, num_frames,
-              out_dir, os.path.join(out_dir, "videos") if write_videos else None,
-              max(2, int(round(gif_seconds * fps))), progress, seed, wcfg, int(chunk_frames))
-
-
-SET_ROLES = {"in_distribution": "worlds drawn like training's (training textures, trajectory types and caption "
-                                "words; validation seeds)",
-             "held_out": "generalisation: test-split worlds (unseen textures, the held-out spiral trajectory and "
-                         "their caption words)"}
-
-
-def _reference_summaries(references: Mapping[str, list], config: Mapping[str, Any], relative: float) -> dict:
-  """report["references"][name] = {"summary", "mean_curves"} of each `refs_lib.REFERENCES` but frozen
-  frame 0 (`report.model_entries` has it), and `vae_vs_flat`."""
-  out = {}
-  for name in refs_lib.REFERENCES:
-    if name == "frozen_frame0":
-      continue
-    mean = report_lib._mean_curves(references[name])  # pylint: disable=protected-access
-    out[name] = {"summary": report_lib._summaries(mean, config["seconds"], config["fps"], config["good_psnr"],  # pylint: disable=protected-access
-                                                  config["video_frames"], relative),
-                 "mean_curves": mean}
-  out["vae_vs_flat"] = refs_lib.vae_vs_flat(references["vae_ceiling"], references["flat_colour"])
-  return out
-
-
-def _evaluate_set(run: _Run, set_name: str, num_worlds: int, models, samplers, config) -> dict:
-  """One evaluation set: {"models", "references", "plots", "mean_curves", "set"} (paths relative to
-  `run.out_dir`; the first set writes to `out_dir` itself, the others to `out_dir/<set>`)."""
-  split = EVAL_SPLITS[set_name]
-  tests = eval_worlds(run.env, num_worlds, run.num_frames, run.fps, split=split)
-  set_dir = run.out_dir if set_name == config["primary_set"] else os.path.join(run.out_dir, set_name)
-  video_dir = os.path.join(set_dir, "videos") if run.video_dir else None
-  for d in (set_dir, video_dir):
-    if d:
-      os.makedirs(d, exist_ok=True)
-  results = {name: [] for name in models}
-  references = {k: [] for k in (*refs_lib.REFERENCES, "vae_reconstruction", "motion")}
-  scratch = tempfile.mkdtemp(prefix="oracle_", dir=run.out_dir)
-  try:
-    for tw in tests:
-      _evaluate_world(run, tw, models, samplers, results, references, scratch, video_dir)
-  finally:
-    shutil.rmtree(scratch, ignore_errors=True)
-  throughputs = {name: s.throughput() for name, s in samplers.items()}
-  entries, refs, mean_curves = report_lib.model_entries(models, throughputs, results, references, config)
-  relative = refs["vae_reconstruction"]["psnr"] - report_lib.RELATIVE_HORIZON_DB
-  refs.update(_reference_summaries(references, config, relative))
-  refs["definitions"] = refs_lib.DEFINITIONS
-  shown = {**mean_curves, **{f"{k.replace('_', ' ')} (reference)": refs[k]["mean_curves"]
-                             for k in ("vae_ceiling", "copy_last", "flat_colour")}}
-  plots = figures.write_plots(set_dir, run.world, shown, refs["frozen_frame0"]["mean_curves"], run.fps)
-  motion = [m for m in references["motion"] if m is not None]
-  set_info = {"split": split, "role": SET_ROLES.get(set_name, split), "num_worlds": num_worlds,
-              "world_seeds": [t.seed for t in tests], "trajectories": [t.trajectory for t in tests],
-              "captions": [t.caption for t in tests], "hover_segments": [t.hover_segments for t in tests]}
-  if motion:
-    set_info["oracle_motion_px_median"] = float(np.median(np.concatenate(motion)))
-  return {"models": entries, "references": refs,
-          "plots": {k: os.path.relpath(v, run.out_dir) for k, v in plots.items()}, "set": set_info}
-
-
-def _motion_check(run: _Run, sets: Mapping[str, dict], clip_frames: int) -> Optional[dict]:
-  """Camera: the median image motion per latent step (pixels) of the training clips (`World.sample`,
-  train split, `clip_frames` frames) against each set's oracle; ratio = set / training."""
-  if run.world != "camera" or clip_frames < 1 + FRAMES_PER_LATENT:
-    return None
-  train = float(np.median(training_motion(run.env, 16, clip_frames)))
-  out = {"training_clips": 16, "training_clip_frames": clip_frames, "training_median_px": train}
-  for name, s in sets.items():
-    m = s["set"].get("oracle_motion_px_median")
-    out[name] = {"median_px": m, "ratio_to_training": None if m is None or train <= 0 else m / train}
-  return out
-
-
-def _set_markdown(name: str, s: Mapping[str, Any], config: Mapping[str, Any], primary: bool) -> str:
-  """One set's section of summary.md: the models' table, the references' table, VAE vs flat colour."""
-  info = s["set"]
-  fmt = lambda x, f="{:.2f}": "n/a" if x is None else f.format(x)
-  head = f"## {name} ({'the metrics' if primary else 'reported separately'}): {info['role']}"
-  head = head.replace("separately): generalisation:", "separately, generalisation):")
-  table = report_lib.summary_table({"config": dict(config, num_worlds=info["num_worlds"]), "models": s["models"],
-                                    "references": s["references"]})
-  table = table.replace(" held-out world(s)", f" {name} world(s) ({info['split']} split: "
-                        f"{', '.join(info['trajectories'])})")
-  lines = [head, "", table, "", "| reference | duration | PSNR mean | PSNR first 10 s | PSNR last 10 s | SSIM mean | "
-           f"good horizon (s, PSNR >= {config['good_psnr']:g}) |", "|---|---|---|---|---|---|---|"]
-  refs = s["references"]
-  for ref in refs_lib.REFERENCES:
-    for dur, sm in refs[ref]["summary"].items():
-      ps = sm["psnr"]
-      horizon = fmt(ps.get("good_horizon_s"), "{:.1f}") + ("+" if ps.get("good_horizon_reached_end") else "")
-      lines.append(f"| {ref} | {dur} | {fmt(ps['mean'])} | {fmt(ps['first_10s'])} | {fmt(ps['last_10s'])} | "
-                   f"{fmt(sm['ssim']['mean'], '{:.3f}')} | {horizon} |")
-  v = refs["vae_vs_flat"]
-  verdict = "a clear margin" if v["clear_margin"] else f"NOT a clear margin (< {v['threshold_db']:g} dB)"
-  lines += ["", f"VAE vs flat colour on these clips: the VAE's reconstruction PSNR {v['vae_psnr']:.2f} dB, frame 0's "
-            f"flat colour {v['flat_psnr']:.2f} dB: {v['margin_db']:+.2f} dB, {verdict}."]
-  if info.get("oracle_motion_px_median") is not None and config.get("motion"):
-    m = config["motion"]
-    lines.append(f"Motion: the oracle's median image motion per latent step {info['oracle_motion_px_median']:.2f} px, "
-                 f"the training clips' {m['training_median_px']:.2f} px (ratio "
-                 f"{fmt(m[name]['ratio_to_training'])}); hovering segments: {sum(info['hover_segments'])}.")
-  return "\n".join(lines)
-
-
-def evaluate_models(models: Mapping[str, ModelSpec], *, world: str = "camera", num_worlds: int = 2,
-                    seconds: float | Sequence[float] = 60.0, fps: float = 24.0,
-                    height: Optional[int] = None, width: Optional[int] = None,
-                    out_dir: str = "eval", seed: int = 0, progress: bool = True,
-                    good_psnr: float = 20.0, chunk_frames: int = 24, gif_seconds: float = 4.0,
-                    write_videos: bool = True, world_config: Optional[Mapping[str, Any]] = None,
-                    eval_sets: Sequence[str] = ("in_distribution", "held_out"),
-                    training_clip_frames: int = 17) -> dict:
-  """Streams every model on the same worlds of each evaluation set and compares it with the oracle.
-
-  Args:
-    models: name -> ModelSpec (e.g. `model_spec_from_workdir`).
-    world: "camera", "puppet" or "bouncing".
-    num_worlds: worlds per set (`split_seed(split, k)`, k < num_worlds).
-    seconds: rollout duration(s); the longest is run, each is summarised on its prefix.
-      `seconds * fps` video frames, rounded up to whole latent frames (+ frame 0).
-    height, width: pixels (multiples of 16); default: the first model's training resolution.
-    seed: the noise seed (the same for every model; combined with the world's seed).
-    good_psnr: dB threshold of the good horizon.
-    chunk_frames: latent frames per compiled DiT call (bounded memory; the last is padded).
-    gif_seconds: length of the GIFs (the MP4s hold the whole rollout).
-    world_config: extra `WorldConfig` fields (e.g. speed) for the worlds (training's data options).
-    eval_sets: names in `oracle.EVAL_SPLITS`; the first is the primary set (the report's top-level
-      "models", "references", "plots"), each other one is under `report[name]` (and `out_dir/name`).
-    training_clip_frames: video frames of the training clips (the motion check).
-  Returns:
-    the report (also written to `out_dir/report.json`, and `summary.md`), see `apt2_jax.evaluation`.
+  Attributes:
+    roles: claim role (`claims.ROLES`) -> model name in `models`; the gates and claims read the
+      models by these names, a missing one makes its verdict "not measured".
+    world, world_config: the world and `WorldConfig` overrides shared by every set.
+    eval_sets: the evaluation sets (the first is where the gates and claims are measured); None:
+      `oracle.default_eval_sets(world)`.
+    num_worlds: worlds per set; noise_seeds: one rollout per model, world and seed (2 in the full run).
+    seconds: rollout length; None: `claims.LONG_EVAL_FACTOR` x `short_clip_s`.
+    summary_seconds: shorter durations also scored on each rollout's prefix (horizons, late PSNR).
+    short_clip_s: the short training clip.
+    height, width, fps: the frames (the models' resolution).
+    window: N for `psnr_recent` of the references; None: the first model's `dit_config.window`
+      (each model's own `psnr_recent` uses its own window; `psnr_known` has no window).
+    chunk_frames: latent frames per compiled DiT call.
+    gif_max_bytes: each GIF's size cap.
+    videos: also write every world's whole rollout as MP4 (first noise seed).
+    ssim: also score every frame's SSIM.
+    training_clip_frames: the training clips of the camera world's motion check.
   """
+  roles: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  world: str = "panorama"
+  world_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  eval_sets: Optional[Sequence[EvalSet]] = None
+  num_worlds: int = 4
+  noise_seeds: Sequence[int] = (0, 1)
+  seconds: Optional[float] = None
+  summary_seconds: Sequence[float] = ()
+  short_clip_s: Optional[float] = None
+  height: int = 64
+  width: int = 64
+  fps: float = 24.0
+  window: Optional[int] = None
+  chunk_frames: int = 24
+  gif_max_bytes: int = figures.GIF_MAX_BYTES
+  videos: bool = False
+  ssim: bool = False
+  training_clip_frames: int = 17
+  progress: bool = True
+
+  def __post_init__(self):
+    if self.eval_sets is None:
+      self.eval_sets = oracle_lib.default_eval_sets(self.world)
+    self.eval_sets = tuple(self.eval_sets)
+
+  def duration(self) -> float:
+    if self.seconds:
+      return float(self.seconds)
+    if not self.short_clip_s:
+      raise ValueError("EvalConfig needs seconds or short_clip_s")
+    return claims_lib.LONG_EVAL_FACTOR * float(self.short_clip_s)
+
+  def latent_steps(self, seconds: Optional[float] = None) -> int:
+    return max(1, math.ceil((seconds or self.duration()) * self.fps / FRAMES_PER_LATENT))
+
+  def video_frames(self, seconds: Optional[float] = None) -> int:
+    return 1 + FRAMES_PER_LATENT * self.latent_steps(seconds)
+
+  def env(self, eval_set: EvalSet):
+    """The world of an evaluation set, `WorldConfig` of the rollout's length."""
+    return oracle_lib.make_env(self.world, eval_set, self.height, self.width, self.video_frames(),
+                               self.world_config)
+
+  def describe(self) -> dict:
+    d = dataclasses.asdict(self)
+    d.update(seconds=self.duration(), latent_steps=self.latent_steps(), video_frames=self.video_frames())
+    return d
+
+
+# ------------------------------------------------------------------------------------------------
+# One model on one world
+# ------------------------------------------------------------------------------------------------
+
+
+def stream_world(stream: ModelStream, target: Target, tw: TestWorld, noise_seed: int, latent_steps: int,
+                 keep_every: int = 0, keep_all: bool = False, ssim: bool = False):
+  """One model's rollout of one world from the oracle's frame 0: (its `drift.frame_metrics` curves,
+  the generated frames t with t % keep_every == 0 (None when keep_every is 0), every generated
+  frame (None unless keep_all))."""
+  window = stream.spec.dit_config.window
+  recent, h, oracle, known = target.recent[window], target.homographies, target.oracle, target.known
+  acc, kept, frames_all = drift.DriftCurves(target.background, ssim), [], []
+
+  def add(frames, a):
+    b = a + len(frames)
+    acc.add(frames, oracle[a:b], recent[a:b], h[a:b], None if known is None else known[a:b])
+    if keep_every:
+      kept.extend(f for i, f in enumerate(frames) if (a + i) % keep_every == 0)
+    if keep_all:
+      frames_all.append(frames)
+
+  add(stream.start(np.asarray(oracle[0]), tw.text_tokens, noise_seed), 0)
+  for j, video in enumerate(stream.stream(tw.controls, latent_steps)):
+    add(video, 1 + FRAMES_PER_LATENT * j)
+  return (acc.result(), np.stack(kept) if keep_every else None,
+          np.concatenate(frames_all) if keep_all else None)
+
+
+def noise_seed(seed: int, set_index: int, world_index: int) -> int:
+  """The stream seed of (noise seed, set, world): the same for every model (paired noise)."""
+  return int(np.random.SeedSequence([seed, set_index, world_index]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+def _check(models: Mapping[str, ModelSpec], config: EvalConfig):
   if not models:
-    raise ValueError("evaluate_models needs at least one model")
-  eval_sets = tuple(eval_sets)
-  unknown = [s for s in eval_sets if s not in EVAL_SPLITS]
-  if not eval_sets or unknown:
-    raise ValueError(f"eval_sets={eval_sets}: expected names from {tuple(EVAL_SPLITS)}")
-  run = _setup(models, world, seconds, fps, height, width, out_dir, seed, progress, gif_seconds,
-               write_videos, world_config, chunk_frames)
-  samplers = {name: ModelStream(spec, run.height, run.width, chunk_frames) for name, spec in models.items()}
-  config = {"world": world, "num_worlds": num_worlds, "seconds": run.durations, "fps": fps,
-            "height": run.height, "width": run.width, "seed": seed, "latent_frames": run.latent_steps + 1,
-            "video_frames": run.num_frames, "chunk_frames": chunk_frames, "good_psnr": good_psnr,
-            "psnr_cap": PSNR_CAP, "eval_sets": list(eval_sets), "primary_set": eval_sets[0],
-            "world_config": dataclasses.asdict(run.world_config),
-            "definitions": report_lib.DEFINITIONS + "\n\n" + refs_lib.DEFINITIONS}
-  sets = {name: _evaluate_set(run, name, num_worlds, models, samplers, config) for name in eval_sets}
-  config["world_seeds"] = sets[eval_sets[0]]["set"]["world_seeds"]
-  config["motion"] = _motion_check(run, sets, training_clip_frames)
-  primary = sets[eval_sets[0]]
-  report = {"config": config, "models": primary["models"], "references": primary["references"],
-            "plots": primary["plots"], "sets": {k: v["set"] for k, v in sets.items()}}
-  for name in eval_sets[1:]:
-    report[name] = {k: sets[name][k] for k in ("models", "references", "plots")}
-  report = report_lib._jsonable(report)  # pylint: disable=protected-access
-  from apt2_jax import disk  # whole files or none (a full disk is one line)
-  disk.write_atomic(os.path.join(out_dir, "report.json"), json.dumps(report, indent=1), "evaluation report")
-  sections = [_set_markdown(name, {**(report if i == 0 else report[name]), "set": report["sets"][name]},
-                            report["config"], i == 0) for i, name in enumerate(eval_sets)]
-  text = f"# {world} world evaluation\n\n" + "\n\n".join(sections)
-  disk.write_atomic(os.path.join(out_dir, "summary.md"), text + "\n", "evaluation report")
-  if progress:
-    print(text, flush=True)
-  return report
+    raise ValueError("evaluate needs at least one model")
+  for role, name in config.roles.items():
+    if role not in claims_lib.ROLES:
+      raise ValueError(f"unknown role {role!r}; roles are {sorted(claims_lib.ROLES)}")
+    if name not in models:
+      raise ValueError(f"role {role!r} names model {name!r}, not among {sorted(models)}")
+  codecs = {name: spec.vae_config for name, spec in models.items()}
+  if len(set(codecs.values())) > 1:
+    raise ValueError(f"every model must decode through the same codec; got {codecs}")
+  kind = WORLD_CONTROL_TYPES[config.world]
+  for name, spec in models.items():
+    if spec.control_type not in ("none", kind):
+      raise ValueError(f"model {name!r} takes {spec.control_type!r} controls, the {config.world!r} world gives "
+                       f"{kind!r}")
+  if config.height % 16 or config.width % 16:
+    raise ValueError(f"height={config.height}, width={config.width} must be multiples of 16")
+  if not config.eval_sets:
+    raise ValueError("EvalConfig.eval_sets is empty")
+
+
+def _bar(config, **kwargs):
+  from tqdm import tqdm
+  return tqdm(disable=not config.progress, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def _run_set(set_index: int, eval_set: EvalSet, streams, config: EvalConfig, ref_window: int, roundtrip,
+             out_dir: str) -> dict:
+  """One evaluation set: per-world curves of the references and of every model per noise seed,
+  world 0's kept frames (first noise seed) for the GIFs, and the MP4s when asked for."""
+  env = config.env(eval_set)
+  steps, num_frames = config.latent_steps(), config.video_frames()
+  stride = figures.gif_stride(num_frames)
+  windows = [ref_window] + [s.spec.dit_config.window for s in streams.values()]
+  out = {"worlds": [], "references": {k: [] for k in refs_lib.REFERENCES}, "commanded": [], "oracle_motion": [],
+         "models": {n: {s: [] for s in config.noise_seeds} for n in streams}, "gif": {}, "gif_stride": stride,
+         "videos": {}}
+  for tw in oracle_lib.eval_worlds(env, eval_set, config.num_worlds, num_frames, config.fps):
+    target = oracle_lib.make_target(env, tw, windows)
+    out["worlds"].append({"index": tw.index, "seed": tw.seed, "trajectory": tw.trajectory, "caption": tw.caption,
+                          "hover_segments": tw.hover_segments,
+                          "burst_pairs": int((np.linalg.norm(target.commanded, axis=-1) > drift.BURST_PX).sum())})
+    out["commanded"].append(target.commanded)
+    if config.world == "camera":
+      out["oracle_motion"].append(oracle_lib.latent_step_motion(target.oracle))
+    for kind, curves in refs_lib.reference_curves(target, ref_window, roundtrip, config.ssim).items():
+      out["references"].setdefault(kind, []).append(curves)
+    if tw.index == 0:
+      out["gif"]["oracle"] = target.oracle[::stride]
+    for seed in config.noise_seeds:
+      for name, stream in streams.items():
+        first = seed == config.noise_seeds[0]
+        keep = stride if (tw.index == 0 and first) else 0
+        with _bar(config, total=steps, desc=f"{eval_set.name} world {tw.index} seed {seed} {name}", unit="latent") as b:
+          curves, kept, frames = stream_world(stream, target, tw, noise_seed(seed, set_index, tw.index), steps, keep,
+                                              keep_all=config.videos and first, ssim=config.ssim)
+          b.update(steps)
+        out["models"][name][seed].append(curves)
+        if kept is not None:
+          out["gif"][name] = kept
+        if frames is not None:
+          stem = f"{eval_set.name}_{name}_world{tw.index}"
+          out["videos"].setdefault(name, []).append(figures.write_video(out_dir, stem, frames, target.oracle,
+                                                                        config.fps))
+  return out
+
+
+def _prefix(curves: Mapping[str, np.ndarray], n: int) -> dict:
+  return {k: np.asarray(v)[:n] for k, v in curves.items()}
+
+
+def _set_summary(eval_set: EvalSet, raw: dict, config: EvalConfig) -> dict:
+  """`drift.summarize` of every reference and of every model per noise seed (pooled over worlds),
+  `horizon.set_statistics` (whole rollout and each shorter duration), the set's checks."""
+  fps, duration = config.fps, config.duration()
+  s = lambda curves: drift.summarize(curves, raw["commanded"], fps)
+  worlds = raw["worlds"]
+  out = {"set": {"split": eval_set.split, "role": oracle_lib.SET_ROLES.get(eval_set.name, eval_set.split),
+                 "num_worlds": len(worlds), "world_seeds": [w["seed"] for w in worlds],
+                 "trajectories": [w["trajectory"] for w in worlds],
+                 "hover_segments": [w["hover_segments"] for w in worlds]},
+         "worlds": worlds, "gif_stride": raw["gif_stride"],
+         "references": {k: s(v) for k, v in raw["references"].items() if v},
+         "models": {n: {str(seed): s(c) for seed, c in per_seed.items()} for n, per_seed in raw["models"].items()}}
+  late = lambda d: (min(gates.A_LATE_S[0], 0.5 * d), min(gates.A_LATE_S[1], d))
+  # The references this world has (no warp ones without an exact warp: the threshold's ceiling is
+  # then the oracle through the codec, `horizon.set_statistics`).
+  present = {k: v for k, v in raw["references"].items() if v}
+  out["statistics"] = horizon_lib.set_statistics(present, raw["models"], fps, late(duration))
+  out["by_duration"] = {}
+  for d in sorted({float(x) for x in config.summary_seconds if 0 < float(x) < duration}):
+    n = config.video_frames(d)
+    refs = {k: [_prefix(c, n) for c in v] for k, v in present.items()}
+    models = {m: {seed: [_prefix(c, n) for c in v] for seed, v in per_seed.items()}
+              for m, per_seed in raw["models"].items()}
+    out["by_duration"][f"{d:g}s"] = horizon_lib.set_statistics(refs, models, fps, late(d))
+  if raw["references"].get("oracle") and raw["references"].get("flat_colour"):
+    out["vae_vs_flat"] = refs_lib.vae_vs_flat(raw["references"]["oracle"], raw["references"]["flat_colour"])
+  if raw["oracle_motion"]:
+    env = config.env(eval_set)
+    train = float(np.median(oracle_lib.training_motion(env, 16, config.training_clip_frames)))
+    median = float(np.median(np.concatenate(raw["oracle_motion"])))
+    out["motion"] = {"median_px": median, "training_median_px": train, "training_clips": 16,
+                     "training_clip_frames": config.training_clip_frames,
+                     "ratio_to_training": median / train if train > 0 else None}
+  if raw["videos"]:
+    out["videos"] = raw["videos"]
+  return out
+
+
+def gate_verdicts(s: Mapping[str, Any], learning: Optional[Mapping] = None) -> dict:
+  """Gate 2 and claims (a)-(c) on one set's summaries (`gates`); Gate 1 from the learning check.
+  Claim (d) needs the 60-s rollouts of its own evaluation (`gates.claim_d`)."""
+  st = s["statistics"]["models"]
+  burst = {n: float(np.nanmean([x["overall"]["motion_ratio_burst"] for x in per_seed.values()]))
+           for n, per_seed in s["models"].items()}
+  one_step = {n: (learning or {}).get("one_step", {}).get(n) for n in st}
+  g1 = (learning or {}).get("gate1") or gates.gate1(None, None)
+  return {"gate1": g1,
+          "gate2": gates.gate2(st.get("distilled", {}).get("horizon", {}).get("median"),
+                               s["references"]["oracle"]["duration_s"]),
+          "a": gates.claim_a(st, one_step), "b": gates.claim_b(st), "c": gates.claim_c(burst)}
+
+
+def criteria() -> dict:
+  """The fixed numbers behind the report, for report.json."""
+  return {"drift": drift.fixed_criteria(), "gates": gates.criteria(),
+          "horizon": {"window_s": horizon_lib.WINDOW_S, "floor_quantile": horizon_lib.FLOOR_QUANTILE,
+                      "ceiling_quantile": horizon_lib.CEILING_QUANTILE,
+                      "bootstrap_samples": horizon_lib.BOOTSTRAP_SAMPLES}}
+
+
+def evaluate(models: Mapping[str, ModelSpec], config: EvalConfig, out_dir: str,
+             learning: Optional[Mapping] = None) -> dict:
+  """Streams every model on every evaluation set and noise seed; writes and returns the report.
+
+  `learning`: the stage-1 learning check (`learning.stage1_learning_check`), reported first.
+  """
+  _check(models, config)
+  os.makedirs(out_dir, exist_ok=True)
+  first = next(iter(models.values()))
+  ref_window = int(config.window or first.dit_config.window)
+  streams = {n: ModelStream(spec, config.height, config.width, config.chunk_frames) for n, spec in models.items()}
+  roundtrip = refs_lib.codec_roundtrip(first, config.chunk_frames)  # one codec (`_check`)
+  sets, gifs = {}, {}
+  for i, eval_set in enumerate(config.eval_sets):
+    raw = _run_set(i, eval_set, streams, config, ref_window, roundtrip, out_dir)
+    sets[eval_set.name] = _set_summary(eval_set, raw, config)
+    gifs[eval_set.name] = figures.write_gifs(out_dir, eval_set.name, raw["gif"], raw["gif_stride"], config.fps,
+                                             config.gif_max_bytes)
+  role_of = {name: role for role, name in config.roles.items()}
+  report = {"config": dict(config.describe(), reference_window=ref_window), "criteria": criteria(),
+            "definitions": drift.__doc__ + "\n\ncamera_motion: " + camera_motion.__doc__, "learning": learning,
+            "models": {n: dict(spec.describe(), role=role_of.get(n), throughput=streams[n].throughput())
+                       for n, spec in models.items()},
+            "sets": sets, "claims": gate_verdicts(sets[config.eval_sets[0].name], learning), "gifs": gifs,
+            "plots": {s: figures.write_drift_plot(out_dir, s, sets[s], config.world, drift.BIN_S, drift.GOOD_PSNR)
+                      for s in sets}}
+  return report_lib.write_report(report, out_dir, config.progress)

@@ -18,7 +18,7 @@ bounds what waits for it). A control applies to the next step generated after it
 
 Examples (first frames with captions) come from the world the checkpoint was trained on (its run
 config's `data.world`), picked as the evaluation picks its in-distribution worlds
-(`evaluation.testbed.eval_worlds`); random weights and export bundles use `--world` (default: the
+(`evaluation.oracle.eval_worlds`); random weights and export bundles use `--world` (default: the
 control type's world).
 
 HTTP (same port): `/` the page, `/static/<file>`, `/examples.json`, `/examples/<name>.png`; the
@@ -177,21 +177,18 @@ def checkpoint_world(path: str) -> Optional[tuple[str, dict]]:
 def make_examples(world: str, height: int, width: int, count: int = 3,
                   options: Optional[dict] = None) -> dict:
   """{name: (uint8 [H, W, 3], caption)}: frame 0 of world `world`'s first `count` in-distribution
-  evaluation worlds (`evaluation.testbed.eval_worlds`, their captions); a world name of
+  evaluation worlds (`evaluation.oracle.eval_worlds`, their captions); a world name of
   `WORLD_OF_CONTROL` (a control type) is taken as its world. Fallback: colour ramps."""
   world = WORLD_OF_CONTROL.get(world, world)
   out = {}
   try:
     from apt2_jax.data import worlds
-    from apt2_jax.evaluation import oracle, testbed
+    from apt2_jax.evaluation import oracle
     frames = 5  # one latent step: every world's trajectory sampler accepts it
     env = worlds.make_world(world, worlds.WorldConfig(height=height, width=width, num_frames=frames,
                                                       **(options or {})))
-    for tw in testbed.eval_worlds(env, testbed.IN_DISTRIBUTION, count, frames):
-      if hasattr(env, "render_frames"):
-        first = env.render_frames(tw.controls, tw.seed, 0, 1)[0]
-      else:
-        first = oracle.render_oracle(env, tw.controls, tw.seed, 0, 1)[0]
+    for tw in oracle.eval_worlds(env, oracle.IN_DISTRIBUTION, count, frames):
+      first = oracle.render_oracle(env, tw.controls, tw.seed, 0, 1)[0]
       out[f"{world}_{tw.index}"] = (np.asarray(first, np.uint8), tw.caption)
   except Exception as e:  # the data and evaluation modules are optional for the demo
     log.warning("examples of the %r world unavailable (%s: %s); using gradient examples", world,

@@ -4,14 +4,15 @@
       --worlds=2 --seconds=4 --json_out=/tmp/vae_references.json
 
 Every model the evaluation scores is decoded by its VAE, so the VAE's reconstruction of the oracle
-(`vae_ceiling`) bounds them all; if it does not beat frame 0's flat mean colour by a clear margin
-(`references.VAE_MARGIN_DB`), the evaluation cannot tell a model that draws the world from one that
-paints a flat colour. Per evaluation set (`oracle.EVAL_SPLITS`: the in-distribution validation
-worlds and the held-out test worlds, the same worlds and trajectories `evaluate_models` uses), per
-world: PSNR of the VAE ceiling (streamed encode + decode), the flat colour, copy-last through the
-VAE, and an 8x average pool of each frame upsampled back (a fixed low-pass that keeps 1/64 of the
-pixels per frame: what a lossy code of about the VAE's size can reach without learning). Means over
-the video frames; the set's margin is the mean VAE PSNR minus the mean flat PSNR.
+(the "oracle" reference through the codec) bounds them all; if it does not beat frame 0's flat
+mean colour by a clear margin (`references.VAE_MARGIN_DB`), the evaluation cannot tell a model that
+draws the world from one that paints a flat colour. Per evaluation set (`oracle.default_eval_sets`,
+the same worlds and trajectories `apt2_jax.evaluation` uses), per world, whole-frame PSNR of the
+references through the codec (`references.reference_curves`: the ceiling, the flat colour, the true
+frame one latent step back) and of an 8x average pool of each frame upsampled back (a fixed low-pass
+that keeps 1/64 of the pixels per frame: what a lossy code of about the VAE's size can reach without
+learning). Means over the generated video frames; the set's margin is the mean VAE PSNR minus the
+mean flat PSNR (`references.vae_vs_flat`).
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from absl import flags
 import numpy as np
 
 from apt2_jax.data import worlds as worlds_lib
+from apt2_jax.evaluation import oracle as oracle_lib
 from apt2_jax.evaluation import references as refs_lib
 from apt2_jax.evaluation.metrics import psnr
-from apt2_jax.evaluation.oracle import EVAL_SPLITS, eval_worlds, render_oracle
 
 POOL = 8  # the average-pool reference's factor (the VAE's spatial factor)
 
@@ -40,7 +41,7 @@ def average_pool(frames: np.ndarray, factor: int = POOL) -> np.ndarray:
 
 
 class _VAE:
-  """What `references.world_references` needs of a model: `vae_config`, `vae_params`."""
+  """What `references.codec_roundtrip` needs of a model: `vae_config`, `vae_params`."""
 
   def __init__(self, path: str):
     from apt2_jax.generation.vae import load_vae
@@ -49,26 +50,28 @@ class _VAE:
 
 
 def score(vae, world: str = "camera", pixels: int = 64, num_worlds: int = 2, seconds: float = 4.0,
-          fps: float = 24.0, sets=tuple(EVAL_SPLITS)) -> dict:
-  """{"sets": {set: `references.vae_vs_flat` + "avgpool_psnr", its "worlds" rows with copy-last
-  and the average pool}} for `vae` (anything with `vae_config` and `vae_params`)."""
+          fps: float = 24.0) -> dict:
+  """{"sets": {set: `references.vae_vs_flat` + "avgpool_psnr", its "worlds" rows with the true frame
+  one latent step back and the average pool}} for `vae` (anything with `vae_config` and `vae_params`)."""
   n = 1 + refs_lib.FRAMES_PER_LATENT * max(1, int(round(seconds * fps / refs_lib.FRAMES_PER_LATENT)))
-  env = worlds_lib.make_world(world, worlds_lib.WorldConfig(height=pixels, width=pixels, num_frames=n))
   out = {"world": world, "pixels": pixels, "video_frames": n, "fps": fps, "threshold_db": refs_lib.VAE_MARGIN_DB,
          "sets": {}}
-  for set_name in sets:
+  roundtrip = refs_lib.codec_roundtrip(vae)
+  mean = lambda c: float(np.mean(np.asarray(c["psnr"])[1:]))
+  for eval_set in oracle_lib.default_eval_sets(world):
+    env = oracle_lib.make_env(world, eval_set, pixels, pixels, n)
     rows, curves = [], []
-    for tw in eval_worlds(env, num_worlds, n, fps, split=EVAL_SPLITS[set_name]):
-      oracle = render_oracle(env, tw.controls, tw.seed, 0, n)
-      curves.append(refs_lib.world_references(vae, oracle))
+    for tw in oracle_lib.eval_worlds(env, eval_set, num_worlds, n, fps):
+      target = oracle_lib.make_target(env, tw, [1])
+      curves.append(refs_lib.reference_curves(target, 1, roundtrip))
       rows.append({"seed": int(tw.seed), "trajectory": tw.trajectory,
-                   "copy_last_psnr": float(np.mean(curves[-1]["copy_last"]["psnr"])),
-                   "avgpool_psnr": float(np.mean(psnr(average_pool(oracle), oracle)))})
-    s = refs_lib.vae_vs_flat([c["vae_ceiling"] for c in curves], [c["flat_colour"] for c in curves])
+                   "one_step_back_psnr": mean(curves[-1]["one_step_back"]),
+                   "avgpool_psnr": float(np.mean(psnr(average_pool(target.oracle), target.oracle)[1:]))})
+    s = refs_lib.vae_vs_flat([c["oracle"] for c in curves], [c["flat_colour"] for c in curves])
     for row, w in zip(rows, s.pop("worlds")):
       row.update(w)
     s.update(worlds=rows, avgpool_psnr=float(np.mean([r["avgpool_psnr"] for r in rows])))
-    out["sets"][set_name] = s
+    out["sets"][eval_set.name] = s
   return out
 
 

@@ -1,18 +1,22 @@
-"""Evaluates several generators side by side on the held-out test worlds (`apt2_jax.evaluation`).
+"""Evaluates several generators side by side on a world's evaluation sets (`apt2_jax.evaluation`).
 
-  python -m apt2_jax.evaluate \\
+  python -m apt2_jax.evaluation \\
       --models=diffusion=/runs/stage1:steps=32,shift=24,guidance=3,aapt=/runs/stage4,no_recycle=/runs/ablation:recycle=0 \\
-      --vae=/runs/vae --world=camera --seconds=60,300 --num_worlds=2 --out=/tmp/eval
+      --vae=/runs/vae --world=camera --seconds=20,60 --num_worlds=2 --out=/tmp/eval
 
 `--models` is a comma-separated list of `name=WORKDIR` (a DiT stage's workdir or an export
 bundle, loaded by `apt2_jax.generation.load`), each optionally followed by sampler options, either
 `:k=v,k=v` (options continue until the next `name=...` entry) or in brackets
 `name=WORKDIR[k=v,k=v]`. Options: steps (Euler steps per latent frame, 1 = one-step generator),
 shift, guidance (CFG weight, 1 = off), recycle (0/1), key (checkpoint entry, default ema_params),
-cache_from (matched: the context at each Euler step's t, as stage 1 trained, the default; first; clean). `--benchmark_json` maps model names to `apt2_jax.benchmark` figures,
-copied into the report next to the measured throughput.
+cache_from (matched: the context at each Euler step's t, as stage 1 trained, the default; first;
+clean). A model named after a claim role (`claims.ROLES`: distilled, aapt_short, teacher_forcing,
+...) takes that role in the gates and claims. `--benchmark_json` maps model names to
+`apt2_jax.benchmark` figures, copied into the report next to the measured throughput.
 
-Writes DIR/report.json, DIR/drift_*.png and DIR/videos/*.mp4|gif; prints the summary.
+`--seconds`: the longest is rolled out, each shorter one is scored on its prefix. Writes
+DIR/report.json, DIR/claims.md, DIR/drift_<set>.png, DIR/gifs/ and DIR/videos/; prints the
+horizons.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import re
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+WORLDS = ("camera", "puppet", "bouncing", "panorama", "torus")
 
 
 def define_flags():
@@ -33,19 +38,20 @@ def define_flags():
       fn(name, *args, **kwargs)
   _define(flags.DEFINE_string, "models", None, "name=WORKDIR[:k=v,...] entries, comma separated")
   _define(flags.DEFINE_string, "vae", None, "VAE workdir (or diffusers AutoencoderKLWan folder); default: each "
-                      "run's config.vae.checkpoint")
-  _define(flags.DEFINE_enum, "world", "camera", ["camera", "puppet", "bouncing"], "test world")
-  _define(flags.DEFINE_integer, "num_worlds", 2, "held-out test worlds")
-  _define(flags.DEFINE_list, "seconds", ["60"], "rollout duration(s) in seconds; the longest runs, each is "
-                    "summarised on its prefix")
+          "run's config.vae.checkpoint")
+  _define(flags.DEFINE_enum, "world", "camera", list(WORLDS), "the world")
+  _define(flags.DEFINE_integer, "num_worlds", 2, "worlds per evaluation set")
+  _define(flags.DEFINE_list, "seconds", ["60"], "rollout duration(s) in seconds; the longest runs, each shorter "
+          "one is scored on its prefix")
+  _define(flags.DEFINE_list, "noise_seeds", ["0"], "noise seeds: one rollout per model, world and seed (paired "
+          "across models)")
   _define(flags.DEFINE_float, "fps", 24.0, "video frames per second")
   _define(flags.DEFINE_integer, "height", None, "pixels (default: the first model's training resolution)")
   _define(flags.DEFINE_integer, "width", None, "pixels (default: the first model's training resolution)")
   _define(flags.DEFINE_string, "out", "eval", "output directory")
-  _define(flags.DEFINE_integer, "seed", 0, "noise seed (shared by all models)")
-  _define(flags.DEFINE_float, "good_psnr", 20.0, "PSNR threshold (dB) of the good horizon")
   _define(flags.DEFINE_integer, "chunk_frames", 24, "latent frames per compiled DiT call")
-  _define(flags.DEFINE_float, "gif_seconds", 4.0, "GIF length in seconds")
+  _define(flags.DEFINE_bool, "videos", True, "write every world's whole rollout as MP4 (first noise seed)")
+  _define(flags.DEFINE_bool, "ssim", True, "score SSIM too")
   _define(flags.DEFINE_string, "benchmark_json", None, "JSON file {model name: benchmark figures}")
   _define(flags.DEFINE_bool, "progress", True, "progress bars (on a terminal only)")
   from apt2_jax import runtime
@@ -119,28 +125,38 @@ def main(argv):
   runtime.require_local_paths("vae", "out", "benchmark_json")
   runtime.setup()
   from apt2_jax import evaluation
-  entries = parse_models(FLAGS.models)
+  from apt2_jax.evaluation import claims
+  try:
+    entries = parse_models(FLAGS.models)
+    seconds = sorted(float(s) for s in FLAGS.seconds)
+    noise_seeds = tuple(int(s) for s in FLAGS.noise_seeds)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   benchmark = {}
   if FLAGS.benchmark_json:
     with open(FLAGS.benchmark_json) as f:
       benchmark = json.load(f)
-  specs = {}
+  models = {}
   for name, entry in entries.items():
     spec = evaluation.model_spec_from_workdir(entry["workdir"], vae_workdir=FLAGS.vae, **entry["options"])
-    specs[name] = dataclasses.replace(spec, benchmark=benchmark.get(name))
-  report = evaluation.evaluate_models(
-      specs, world=FLAGS.world, num_worlds=FLAGS.num_worlds,
-      seconds=[float(s) for s in FLAGS.seconds], fps=FLAGS.fps, height=FLAGS.height or None,
-      width=FLAGS.width or None, out_dir=FLAGS.out, seed=FLAGS.seed,
-      progress=FLAGS.progress and runtime.is_terminal(),
-      good_psnr=FLAGS.good_psnr, chunk_frames=FLAGS.chunk_frames, gif_seconds=FLAGS.gif_seconds)
-  for name, model in report["models"].items():
-    for duration, s in model["summary"].items():
-      print(f"{name:>20s} {duration:>6s}  PSNR {s['psnr']['mean']:.2f} dB (first 10 s "
-            f"{s['psnr']['first_10s']:.2f}, last 10 s {s['psnr']['last_10s']:.2f}), SSIM "
-            f"{s['ssim']['mean']:.3f}, good horizon {s['psnr']['good_horizon_s']:.1f} s, "
-            f"{model['throughput']['frames_per_s']:.1f} fps")
-  print(f"report: {FLAGS.out}/report.json")
+    models[name] = dataclasses.replace(spec, benchmark=benchmark.get(name))
+  first = next(iter(models.values()))
+  config = evaluation.EvalConfig(
+      roles={name: name for name in models if name in claims.ROLES}, world=FLAGS.world,
+      num_worlds=FLAGS.num_worlds, noise_seeds=noise_seeds, seconds=seconds[-1], summary_seconds=tuple(seconds[:-1]),
+      height=int(FLAGS.height or first.height or 64), width=int(FLAGS.width or first.width or 64), fps=FLAGS.fps,
+      chunk_frames=FLAGS.chunk_frames, videos=FLAGS.videos, ssim=FLAGS.ssim,
+      progress=FLAGS.progress and runtime.is_terminal())
+  report = evaluation.evaluate(models, config, FLAGS.out)
+  fmt = lambda x, f="{:.1f}": "n/a" if x is None else f.format(x)   # report.json holds NaN as null
+  for set_name, s in report["sets"].items():
+    st = s["statistics"]
+    print(f"{set_name}: horizon threshold {fmt(st['threshold']['threshold_db'], '{:.2f}')} dB")
+    for name, m in st["models"].items():
+      h, late, fps = m["horizon"], m["late_psnr"], report["models"][name]["throughput"]["frames_per_s"]
+      print(f"{name:>20s}  good horizon {fmt(h['median'])} s [{fmt(h['lo'])}, {fmt(h['hi'])}], PSNR "
+            f"{st['late_s'][0]:g}-{st['late_s'][1]:g} s {fmt(late['median'], '{:.2f}')} dB, {fmt(fps)} fps")
+  print(f"report: {FLAGS.out}/report.json, {FLAGS.out}/claims.md")
 
 
 if __name__ == "__main__":
