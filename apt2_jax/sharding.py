@@ -46,6 +46,17 @@ LOGICAL_RULES = (
 )
 
 
+# Parameters and optimiser state sharded over the context-parallel devices too (FSDP over every
+# device of the data and context parallelism, as the paper's): a rule override for
+# `config.logical_rules` (`override_rules`). Without it each `sequence` group holds a whole copy.
+ZERO_OVER_SEQUENCE = {"embed": ("fsdp", "sequence")}
+
+
+def override_rules(rules, overrides: dict) -> tuple:
+  """`rules` with the entries named in `overrides` ({logical name: mesh axes}) replaced."""
+  return tuple((k, overrides.get(k, v)) for k, v in (tuple(r) for r in rules))
+
+
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   """Resolves a `{data, fsdp, tensor, sequence}` config (one entry may be -1) to a shape."""
   sizes = [int(mesh_config[a]) for a in MESH_AXES]

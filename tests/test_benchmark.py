@@ -87,21 +87,23 @@ def test_benchmark_tiny_eight_devices(devices):
 
 
 def test_aot_tiny_compiles_stream_and_train_without_running(devices):
-  stream = dict(kind="stream", devices=8, height=64, width=64, window=3, batch=1,
+  stream = dict(kind="stream", size="tiny", devices=8, height=64, width=64, window=3, batch=1,
                 mesh=dict(data=1, fsdp=1, tensor=1, sequence=8))
-  row = benchmark.aot_case("tiny_stream", stream, size="tiny", mfu=0.5)
+  row = benchmark.aot_case("tiny_stream", stream, mfu=0.5)
   assert row["bytes_per_device"] > row["kv_cache_bytes"] // 8 > 0
   assert row["flops_per_step"] > 0 and row["fits_80gb"] is True
   assert row["projected_h100_s"] == pytest.approx(row["flops_per_step"] / (989e12 * 8 * 0.5))
   # The rows compile (and name) the chunked kernels, not the dense ones auto would pick here.
   assert row["attention"].startswith("cached step: heads-major einsums")
-  train = dict(kind="stage1", devices=8, height=64, width=64, window=3, batch=4, frames=3,
+  train = dict(kind="stage1", size="tiny", devices=8, height=64, width=64, window=3, batch=4, frames=3,
                mesh=dict(data=1, fsdp=4, tensor=1, sequence=2))
-  row = benchmark.aot_case("tiny_stage1", train, size="tiny")
+  row = benchmark.aot_case("tiny_stage1", train)
   assert row["bytes_per_device"] > 0 and row["frames"] == 3 and row["param_dtype"] == "float32"
   assert row["attention"].startswith("block-causal: chunked online softmax (3 query x 2 key frames")
   assert "cross-attention: chunked" in row["attention"]
   assert "tiny_stage1" in benchmark.aot_table([row])
+  table = benchmark.memory_table([row])
+  assert "argument" in table and "temp" in table and "peak" in table and "tiny_stage1" in table
 
 
 def test_peak_table_and_config_validation():
@@ -111,6 +113,12 @@ def test_peak_table_and_config_validation():
   assert benchmark.spec_peak_flops("NVIDIA H100 NVL", "float32") == 60e12
   assert benchmark.spec_peak_flops("cpu", "float32") is None
   assert set(benchmark.AOT_CASES) >= {"stream_736x416_n30_1dev", "stream_1280x720_n15_8dev"}
+  # One AOT path: groups expand in order, once each; the fine-tune tool's cases are a group.
+  from apt2_jax.benchmark import aot
+  assert aot.case_names(["wan_stage1_8dev", "wan_1_3b"])[:2] == ["wan_stage1_8dev", "wan_stream_1dev"]
+  assert len(aot.case_names(["wan_1_3b", "wan_1_3b"])) == len(aot.AOT_GROUPS["wan_1_3b"])
+  with pytest.raises(ValueError, match="unknown AOT case 'stage9'"):
+    aot.case_names(["stage9"])
   c = bench_cfg.get_config("small")
   assert (c.height, c.width, c.vae_size) == (256, 256, "small")
   c.height = 100

@@ -10,9 +10,9 @@
              sampler are the benchmark's own comparisons
   training   the training figures: the stages' own guarded train steps (stage 1 through
              `stages.diffusion.make_stage`, stage 3 through `stages.adversarial.make_stage`)
-  aot        AOT_CASES, aot_case, run_aot: compile-only cases on virtual CPU devices
+  aot        AOT_CASES, AOT_GROUPS, aot_case, measure: compile-only cases on virtual CPU devices
   suite      run(config): every figure of one config as a dict
-  report     table, aot_table, write_json
+  report     table, aot_table, memory_table, write_json
   programs   Inspect: jax.profiler traces of steady-state calls, XLA cost analyses (--profile_dir,
              --dump_dir)
   cli        the absl flags and `main` (`python -m apt2_jax.benchmark`)
@@ -24,8 +24,8 @@ import importlib
 
 _EXPORTS = {
     "run": "suite",
-    "table": "report", "aot_table": "report", "write_json": "report",
-    "AOT_CASES": "aot", "aot_case": "aot", "aot_config": "aot", "aot_result": "aot", "run_aot": "aot",
+    "table": "report", "aot_table": "report", "memory_table": "report", "write_json": "report",
+    "AOT_CASES": "aot", "AOT_GROUPS": "aot", "aot_case": "aot", "aot_config": "aot", "measure": "aot",
     "PEAK_FLOPS": "timing", "spec_peak_flops": "timing", "measure_matmul_peak": "timing",
     "peak_flops": "timing", "time_ms": "timing", "time_carry_ms": "timing", "memory_bytes": "timing",
     "Setup": "setup", "make_setup": "setup", "init_sharded_params": "setup",

@@ -3,6 +3,7 @@ r"""The benchmark's command line.
     python -m apt2_jax.benchmark --config=experiments/benchmark.py:small --json_out=FILE
     python -m apt2_jax.benchmark --json_out=FILE         # apt2_jax.configs.benchmark, small
     python -m apt2_jax.benchmark --aot --json_out=FILE   # compile-only analysis of apt2_8b
+    python -m apt2_jax.benchmark --aot_cases=targets --json_out=FILE   # named AOT cases or groups
     python -m apt2_jax.benchmark --config=experiments/benchmark.py:tiny \
         --profile_dir=/tmp/bench_profile --dump_dir=/tmp/bench_cost   # profiles, cost analyses
 
@@ -24,8 +25,9 @@ from apt2_jax import runtime
 flags.DEFINE_string("json_out", None, "Where to write the JSON result.")
 flags.DEFINE_bool("aot", False, "Compile-only analysis of apt2_8b (streaming and training) on "
                   "virtual CPU devices instead of running the benchmark.")
-flags.DEFINE_string("aot_cases", "", "Comma-separated AOT cases to run in this process (internal; "
-                    "default: all, each device count in its own subprocess).")
+flags.DEFINE_string("aot_cases", "", "Comma-separated AOT cases or groups (benchmark.aot.AOT_CASES, "
+                    "AOT_GROUPS) to compile; --aot alone: the apt2_8b group.")
+flags.DEFINE_string("aot_size", "", "Model size for every AOT case instead of its own.")
 flags.DEFINE_float("aot_mfu", 0.4, "MFU assumed for the projected H100 latency of AOT cases.")
 flags.DEFINE_integer("cpu_devices", 0, "Virtual CPU devices (set before the backend starts; 0: "
                      "leave JAX's default).")
@@ -61,14 +63,13 @@ def main(argv):
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
   from apt2_jax.benchmark import aot, programs, report, suite
   if FLAGS.aot or FLAGS.aot_cases:
-    names = [n for n in FLAGS.aot_cases.split(",") if n] or None
-    unknown = sorted(set(names or ()) - set(aot.AOT_CASES))
-    if unknown:
-      raise app.UsageError(f"unknown --aot_cases {unknown}; known: {sorted(aot.AOT_CASES)}")
-    result = aot.aot_result(names, FLAGS.aot_mfu, subprocesses=not FLAGS.aot_cases)
-    if not FLAGS.aot_cases:
-      print(report.aot_table(result["aot"]))
-    report.write_json(result, FLAGS.json_out)
+    names = [n for n in FLAGS.aot_cases.split(",") if n] or [aot.DEFAULT_GROUP]
+    try:
+      names = aot.case_names(names)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    rows = aot.measure(names, json_out=FLAGS.json_out, mfu=FLAGS.aot_mfu, size=FLAGS.aot_size or None)
+    print(report.aot_table(rows))
     return
   config = _CONFIG.value
   if config is None:  # no --config: the package's default, from any directory

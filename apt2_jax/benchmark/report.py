@@ -40,10 +40,11 @@ def table(result: dict) -> str:
 
 
 def aot_table(rows: list[dict]) -> str:
-  """The AOT rows of `run_aot` as a table, with the projection's assumptions."""
+  """The AOT rows of `aot.measure` as a table, with the projection's assumptions."""
   head = (f"{'case':26s} {'dev':>3s} {'mesh (d,f,t,s)':>14s} {'tokens':>8s} {'TFLOP/step':>11s} "
           f"{'GB/dev':>7s} {'state GB':>8s} {'fits 80GB':>9s} {'H100 s @MFU':>11s} {'compile s':>9s}")
   lines = [head, "-" * len(head)]
+  rows = [r for r in rows if not r.get("error")]
   for r in rows:
     m = r["mesh"]
     gb = "n/a" if r["bytes_per_device"] is None else f"{r['bytes_per_device'] / 1e9:.1f}"
@@ -65,6 +66,28 @@ def aot_table(rows: list[dict]) -> str:
   for attention in dict.fromkeys(r["attention"] for r in rows if r.get("attention")):
     cases = ", ".join(r["case"] for r in rows if r.get("attention") == attention)
     lines.append(f"attention of {cases}: {attention}")
+  return "\n".join(lines)
+
+
+def memory_table(rows: list[dict], header: bool = True) -> str:
+  """Per-device memory of AOT rows: arguments (parameters, optimiser state, cache), outputs,
+  temporaries and the peak (arguments + outputs + temporaries - aliased), in GB, with the sharding
+  and attention each assumes; a row that failed to compile shows its error."""
+  gb = lambda b: "n/a" if b is None else f"{b / 1e9:.1f}"
+  head = (f"{'case':34s} {'size':9s} {'dev':>3s} {'mesh (d,f,t,s)':>14s} {'argument':>8s} {'output':>7s} "
+          f"{'temp':>7s} {'peak':>7s} {'fits 80GB':>9s} {'compile s':>9s}  sharding")
+  lines = [head, "-" * len(head)] if header else []
+  for r in rows:
+    m = r["mesh"]
+    mesh = f"{m['data']},{m['fsdp']},{m['tensor']},{m['sequence']}"
+    if r.get("error"):
+      lines.append(f"{r['case']:34s} {r['size']:9s} {r['devices']:3d} {mesh:>14s} failed: {r['error'][:200]}")
+      continue
+    a = r.get("memory_analysis", {})
+    lines.append(f"{r['case']:34s} {r['size']:9s} {r['devices']:3d} {mesh:>14s} {gb(a.get('argument')):>8s} "
+                 f"{gb(a.get('output')):>7s} {gb(a.get('temp')):>7s} {gb(r['bytes_per_device']):>7s} "
+                 f"{str(r['fits_80gb']):>9s} {r['compile_s']:9.1f}  {r.get('sharding', '-')}")
+    lines.append(f"{'':34s} attention: {r['attention']}")
   return "\n".join(lines)
 
 
