@@ -11,8 +11,8 @@ otherwise any cell that cannot decide (a role missing, no bursts, a censored hor
 a tie, a rollout too short) makes it "not measurable". The verdict per evaluation set is given too.
 
 Horizons that reach the end of the rollout are lower bounds (`horizon_reached_end`): a comparison
-is decided only when the bound suffices (`at_least`, `less_than`; a censored horizon can also end
-before the rollout does, at the last frame with a psnr_known value).
+is decided only when the bound suffices (`at_least`, `less_than`; the summaries' horizons follow
+the one rule, `horizon.horizon`, censored at the rollout's end).
 
 The horizons and the late bin are measured on `psnr_known` (`drift`): PSNR over the pixels whose
 ray lies inside frame 0's image, the only content a model that is given frame 0 can know, on the

@@ -52,18 +52,16 @@ Per video frame t >= 1 (frame 0 is the given image, left out of every summary):
                  (interior pixels), generated over oracle, as a ratio of sums over a bin (< 1:
                  blurrier than the oracle).
   colour_drift   Euclidean distance (grey levels) of the frame's mean RGB from the oracle frame's.
-  good horizon   the first time the trailing `HORIZON_WINDOW_S` mean of `psnr_known` (of a set's mean
-                 curve over its worlds: per frame, the mean over the worlds where it is defined)
-                 falls below `GOOD_PSNR`: `t / fps` seconds for the first such video frame t. Frames
-                 without a value (no known region) are skipped: they neither pass nor fail, and
-                 the trailing window is the last 24 frames (1 s at 24 fps) that have a value, so it
-                 reaches back over a gap. When the mean never falls below, the horizon is censored
-                 (`reached_end`: a lower bound) at the frame after the last one with a value (the
-                 whole duration when the last frame has one; 1 frame when none has).
-                 `horizon_recent_s`: the same on `psnr_recent` (secondary).
+  good horizon   `horizon.horizon` (the one horizon rule: full `HORIZON_WINDOW_S` windows of
+                 generated frames, first and last crossing, censored at the rollout's end) of a set's
+                 mean `psnr_known` curve over its worlds (per frame, the mean over the worlds where it
+                 is defined; inside a window frames without a value are skipped, a window with none
+                 counts as below) at the fixed `GOOD_PSNR`; per-world horizons too. The verdicts use
+                 the threshold set from the references (`horizon.set_statistics`); this one is a fixed
+                 yardstick across runs. `horizon_recent_s`: the same on `psnr_recent` (secondary).
 
-References, scored like the models (`reference_frames`): the oracle (the PSNR cap), copy-last-frame
-(frame t := oracle frame t-1, the trivial one-step predictor) and the frozen first frame.
+References, scored like the models (`reference_frames`, `REFERENCES`): the oracle, warp-last, the
+true frame one latent step back, the flat colour of frame 0, frozen frame 0 and warp-frame-0.
 """
 from __future__ import annotations
 
@@ -77,12 +75,13 @@ from apt2_jax.evaluation.camera_motion import (  # noqa: F401  (re-exported: dri
     MOTION_MIN_PX, MOTION_SCALES, MOTION_STRIDE, commanded_homographies, commanded_shift, homography_power,
     intrinsics, motion_features, motion_scales, relative_homography, rotation_in_view, shift_homography, warp,
     warp_batch, warp_error, warp_errors, windowed_recent)
+from apt2_jax.evaluation import horizon as horizon_lib
 from apt2_jax.evaluation import metrics as metrics_lib
 from apt2_jax.evaluation.metrics import PSNR_CAP
 
 GOOD_PSNR = 20.0
 GOOD_PSNR_RECENT = GOOD_PSNR   # the former name (the threshold now applies to psnr_known)
-HORIZON_WINDOW_S = 1.0
+HORIZON_WINDOW_S = horizon_lib.WINDOW_S
 KNOWN_MIN_FRACTION = 0.05
 BIN_S = 2.0
 LATE_FRACTION = 0.2
@@ -225,42 +224,6 @@ def motion_ratio(motion, commanded, min_px: float = MOTION_MIN_PX) -> float:
   return float((motion[ok] * commanded[ok]).sum() / np.square(commanded[ok]).sum())
 
 
-def trailing_mean(curve, window: int) -> np.ndarray:
-  """Mean of the finite values among the last `window` entries up to each index (fewer at the
-  start; NaN if none)."""
-  curve = np.asarray(curve, np.float64)
-  ok = np.isfinite(curve)
-  csum = np.concatenate([[0.0], np.cumsum(np.where(ok, curve, 0.0))])
-  ccnt = np.concatenate([[0], np.cumsum(ok)])
-  idx = np.arange(len(curve))
-  lo = np.maximum(idx + 1 - window, 0)
-  count = ccnt[idx + 1] - ccnt[lo]
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return np.where(count > 0, (csum[idx + 1] - csum[lo]) / np.maximum(count, 1), np.nan)
-
-
-def horizon(curve, fps: float, threshold: float = GOOD_PSNR,
-            window_s: float = HORIZON_WINDOW_S) -> tuple[float, bool]:
-  """(seconds, reached_end) of a per-video-frame curve (index = frame; frame 0 is ignored).
-
-  Frames without a value (NaN: e.g. no known region) are skipped: they neither pass nor fail. Over
-  the frames t >= 1 that have a value, the trailing mean of the last `window_s * fps` of them (fewer
-  at the start; the window reaches back over gaps) is taken at each; the first one below
-  `threshold` gives `(t / fps, False)`. When none is, the horizon is censored (a lower bound) at the
-  frame after the last one with a value: `((t_last + 1) / fps, True)` (`len(curve) / fps` when the
-  last frame has a value; `1 / fps` when no frame has one).
-  """
-  curve = np.asarray(curve, np.float64)
-  frames = np.nonzero(np.isfinite(curve[1:]))[0] + 1
-  if not len(frames):
-    return 1.0 / fps, True
-  mean = trailing_mean(curve[frames], max(1, int(round(window_s * fps))))
-  below = np.nonzero(mean < threshold)[0]
-  if len(below) == 0:
-    return float(frames[-1] + 1) / fps, True
-  return float(frames[below[0]]) / fps, False
-
-
 def _group_means(values, groups, num_groups) -> np.ndarray:
   values = np.asarray(values, np.float64)
   ok = np.isfinite(values)
@@ -338,9 +301,10 @@ def summarize(curves: Sequence[Mapping[str, np.ndarray]], commanded: Sequence[np
   """One model's (or reference's) summary over one set of worlds (their per-frame curves, each
   of the same length T, frame 0 included; `commanded[k]` `[T, 2]`).
 
-  The horizon is that of the mean `psnr_known` curve over worlds (`horizon`: per frame the mean over
-  the worlds where it has a value; frames where no world has one are skipped); per-world horizons
-  are listed too, and the same on `psnr_recent` (secondary: `horizon_recent_s`). Overall figures
+  The horizon (`horizon.horizon` at `threshold`: first crossing `horizon_s`, last `horizon_last_s`)
+  is that of the mean `psnr_known` curve over worlds (per frame the mean over the worlds where it
+  has a value); per-world horizons are listed too, and the same on `psnr_recent` (secondary:
+  `horizon_recent_s`). Overall figures
   pool all generated frames (and pairs) of all worlds; "late" pools the last `late_fraction` of the
   generated frames. `bins`: `bin_s`-second bins of the generated frames; `per_latent`: latent frame
   j >= 1 (video frames 4j-3 .. 4j).
@@ -348,9 +312,9 @@ def summarize(curves: Sequence[Mapping[str, np.ndarray]], commanded: Sequence[np
   n = len(curves[0]["psnr_recent"])
   if n < 2:
     raise ValueError("summarize needs at least one generated frame")
-  h, reached = horizon(_mean_curve(curves, "psnr_known"), fps, threshold)
-  h_recent, reached_recent = horizon(_mean_curve(curves, "psnr_recent"), fps, threshold)
-  world = [horizon(c.get("psnr_known", np.full(n, np.nan)), fps, threshold) for c in curves]
+  rule = lambda curve: horizon_lib.horizon(curve, fps, threshold)
+  known, recent = rule(_mean_curve(curves, "psnr_known")), rule(_mean_curve(curves, "psnr_recent"))
+  world = [rule(c.get("psnr_known", np.full(n, np.nan))) for c in curves]
   generated = n - 1
   late_start = n - max(1, int(round(late_fraction * generated)))
   overall = np.zeros(n, int)
@@ -360,10 +324,12 @@ def summarize(curves: Sequence[Mapping[str, np.ndarray]], commanded: Sequence[np
   bins, num_bins = _time_groups(n, fps, bin_s)
   latent = np.maximum((np.arange(n) + FRAMES_PER_LATENT - 1) // FRAMES_PER_LATENT, 1) - 1
   num_latent = (n - 1 + FRAMES_PER_LATENT - 1) // FRAMES_PER_LATENT
-  out = {"duration_s": n / fps, "generated_frames": generated, "horizon_s": h, "horizon_reached_end": reached,
+  out = {"duration_s": n / fps, "generated_frames": generated, "horizon_s": known["first_s"],
+         "horizon_last_s": known["last_s"], "horizon_reached_end": known["reached_end"],
          "horizon_metric": "psnr_known",
-         "world_horizons_s": [x[0] for x in world], "world_horizons_reached_end": [x[1] for x in world],
-         "horizon_recent_s": h_recent, "horizon_recent_reached_end": reached_recent,
+         "world_horizons_s": [x["first_s"] for x in world], "world_horizons_last_s": [x["last_s"] for x in world],
+         "world_horizons_reached_end": [x["reached_end"] for x in world],
+         "horizon_recent_s": recent["first_s"], "horizon_recent_reached_end": recent["reached_end"],
          "overall": pick(grouped(curves, commanded, overall, 1, **kw), 0),
          "late": pick(grouped(curves, commanded, late, 1, **kw), 0), "late_start_s": late_start / fps,
          "bins": {"start_s": list(np.arange(num_bins) * bin_s),

@@ -104,9 +104,10 @@ def markdown(report: Mapping) -> str:
   for name, s in report["sets"].items():
     lines += set_lines(name, s)
   lines += ["", "## Drift summaries",
-            f"(good horizon: trailing {drift.HORIZON_WINDOW_S:g} s mean of psnr_known (PSNR on the pixels of "
-            f"frame 0's content; frames with under {100 * drift.KNOWN_MIN_FRACTION:g}% of it skipped) below "
-            f"{drift.GOOD_PSNR:g} dB; '+': never, a lower bound; late: the last "
+            f"(good horizon: the horizon rule (`horizon.horizon`: the first full {drift.HORIZON_WINDOW_S:g}-s "
+            f"window of generated frames) on psnr_known (PSNR on the pixels of frame 0's content; frames with "
+            f"under {100 * drift.KNOWN_MIN_FRACTION:g}% of it have none) at the fixed {drift.GOOD_PSNR:g} dB (the "
+            f"verdicts use the threshold from the references, above); '+': never, a lower bound; late: the last "
             f"{100 * drift.LATE_FRACTION:g}%; known frames: the share of frames with a psnr_known; psnr_recent "
             f"(pixels seen within the model's window, which scores generated content) is secondary; "
             f"motion_ratio: the block-robust estimate (`drift.motion_scales`); bursts: commanded motion > "
