@@ -9,12 +9,24 @@ Mesh axes (every config names all four; `-1` fills what the others leave):
 Parameters and activations carry logical axis names (`nn.with_logical_partitioning`,
 `nn.with_logical_constraint`); `LOGICAL_RULES` below is the one table that maps them to mesh axes.
 Configs copy it into `config.logical_rules` and may override entries there.
+
+Sharding options of a model's training state (the paper's FSDP recipe; stage 3's
+`config.adversarial.g_sharding` / `d_sharding`, `ZERO`):
+  zero3  parameters, gradients and optimiser state sharded over the data-parallel devices (fsdp,
+         and with `ZERO_OVER_SEQUENCE` in the rules the context-parallel ones too); every use of a
+         weight gathers it: per layer per pass, and per step of a rollout.
+  zero2  stored as zero3, but the model's weights are gathered whole over the data-parallel axes
+         once per train step (`gather_whole`: its block matrices in the compute dtype) and every
+         pass and rollout step reuses them; gradients reduce-scatter onto the shards, optimiser
+         state stays sharded (FSDP's SHARD_GRAD_OP). The paper: ZeRO-2 for G during student
+         forcing (no re-gather per recurrent forward), ZeRO-3 for D.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -50,6 +62,10 @@ LOGICAL_RULES = (
 # device of the data and context parallelism, as the paper's): a rule override for
 # `config.logical_rules` (`override_rules`). Without it each `sequence` group holds a whole copy.
 ZERO_OVER_SEQUENCE = {"embed": ("fsdp", "sequence")}
+
+
+ZERO = ("zero2", "zero3")
+_DATA_AXES = ("data", "fsdp", "sequence")
 
 
 def override_rules(rules, overrides: dict) -> tuple:
@@ -153,6 +169,38 @@ def _fit(spec: P, shape, mesh) -> P:
     size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
     out.append(axes if size > 1 and dim % size == 0 else None)
   return P(*out)
+
+
+def gather_whole(params, logical_specs, compute_dtype, after=None):
+  """ZeRO-2's per-step copy of a model's parameters: each leaf constrained to its sharding with
+  the data-parallel axes (data, fsdp, sequence) dropped (tensor parallelism stays), the kernels of
+  the stacked blocks cast to `compute_dtype` first (what their `nn.Dense` does on every use, so
+  the numerics are those of zero3; the gathered copy is half the float32 one). Under no mesh,
+  `params` as they are.
+
+  Args:
+    params: a parameter tree (unboxed) sharded by `param_shardings`.
+    logical_specs: its logical PartitionSpecs (`nn.get_partition_spec` of the boxed tree).
+    after: optional array; the copy is made to depend on it (`stages.adversarial.after`), so that
+      two gathers of the same parameters in one step stay two (XLA would merge them and keep the
+      copy alive between the passes).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return params
+  rules = nn.get_logical_axis_rules() or LOGICAL_RULES
+  drop = lambda axes: (None if axes in _DATA_AXES else axes) if axes is None or isinstance(axes, str) else \
+      (tuple(a for a in axes if a not in _DATA_AXES) or None)
+
+  def one(path, x, spec):
+    names = [getattr(k, "key", None) for k in path]
+    if names[-1] == "kernel" and "blocks" in names:
+      x = x.astype(compute_dtype)
+    if after is not None:
+      x = x + jnp.zeros((), x.dtype) * after.reshape(-1)[0].astype(x.dtype)
+    mesh_spec = nn.logical_to_mesh_axes(spec, rules)
+    return jax.lax.with_sharding_constraint(x, _fit(P(*(drop(a) for a in mesh_spec)), x.shape, mesh))
+  return jax.tree_util.tree_map_with_path(one, params, logical_specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh, ndim: int = 1, sequence_dim: int | None = None) -> NamedSharding:

@@ -60,9 +60,13 @@ def test_adversarial_step_updates_g_and_d(single):
   assert moved(new["d_params"], state["d_params"]) > 0
 
 
-def test_adversarial_step_on_8_devices_equals_1_device(single):
+@pytest.mark.parametrize("zero", [("zero2", "zero3"), pytest.param(("zero3", "zero2"), marks=pytest.mark.slow)],
+                         ids=["g_zero2_d_zero3", "g_zero3_d_zero2"])
+def test_adversarial_step_on_8_devices_equals_1_device(single, zero):
+  """The paper's sharding (G ZeRO-2, D ZeRO-3, the config's default) and the reverse."""
   config, _, new1, metrics1 = single
   config8 = _config(mesh=dict(data=2, fsdp=4, tensor=1, sequence=1))
+  config8.adversarial.g_sharding, config8.adversarial.d_sharding = zero
   mesh, stage, state, batch, shardings = _build(config8, jax.devices())
   with sharding.use_mesh(mesh):
     new8, metrics8 = jax.jit(stage.train_step, out_shardings=(shardings, None))(
@@ -105,10 +109,34 @@ def test_teacher_forcing_variant_recycles_real_frames():
     _build(_config("tiny,variant=half_forcing"), jax.devices()[:1])
 
 
+def test_zero2_gathers_g_whole_once_with_bf16_block_kernels():
+  """`stage.whole("g", ...)` under ZeRO-2 on fsdp 8: every leaf whole on every device; the block
+  kernels in the compute dtype (what their Dense casts them to on use), the rest as stored."""
+  config = _config(mesh=dict(data=1, fsdp=8, tensor=1, sequence=1))
+  config.model.dtype = "bfloat16"
+  mesh = sharding.make_mesh(config.mesh, jax.devices())
+  stage = registry.make_stage(config, mesh)
+  assert stage.zero == {"g": "zero2", "d": "zero3"}  # the paper's, the config's default
+  rules = sharding.rules_from_config(config)
+  with sharding.use_mesh(mesh, rules):
+    _, shardings = train.state_shardings(stage, mesh, rules, jax.random.key(0))
+    state = jax.jit(lambda r: unbox(stage.init_state(r)), out_shardings=shardings)(jax.random.key(0))
+    whole = jax.jit(lambda p: stage.whole("g", p))(state["params"])
+  kernel = state["params"]["blocks"]["attn1"]["to_q"]["kernel"]
+  assert not kernel.sharding.is_fully_replicated
+  assert whole["blocks"]["attn1"]["to_q"]["kernel"].dtype == jnp.bfloat16
+  assert whole["blocks"]["norm2"]["scale"].dtype == jnp.float32
+  assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(whole))
+  np.testing.assert_array_equal(np.asarray(whole["blocks"]["attn1"]["to_q"]["kernel"], np.float32),
+                                np.asarray(kernel.astype(jnp.bfloat16), np.float32))
+
+
 def test_memory_options_fail_at_start_naming_the_field():
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1])
   for arg, field in (("tiny,rollout_backward=reverse", "adversarial.rollout_backward='reverse'"),
-                     ("tiny,g_pass=later", "adversarial.g_pass='later'")):
+                     ("tiny,g_pass=later", "adversarial.g_pass='later'"),
+                     ("tiny,g_sharding=zero1", "adversarial.g_sharding='zero1'"),
+                     ("tiny,d_sharding=fsdp", "adversarial.d_sharding='fsdp'")):
     with pytest.raises(ValueError, match=field):
       registry.make_stage(_config(arg), mesh)
 

@@ -29,24 +29,26 @@ from apt2_jax.models.dit import unbox
 from .setup import Setup
 from .timing import memory_bytes, time_carry_ms
 
-STAGES = ("stage1", "stage3")
+STAGES = ("stage1", "stage3")  # the timed figures; `stage_step` also builds "long_video"
 DESCRIPTION = {
     "stage1": "stages/diffusion.py (adapt): teacher-forced flow loss, AdamW, grad clip, EMA",
     "stage3": "stages/adversarial.py: 1 D update (4 clips: real, fake, perturbed) + 1 G update",
 }
 
 
-def stage_config(s: Setup, name: str, batch: int, frames: int) -> ml_collections.ConfigDict:
+def stage_config(s: Setup, name: str, batch: int, frames: int, options: dict | None = None) -> ml_collections.ConfigDict:
   """The stage's own config (`apt2_jax.configs`) for the benchmark's model, mesh and rules, on
-  random latent clips of `frames` teacher-forced (stage 1) or generated (stage 3) latent frames."""
+  random latent clips of `frames` teacher-forced (stage 1) or generated (stage 3, long video: all
+  segments) latent frames; `options`: {dotted config field: value} set last (e.g.
+  `adversarial.g_sharding`, `long_video.segment_frames`)."""
   c = s.config
   base = c.size if c.size in sizes.SIZES else "small"
   if name == "stage1":
     cfg = diffusion_config.adapt_config(base)
     cfg.model = ml_collections.ConfigDict(c.model.to_dict())
     cfg.flow.shift = float(c.train.shift)
-  elif name == "stage3":
-    cfg = adversarial_config.adversarial_config(base)
+  elif name in ("stage3", "long_video"):
+    cfg = (adversarial_config.adversarial_config if name == "stage3" else adversarial_config.long_video_config)(base)
     cfg.model = ml_collections.ConfigDict(c.model.to_dict())
     cfg.adversarial.rollout_remat = c.train.remat
     # D's block-causal passes over 4 clips (real, fake, perturbed) dominate the step's memory: its
@@ -68,6 +70,17 @@ def stage_config(s: Setup, name: str, batch: int, frames: int) -> ml_collections
   cfg.mesh = ml_collections.ConfigDict(dict(c.mesh))
   cfg.logical_rules = tuple(c.logical_rules)
   cfg.seed = int(c.seed)
+  for key, value in (options or {}).items():
+    *path, last = key.split(".")
+    node = cfg
+    for part in path:
+      node = node[part]
+    node[last] = value
+  if name == "long_video":
+    lv = cfg.long_video
+    if frames != lv.segment_frames * lv.num_segments:
+      raise ValueError(f"long_video: {frames} frames is not segment_frames {lv.segment_frames} x num_segments "
+                       f"{lv.num_segments}")
   return cfg
 
 
@@ -87,10 +100,13 @@ class StageStep:
     return self.state, self.stage.frozen, self.batch
 
 
-def stage_step(s: Setup, name: str, batch: int, frames: int) -> StageStep:
-  from apt2_jax.stages import adversarial, diffusion
-  make_stage = {"stage1": diffusion.make_stage, "stage3": adversarial.make_stage}[name]
-  cfg = stage_config(s, name, batch, frames)
+def stage_step(s: Setup, name: str, batch: int, frames: int, options: dict | None = None) -> StageStep:
+  """`batch` rows of `frames` + 1 latent frames (long video: rollout conditions and real clips
+  alternate, `batch` / 2 rollouts)."""
+  from apt2_jax.stages import adversarial, diffusion, long_video
+  make_stage = {"stage1": diffusion.make_stage, "stage3": adversarial.make_stage,
+                "long_video": long_video.make_stage}[name]
+  cfg = stage_config(s, name, batch, frames, options)
   stage = make_stage(cfg, s.mesh)
   abstract, shardings = train.state_shardings(stage, s.mesh, s.rules, jax.random.key(0))
   state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
@@ -126,6 +142,8 @@ def step_flops(s: Setup, name: str, batch: int, frames: int) -> float:
   mc, c = s.model_config, s.config
   if name == "stage1":
     return flops.stage1_train_flops(mc, batch=batch, frames=frames, tokens=s.tokens, text_len=c.text_len)
+  if name == "long_video":  # about: each segment's D context frames are not counted
+    return flops.stage3_step_flops(mc, batch=batch // 2, steps=frames, tokens=s.tokens, text_len=c.text_len)
   return flops.stage3_step_flops(mc, batch=batch, steps=frames, tokens=s.tokens, text_len=c.text_len)
 
 

@@ -1,7 +1,8 @@
 """Stage 3: adversarial post-training (`adversarial_config`) and long-video training
 (`long_video_config`). The argument is `size[,key=value...]` (`diffusion.parse_arg`): `world=`,
 and the ablations `variant=teacher_forcing`, `recycle=0`, `detach_cache=1`, `loss=non_saturating`;
-the memory options `rollout_backward=scan` and `g_pass=keep` (the paths before the ring-cache VJP);
+the memory options `rollout_backward=scan` and `g_pass=keep` (the paths before the ring-cache VJP),
+`g_sharding=zero3|zero2` and `d_sharding=` (`apt2_jax/sharding.py`);
 long video also `segment_frames=`, `overlap_frames=`, `num_segments=`.
 """
 import ml_collections
@@ -34,6 +35,11 @@ def adversarial_block(extra: dict) -> ml_collections.ConfigDict:
       # update (the step's peak is the larger pass); "keep" pulls back through the first rollout
       # (one rollout fewer; its residuals live through D's update).
       g_pass=extra.get("g_pass", "recompute"),
+      # Sharding of G's and D's state (`sharding.ZERO`): the paper's ZeRO-2 for G during student
+      # forcing (its weights gathered once per pass, bf16 block matrices, not per rollout step),
+      # ZeRO-3 for D (gathered per use). Storage is sharded either way.
+      g_sharding=extra.get("g_sharding", "zero2"),
+      d_sharding=extra.get("d_sharding", "zero3"),
       d_init_from="",                                   # stage-1 workdir for D's backbone
       d_init_key="ema_params"))                         # or "d_params": a stage-3 D as a whole
 

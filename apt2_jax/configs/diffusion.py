@@ -71,7 +71,9 @@ def base_config(stage: str, size: str, world: str = "camera") -> ml_collections.
   encoding, channels = control_encoding(world)
   c.model = sizes.model_config(size, control_channels=channels)
   c.mesh = sizes.mesh_config(data=-1, fsdp=1) if toy else sizes.mesh_config(data=1, fsdp=-1)
-  c.logical_rules = sizes.logical_rules()
+  # The paper sizes shard parameters and optimiser state over context parallelism too
+  # (`--config.mesh.sequence=8`: FSDP over all 8 devices, not a whole copy per sequence group).
+  c.logical_rules = sizes.logical_rules(over_sequence=size in ("wan_1_3b", "apt2_8b"))
   c.num_devices = 0  # 0 = all devices
 
   c.batch_size = batch

@@ -72,10 +72,13 @@ def mesh_config(data=-1, fsdp=1, tensor=1, sequence=1) -> ml_collections.ConfigD
   return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, sequence=sequence))
 
 
-def logical_rules():
-  """The logical-axis table (see `apt2_jax/sharding.py`), copied into each config."""
+def logical_rules(over_sequence: bool = False):
+  """The logical-axis table (see `apt2_jax/sharding.py`), copied into each config; with
+  `over_sequence`, parameters and optimiser state are sharded over the context-parallel devices
+  too (`sharding.ZERO_OVER_SEQUENCE`: FSDP over every device, the paper's recipe)."""
   from apt2_jax import sharding  # imports JAX: only when a config is built
-  return tuple(sharding.LOGICAL_RULES)
+  rules = tuple(sharding.LOGICAL_RULES)
+  return sharding.override_rules(rules, sharding.ZERO_OVER_SEQUENCE) if over_sequence else rules
 
 
 def tokens_per_frame(height: int, width: int, patch_size=(1, 2, 2)) -> int:

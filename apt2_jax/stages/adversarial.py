@@ -18,6 +18,8 @@ clips `x_0 .. x_S` with their controls:
      Gradient accumulation over `microbatches`; EMA of G. G's gradient pass runs after D's update
      and rolls out again (`adversarial.g_pass`), so the step's peak is the larger of the two passes;
      the rollout's backward pass keeps one evicted ring slot per step (`rollout_backward`).
+     Sharding (`g_sharding`, `d_sharding`; `apt2_jax/sharding.py`): ZeRO-2 for G (its weights
+     gathered once per pass, not per rollout step), ZeRO-3 for D, as the paper.
 
 Long-video training (stage "long_video") builds on this stage: `apt2_jax/stages/long_video.py`.
 
@@ -31,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from apt2_jax import train
+from apt2_jax import sharding, train
 from apt2_jax.models import CausalDiT, DiTConfig, init_params, kv_cache, rope
 from apt2_jax.models import dit
 from apt2_jax.models.conditioning import TimeTextEmbedder
@@ -83,6 +85,11 @@ class AdversarialStage(train.Stage):
       raise ValueError(f"config.adversarial.g_pass={self.g_pass!r} is not one of {G_PASSES}")
     self.options = RolloutOptions(detach_recycled=bool(a.detach_recycled), detach_cache=bool(a.detach_cache),
                                   recycle=bool(a.recycle), remat=a.rollout_remat, backward=backward)
+    self.zero = {"g": a.get("g_sharding", "zero3"), "d": a.get("d_sharding", "zero3")}
+    for name, value in self.zero.items():
+      if value not in sharding.ZERO:
+        raise ValueError(f"config.adversarial.{name}_sharding={value!r} is not one of {sharding.ZERO}")
+    self._logical_specs = None
     self.sigma = gan.perturbation_std(a.sigma, bool(a.get("sigma_is_variance", False)))
     self._eval = None
 
@@ -126,12 +133,27 @@ class AdversarialStage(train.Stage):
   # ---------------------------------------------------------------------------------------------
   # Generator and discriminator passes
   # ---------------------------------------------------------------------------------------------
+  def whole(self, which: str, params, after=None):
+    """G's ("g") or D's ("d") parameters for this step's passes: under "zero2"
+    (`adversarial.{which}_sharding`, `sharding.gather_whole`) gathered whole once, so that the
+    rollout's recurrent forwards and the remat passes reuse them; under "zero3" as stored."""
+    if self.zero[which] != "zero2":
+      return params
+    if self._logical_specs is None:  # traced once: the logical axes of the state's boxed init
+      boxed = jax.eval_shape(self.init_state, jax.random.key(0))
+      self._logical_specs = {"g": nn.get_partition_spec(boxed["params"]),
+                             "d": nn.get_partition_spec(boxed["d_params"])}
+    return sharding.gather_whole(params, self._logical_specs[which], jnp.dtype(self.model_config.dtype), after)
+
   def generate(self, params, first, eps, controls, text, real_recycled=None, cache=None):
     """G's frames `[B, S, h, w, C]` after `first` (and the final cache; None for teacher forcing).
 
     Student forcing streams through the cached rollout; teacher forcing (ablation) runs one
-    whole-clip pass with the real previous frames recycled.
+    whole-clip pass with the real previous frames recycled. Under ZeRO-2 G's weights are gathered
+    once here, after `eps` (a G pass after D's update takes noise that depends on D's new weights,
+    `after`: its gather is its own).
     """
+    params = self.whole("g", params, after=eps)
     b, _, h, w, _ = first.shape
     if self.config.adversarial.variant == "teacher_forcing":
       v = self.model.apply({"params": params}, eps, real_recycled, controls, jnp.ones((b,)), text,
@@ -176,7 +198,9 @@ class AdversarialStage(train.Stage):
     recycled frames), one per generated clip of `fakes` ((judged, recycled) pairs)).
 
     Student forcing: every clip in its own context, one block-causal pass for all. Teacher forcing
-    (ablation): the generated frames in the real clip's context (`teacher_forced_logits`)."""
+    (ablation): the generated frames in the real clip's context (`teacher_forced_logits`). Under
+    ZeRO-2 for D its weights are gathered once here for all these passes."""
+    d_params = self.whole("d", d_params)
     real_pairs = [(x, mb["real_recycled"], True) for x in reals]
     if self.config.adversarial.variant == "teacher_forcing":
       return self.d_logits_many(d_params, real_pairs, mb), self.teacher_forced_logits(d_params, mb, [x for x, _ in fakes])
