@@ -117,6 +117,16 @@ def test_step_rejects_bad_controls_and_the_stream_continues(gen):
     gen.step({"keypoints": controls.REST_POSE.tolist()})
   assert gen.cache_index == index
   assert gen.step(None).shape == (1, 4, H, W, 3)
+  # `generate` (L latent frames per call, raw controls) checks their shape before touching the stream.
+  with pytest.raises(ValueError, match="needs controls"):
+    gen.generate(None, 2)
+  with pytest.raises(ValueError, match=r"controls must be \[1, L, 4, 5\]"):
+    gen.generate(np.zeros((2, 4, 4), np.float32))
+  with pytest.raises(ValueError, match="length=3"):
+    gen.generate(np.zeros((2, 4, 5), np.float32), 3)
+  assert gen.cache_index == index + 1
+  assert gen.steps(np.zeros((2, 4, 5), np.float32)).shape == (1, 8, H, W, 3)
+  assert gen.cache_index == index + 3 and gen.frames_generated == 1 + 4 * 4
 
 
 @pytest.mark.parametrize("control, kind, message", [

@@ -138,7 +138,10 @@ def main(argv):
       benchmark = json.load(f)
   models = {}
   for name, entry in entries.items():
-    spec = evaluation.model_spec_from_workdir(entry["workdir"], vae_workdir=FLAGS.vae, **entry["options"])
+    try:
+      spec = evaluation.model_spec_from_workdir(entry["workdir"], vae_workdir=FLAGS.vae, **entry["options"])
+    except (FileNotFoundError, ValueError) as e:   # a path or run that is no generator: one line
+      raise app.UsageError(f"--models: {name}: {e}") from None
     models[name] = dataclasses.replace(spec, benchmark=benchmark.get(name))
   first = next(iter(models.values()))
   config = evaluation.EvalConfig(
