@@ -153,7 +153,7 @@ def _matched_step(apply, caches, noise, times):
 
 
 def rollout(model: CausalDiT, params, first_frame, text_kv, noise, controls=None, *, cache,
-            options: RolloutOptions = RolloutOptions()):
+            options: RolloutOptions = RolloutOptions(), gather=None):
   """Generates `S` latent frames after `first_frame`, one cached step each, as a `lax.scan`.
 
   Args:
@@ -163,6 +163,10 @@ def rollout(model: CausalDiT, params, first_frame, text_kv, noise, controls=None
     controls: [B, S, h, w, Cc] control of each generated frame, or None.
     cache: the KV cache to continue from (`empty_cache(..., options)` for a new stream, or the
       cache of a previous segment in long-video training).
+    gather: ZeRO-2 (`sharding.gather_whole`): a function from the stored, sharded parameters to
+      the whole copy every step uses, applied once. The ring-cache backward pass pulls each step's
+      parameter gradient back through it (onto the shards, in the stored dtype) before summing, so
+      neither the sum nor its precision is the whole copy's.
   Returns:
     (frames [B, S, h, w, C], final cache).
   """
@@ -172,9 +176,10 @@ def rollout(model: CausalDiT, params, first_frame, text_kv, noise, controls=None
         None if controls is None else jnp.moveaxis(controls, 1, 0)[:, :, None])
   recycled = first_frame.astype(noise.dtype)
   if options.backward == "scan":
+    params = params if gather is None else gather(params)
     frames, cache = _scan(model, options, params, text_kv, recycled, xs, cache, remat=True)
   else:
-    frames, cache = _ring_rollout(model, options)(params, text_kv, recycled, xs, cache)
+    frames, cache = _ring_rollout(model, options, gather)(params, text_kv, recycled, xs, cache)
   return jnp.moveaxis(frames, 0, 1), cache
 
 
@@ -238,25 +243,30 @@ def _floats(cache):
   return {k: v for k, v in cache.items() if k != "index"}
 
 
-def _ring_rollout(model, options: RolloutOptions):
+def _ring_rollout(model, options: RolloutOptions, gather=None):
   """`_scan` as a custom VJP whose residuals are each step's evicted ring slot and the final cache
   (not each step's whole input cache). Exact: the backward rebuilds every step's input cache
-  bit for bit and differentiates the same step function."""
+  bit for bit and differentiates the same step function. `gather`: see `rollout`."""
   window = model.config.window
+  whole = gather or (lambda p: p)
 
   @jax.custom_vjp
   def run(params, text_kv, recycled, xs, cache):
-    return _scan(model, options, params, text_kv, recycled, xs, cache, remat=False)
+    return _scan(model, options, whole(params), text_kv, recycled, xs, cache, remat=False)
 
   def fwd(params, text_kv, recycled, xs, cache):
-    frames, final, evicted = _scan(model, options, params, text_kv, recycled, xs, cache, remat=False, evicted=True)
+    params_whole = whole(params)
+    frames, final, evicted = _scan(model, options, params_whole, text_kv, recycled, xs, cache, remat=False,
+                                   evicted=True)
     sink0 = {k: cache[k] for k in _SINK}
-    return (frames, final), (params, text_kv, recycled, xs, sink0, evicted, frames, final)
+    return (frames, final), (params, params_whole, text_kv, recycled, xs, sink0, evicted, frames, final)
 
   def bwd(res, cts):
-    params, text_kv, recycled0, xs, sink0, evicted, frames, final = res
+    stored, params, text_kv, recycled0, xs, sink0, evicted, frames, final = res
     ct_frames, ct_final = cts
     steps = frames.shape[0]
+    # The gather's pullback (linear: a cast and a sharding constraint; its forward is dead code).
+    to_stored = (lambda d: d) if gather is None else (lambda d: jax.vjp(gather, stored)[1](d)[0])
 
     def recycled_in(i):
       """Step i's recycled input: the first frame, then the previous output (or zeros)."""
@@ -285,10 +295,11 @@ def _ring_rollout(model, options: RolloutOptions):
         ct_x = ct_x + ct_next.astype(x.dtype)
       ct_out = zeros(ct_cache) if options.detach_cache else ct_cache
       d_params, d_text, d_cache, d_eps, d_recycled, d_control = pullback((ct_x, ct_out))
+      d_params = to_stored(d_params)
       add = lambda a, b: jax.tree.map(jnp.add, a, b)
       return (cache, d_cache, d_recycled, add(ct_params, d_params), add(ct_text, d_text)), (d_eps, d_control)
 
-    init = (final, ct_cache0, jnp.zeros_like(recycled0), zeros(params), zeros(text_kv))
+    init = (final, ct_cache0, jnp.zeros_like(recycled0), zeros(stored), zeros(text_kv))
     (_, ct_cache, ct_recycled, ct_params, ct_text), ct_xs = jax.lax.scan(
         body, init, (jnp.arange(steps), xs, evicted, ct_frames), reverse=True)
     index = final["index"]

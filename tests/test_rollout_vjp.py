@@ -44,14 +44,14 @@ def rollout_grads(tiny_dit):
   warm["index"] = jnp.asarray(WARM, jnp.int32)
   fns = {}
 
-  def grads(options, start):
-    if options not in fns:
+  def grads(options, start, gather=None):
+    if (options, gather) not in fns:
       def loss(params, first, noise, controls, cache):
         tkv = model.apply({"params": params}, text, method=CausalDiT.encode_text)
-        frames, out = rollout(model, params, first, tkv, noise, controls, cache=cache, options=options)
+        frames, out = rollout(model, params, first, tkv, noise, controls, cache=cache, options=options, gather=gather)
         return jnp.sum(frames * weight) + sum(jnp.sum(jnp.sin(out[k])) for k in ("sink_v", "ring_k", "ring_v"))
-      fns[options] = jax.jit(jax.grad(loss, argnums=range(5), allow_int=True))
-    return fns[options](params, first, noise, controls, warm if start else empty)
+      fns[options, gather] = jax.jit(jax.grad(loss, argnums=range(5), allow_int=True))
+    return fns[options, gather](params, first, noise, controls, warm if start else empty)
   return grads
 
 
@@ -74,6 +74,18 @@ def test_ring_vjp_equals_scan_autodiff(rollout_grads, kw):
     _assert_same(new, _leaves(rollout_grads(RolloutOptions(backward="scan", remat="full", **kw), start)))
     if start:  # the gradient reaches the non-empty initial cache
       assert max(float(jnp.max(jnp.abs(x))) for x in new[-4:]) > 1e-3
+
+
+def _scaled(params):
+  """A stand-in for ZeRO-2's gather (`sharding.gather_whole`): a linear map of the parameters."""
+  return jax.tree.map(lambda x: 0.5 * x, params)
+
+
+def test_ring_vjp_pulls_each_step_back_through_the_gather(rollout_grads):
+  """`rollout(gather=)`: the steps use `gather(params)`; the ring VJP pulls each step's gradient
+  back through the gather before summing. Equal to autodiff of the scan through the same map."""
+  new = _leaves(rollout_grads(RolloutOptions(), True, _scaled))
+  _assert_same(new, _leaves(rollout_grads(RolloutOptions(backward="scan", remat="full"), True, _scaled)))
 
 
 def _stage3_config(**adversarial):

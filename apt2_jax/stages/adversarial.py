@@ -149,20 +149,21 @@ class AdversarialStage(train.Stage):
     """G's frames `[B, S, h, w, C]` after `first` (and the final cache; None for teacher forcing).
 
     Student forcing streams through the cached rollout; teacher forcing (ablation) runs one
-    whole-clip pass with the real previous frames recycled. Under ZeRO-2 G's weights are gathered
-    once here, after `eps` (a G pass after D's update takes noise that depends on D's new weights,
-    `after`: its gather is its own).
+    whole-clip pass with the real previous frames recycled. Under ZeRO-2 the rollout gathers G's
+    weights once (`rollout(gather=)`: each step's gradient goes back onto the shards), after `eps`
+    (a G pass after D's update takes noise that depends on D's new weights: its gather is its own).
     """
-    params = self.whole("g", params, after=eps)
     b, _, h, w, _ = first.shape
     if self.config.adversarial.variant == "teacher_forcing":
-      v = self.model.apply({"params": params}, eps, real_recycled, controls, jnp.ones((b,)), text,
-                           mode="block_causal")
+      v = self.model.apply({"params": self.whole("g", params, after=eps)}, eps, real_recycled, controls,
+                           jnp.ones((b,)), text, mode="block_causal")
       return eps - v, None
     text_kv = self.model.apply({"params": params}, text, method=CausalDiT.encode_text)
     if cache is None:
       cache = kv_cache.init_cache(self.model_config, b, h, w)
-    return rollout(self.model, params, first, text_kv, eps, controls, cache=cache, options=self.options)
+    gather = None if self.zero["g"] != "zero2" else lambda p: self.whole("g", p, after=eps)
+    return rollout(self.model, params, first, text_kv, eps, controls, cache=cache, options=self.options,
+                   gather=gather)
 
   def fake_recycled(self, first, fake, real_recycled):
     """The frame G was conditioned on for each generated frame: its own previous output, or (teacher
