@@ -104,9 +104,10 @@ def _stage3_config(**adversarial):
 
 
 def test_stage3_step_lean_path_equals_old():
-  """New: ring-cache VJP, G rolled out again after D's update. Old: autodiff of the scan with
-  remat, G pulled back through the rollout D trained on. Same state, batch and key."""
-  configs = (_stage3_config(), _stage3_config(rollout_backward="scan", g_pass="keep"))
+  """New: ring-cache VJP, G rolled out again after D's update, D's clips one pass each. Old:
+  autodiff of the scan with remat, G pulled back through the rollout D trained on, D's clips in
+  one pass. Same state, batch and key."""
+  configs = (_stage3_config(d_clips_per_pass=1), _stage3_config(rollout_backward="scan", g_pass="keep"))
   mesh = sharding.make_mesh(configs[0].mesh, jax.devices()[:1])
   stages = [registry.make_stage(c, mesh) for c in configs]
   with sharding.use_mesh(mesh, sharding.rules_from_config(configs[0])):

@@ -39,6 +39,9 @@ def adversarial_block(extra: dict) -> ml_collections.ConfigDict:
       # forcing (its weights gathered once per pass, bf16 block matrices, not per rollout step),
       # ZeRO-3 for D (gathered per use). Storage is sharded either way.
       g_sharding=extra.get("g_sharding", "zero2"),
+      # Clips per D pass (`AdversarialStage.d_logits_many`): 0, all of a step's clips (real,
+      # generated and their perturbed copies) batched in one pass; k, passes of k clips in sequence.
+      d_clips_per_pass=int(extra.get("d_clips_per_pass", 0)),
       d_sharding=extra.get("d_sharding", "zero3"),
       d_init_from="",                                   # stage-1 workdir for D's backbone
       d_init_key="ema_params"))                         # or "d_params": a stage-3 D as a whole
@@ -58,6 +61,14 @@ def adversarial_config(arg: str = "small") -> ml_collections.ConfigDict:
   c.optimizer = gan_optimizer(lr)
   c.d_optimizer = gan_optimizer(lr)
   c.adversarial = adversarial_block(extra)
+  if size in ("wan_1_3b", "apt2_8b"):
+    # Memory at the paper sizes (AOT, 8 devices, 8-way context parallelism; docs/benchmarks/
+    # aot_memory.md): D's clips one pass at a time (apt2_8b: 88.9 -> 77.3 GB per device), and at
+    # apt2_8b G under ZeRO-3: ZeRO-2's whole bf16 copy of G and each step's whole gradient add
+    # 42 GB (130.8 GB). wan_1_3b keeps the paper's ZeRO-2 for G (fits in 30 GB).
+    c.adversarial.d_clips_per_pass = int(extra.get("d_clips_per_pass", 1))
+    if size == "apt2_8b":
+      c.adversarial.g_sharding = extra.get("g_sharding", "zero3")
   c.caption_dropout = 0.0
   c.ema_decay = 0.0 if size == "tiny" else 0.99
   c.init_from_key = "ema_params"

@@ -186,12 +186,24 @@ class AdversarialStage(train.Stage):
     stacked on the batch axis (D treats rows independently), with the batch's t_d and d_eps for
     each and its controls and text: the real side's own (`real_controls`, `real_text`) where
     real clips are unpaired (long video), else the shared ones. One pass instead of several keeps
-    the compiled step small."""
+    the compiled step small; `adversarial.d_clips_per_pass` = k > 0 runs a `lax.map` of passes of
+    k clips each instead, so that D's backward holds one pass's attention buffers, not all four
+    clips' (the stage-3 step's peak at the paper sizes; 1 if k does not divide the clips)."""
     side = lambda key, real: mb.get("real_" + key, mb[key]) if real else mb[key]
     cat = lambda xs: None if xs[0] is None else jnp.concatenate(xs, axis=0)
-    logits = self.d_logits(d_params, cat([p[0] for p in pairs]), cat([p[1] for p in pairs]),
-                           cat([side("controls", p[2]) for p in pairs]), cat([side("text", p[2]) for p in pairs]),
-                           cat([mb["t_d"]] * len(pairs)), cat([mb["d_eps"]] * len(pairs)))
+    per_pass = int(self.config.adversarial.get("d_clips_per_pass", 0)) or len(pairs)
+    if len(pairs) % per_pass:
+      per_pass = 1
+    groups = [pairs[i:i + per_pass] for i in range(0, len(pairs), per_pass)]
+    inputs = [(cat([p[0] for p in g]), cat([p[1] for p in g]), cat([side("controls", p[2]) for p in g]),
+               cat([side("text", p[2]) for p in g]), cat([mb["t_d"]] * len(g)), cat([mb["d_eps"]] * len(g)))
+              for g in groups]
+    if len(groups) == 1:
+      logits = self.d_logits(d_params, *inputs[0])
+    else:  # one pass per group, in sequence (`d_clips_per_pass`): a group's buffers at a time
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *inputs)
+      logits = jax.lax.map(lambda args: self.d_logits(d_params, *args), stacked)
+      logits = logits.reshape((-1,) + logits.shape[2:])
     return jnp.split(logits, len(pairs), axis=0)
 
   def judge(self, d_params, mb, reals, fakes):
