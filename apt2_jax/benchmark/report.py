@@ -91,6 +91,27 @@ def memory_table(rows: list[dict], header: bool = True) -> str:
   return "\n".join(lines)
 
 
+_KIND_WORDS = {"stream": "streaming step", "stage1": "stage 1", "stage3": "stage 3", "long_video": "long-video step"}
+
+
+def aot_markdown(rows: list[dict]) -> str:
+  """AOT rows as a markdown table: per-device GB (XLA:CPU `memory_analysis`), sharding, clip."""
+  gb = lambda b: "n/a" if b is None else f"{b / 1e9:.1f}"
+  lines = ["| case | size | step | devices (d,f,t,s) | sharding | frames | argument | output | temp | **peak** GB |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    m = r["mesh"]
+    mesh = f"{r['devices']} ({m['data']},{m['fsdp']},{m['tensor']},{m['sequence']})"
+    step = _KIND_WORDS.get(r["kind"], r["kind"])
+    if r.get("error"):
+      lines.append(f"| {r['case']} | {r['size']} | {step} | {mesh} | - | - | failed: {r['error'][:120]} | | | |")
+      continue
+    a = r.get("memory_analysis", {})
+    lines.append(f"| {r['case']} | {r['size']} | {step} | {mesh} | {r.get('sharding', '-')} | {r.get('frames', 1)} | "
+                 f"{gb(a.get('argument'))} | {gb(a.get('output'))} | {gb(a.get('temp'))} | **{gb(r['bytes_per_device'])}** |")
+  return "\n".join(lines)
+
+
 def write_json(result: dict, path: str | None):
   """Writes `result` as one JSON object to `path` (nothing when `path` is empty)."""
   if path:
