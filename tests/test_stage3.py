@@ -136,7 +136,8 @@ def test_memory_options_fail_at_start_naming_the_field():
   for arg, field in (("tiny,rollout_backward=reverse", "adversarial.rollout_backward='reverse'"),
                      ("tiny,g_pass=later", "adversarial.g_pass='later'"),
                      ("tiny,g_sharding=zero1", "adversarial.g_sharding='zero1'"),
-                     ("tiny,d_sharding=fsdp", "adversarial.d_sharding='fsdp'")):
+                     ("tiny,d_sharding=fsdp", "adversarial.d_sharding='fsdp'"),
+                     ("tiny,d_clips_per_pass=-1", "adversarial.d_clips_per_pass=-1")):
     with pytest.raises(ValueError, match=field):
       registry.make_stage(_config(arg), mesh)
 

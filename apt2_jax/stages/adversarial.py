@@ -89,6 +89,8 @@ class AdversarialStage(train.Stage):
     for name, value in self.zero.items():
       if value not in sharding.ZERO:
         raise ValueError(f"config.adversarial.{name}_sharding={value!r} is not one of {sharding.ZERO}")
+    if int(a.get("d_clips_per_pass", 0)) < 0:
+      raise ValueError(f"config.adversarial.d_clips_per_pass={a.d_clips_per_pass} must be >= 0 (0: all in one pass)")
     self._logical_specs = None
     self.sigma = gan.perturbation_std(a.sigma, bool(a.get("sigma_is_variance", False)))
     self._eval = None
